@@ -306,24 +306,27 @@ def _trial(learn, lr, total:int, epochs:int, fit_kwargs:dict) -> float:
         loss = float(learn.validate()[0])
     return loss if math.isfinite(loss) else math.inf
 
-def _trial_search(learn, state, guess, lrs, sm, epochs, fit_kwargs, n_candidates, like,
-                  rungs=(0.25, 0.5), min_len=20):
-    "Successive halving over a half-decade ladder of lrs around `guess`; returns (lr, trials, iterations)."
+def _trial_search(learn, state, guess, epochs, fit_kwargs, n_candidates, like, short=0.25, min_len=20):
+    "Short trials on a half-decade ladder around `guess`, then the full plan at the winner and half a decade below."
     full = epochs * len(learn.dls.train)
-    cands = list(guess * 10 ** (0.5 * (np.arange(n_candidates) - (n_candidates - 1) / 2)))
     trials, cost = [], 0
-    for i, frac in enumerate(rungs):
-        total = full if i == len(rungs) - 1 and frac >= 1 else min(full, max(round(full * frac), min_len))
-        scores = []
-        for c in cands:
-            state.restore()
-            loss = _trial(learn, _as_lr(c, like), total, epochs, fit_kwargs)
-            cost += total; scores.append(loss)
-            trials.append(dict(lr=float(c), iters=total, loss=loss))
-        order = np.argsort(scores, kind='stable')
-        if total >= full or i == len(rungs) - 1: return float(cands[order[0]]), trials, cost
-        cands = [cands[j] for j in order[:max(1, math.ceil(len(cands) / 2))]]
-    return float(cands[0]), trials, cost
+    def run(c, total):
+        nonlocal cost
+        state.restore()
+        loss = _trial(learn, _as_lr(c, like), total, epochs, fit_kwargs)
+        cost += total; trials.append(dict(lr=float(c), iters=total, loss=loss))
+        return loss
+    ladder = [float(guess * 10 ** (0.5 * (i - (n_candidates - 1) / 2))) for i in range(n_candidates)]
+    total = min(full, max(round(full * short), min_len))
+    scores = [run(c, total) for c in ladder]
+    best = ladder[int(np.argmin(scores))]
+    if total < full:
+        # a squeezed plan favours larger lrs (about half a decade at a quarter of the length), so the full plan
+        # decides between the short trials' winner and the next lr down
+        pair = [best / 10 ** 0.5, best]
+        scores = [run(c, full) for c in pair]
+        best = pair[int(np.argmin(scores))]
+    return best, trials, cost
 
 # %% ../nbs/03_lr_finder.ipynb #c027
 _FASTAI_RULES = dict(valley=sugg_valley, slide=sugg_slide, minimum=sugg_minimum, steep=sugg_steep)
@@ -374,8 +377,7 @@ def find_lr(self:Learner,
             trials, msg = [], ''
             if epochs is not None:
                 cb.active = False
-                best, trials, cost['trials'] = _trial_search(self, state, best, lrs, sm, epochs, fit_kwargs,
-                                                             n_candidates, cb.like)
+                best, trials, cost['trials'] = _trial_search(self, state, best, epochs, fit_kwargs, n_candidates, cb.like)
                 sugg['trials'] = best; method = 'trials'
                 cost['full_run'] = epochs * len(self.dls.train)
             cost['total'] = sum(v for k, v in cost.items() if k in ('sweep', 'trials'))
