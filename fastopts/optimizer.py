@@ -2,7 +2,7 @@
 
 # %% ../nbs/01_optimizer.ipynb #c002
 from __future__ import annotations
-import math, numbers, warnings
+import math, numbers, reprlib, warnings
 from collections import OrderedDict
 from collections.abc import MutableMapping
 from functools import partial
@@ -50,7 +50,7 @@ class ParamGroupView:
         "Store a callback's output `{name: [value per param]}` in the per-param state."
         if out is None: return
         if not isinstance(out, dict):
-            raise ValueError(f"optimizer callback `{_cb_name(cb)}` must return None or a dict of per-param state, got {out!r}")
+            raise ValueError(f"optimizer callback `{_cb_name(cb)}` must return None or a dict of per-param state, got {type(out).__name__} {reprlib.repr(out)}")
         for k, vs in out.items():
             if not isinstance(vs, (list, tuple)) or len(vs) != len(self.params):
                 raise ValueError(f"optimizer callback `{_cb_name(cb)}` returned `{k}` with {vs!r}; expected a list with one value per param ({len(self.params)})")
@@ -293,7 +293,9 @@ def rms_prop_step(grp, lr, eps, mom=0., with_mom=False, **_):
     "RMSProp: `p -= lr*g/(sqrt(S)+eps)`; `with_mom`, torch's momentum buffer `B = mom*B + g/(sqrt(S)+eps)`, `p -= lr*B`."
     denom = torch._foreach_sqrt(grp.state('sqr_avg'))
     torch._foreach_add_(denom, eps)
-    if not with_mom: return torch._foreach_addcdiv_(grp.params, grp.grads, denom, value=-lr)
+    if not with_mom:
+        torch._foreach_addcdiv_(grp.params, grp.grads, denom, value=-lr)
+        return
     buf = grp.state('rms_buf')
     torch._foreach_mul_(buf, mom)
     torch._foreach_addcdiv_(buf, grp.grads, denom)
