@@ -1,0 +1,86 @@
+"Checks of `fastopts.lr_finder` against independent references: closed forms, fastai's own helpers, a plain `fit`."
+import math, warnings
+from functools import partial
+import numpy as np, pytest, torch
+from hypothesis import given, settings, strategies as st
+from fastai.basics import Learner, set_seed, CrossEntropyLossFlat, noop
+from fastai.callback.progress import ProgressCallback
+from fastai.optimizer import Adam as FastaiAdam
+from fastai.torch_core import even_mults
+import fastopts.optimizer as fo
+from fastopts.data import sklearn_dls, dls_mlp
+from fastopts.lr_finder import LRFinder, LearnerState, ema, sugg_half_min, _lr_groups, _as_lr
+
+torch.set_num_threads(1)
+
+def _learner(name='wine', seed=0, opt_func=fo.Adam, **kw):
+    set_seed(seed, reproducible=True)
+    dls = sklearn_dls(name, seed=seed)
+    for dl in dls.loaders: dl.fake_l.num_workers = 0
+    learn = Learner(dls, dls_mlp(dls), loss_func=CrossEntropyLossFlat(), opt_func=opt_func, **kw)
+    learn.remove_cb(ProgressCallback); learn.logger = noop
+    return learn
+
+def _weights(learn): return [p.detach().clone() for p in learn.model.parameters()]
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=40), st.floats(0., 0.999))
+def test_ema_closed_form(ys, beta):
+    "v_t / (1 - beta^t) with v_t = (1-beta) sum_i beta^(t-i) y_i: the bias-corrected EMA written out."
+    t = len(ys)
+    v = (1 - beta) * sum(beta ** (t - i) * y for i, y in enumerate(ys, 1))
+    want = v / (1 - beta ** t)
+    assert math.isclose(ema(ys, beta)[-1], want, rel_tol=1e-9, abs_tol=1e-9)
+
+@pytest.mark.parametrize('n', [1, 2, 3, 5])
+def test_lr_groups_as_fastai(n):
+    "A slice spreads over groups as fastai's `even_mults` does (and `slice(None, hi)` as `Learner.lr_range`)."
+    np.testing.assert_allclose(_lr_groups(slice(1e-4, 1e-1), n, 'lr'), even_mults(1e-4, 1e-1, n) if n > 1 else [1e-1])
+    np.testing.assert_allclose(_lr_groups(slice(None, 1.), n, 'lr'), [0.1] * (n - 1) + [1.])
+
+def test_as_lr_keeps_spread():
+    s = _as_lr(0.3, slice(1e-5, 1e-3))
+    assert math.isclose(s.stop, 0.3) and math.isclose(s.stop / s.start, 100.)
+    assert _as_lr(0.3, 1e-3) == 0.3
+
+def test_half_min():
+    lrs = np.logspace(-5, 0, 11); sm = (np.log10(lrs) + 2) ** 2 + 1.   # lowest at 1e-2
+    assert math.isclose(sugg_half_min(lrs, sm), 5e-3)
+    sm[7:] = np.nan                                                  # ignore what follows a non-finite value
+    assert math.isclose(sugg_half_min(lrs, sm), 5e-3)
+
+def test_linear_mode_lrs():
+    learn = _learner('iris')
+    res = learn.find_lr(start_lr=1e-3, end_lr=1e-1, num_it=12, mode='linear', stop_div=False, show_plot=False)
+    np.testing.assert_allclose(res.lrs, np.linspace(1e-3, 1e-1, 12))
+
+@pytest.mark.parametrize('opt_func', [partial(fo.SGD, mom=0.9), lambda ps, lr: fo.Lookahead(fo.RAdam(ps, lr)), FastaiAdam],
+                         ids=['sgd', 'lookahead', 'fastai_adam'])
+def test_find_lr_then_fit_one_cycle_is_bit_identical(opt_func):
+    "With trials (`epochs`) too, on a warm optimizer: `find_lr(); fit_one_cycle()` == `fit_one_cycle()`."
+    out = []
+    for find in (False, True):
+        learn = _learner('wine', seed=3, opt_func=opt_func)
+        learn.fit(1, 1e-3)
+        if find: learn.find_lr(epochs=2, show_plot=False)
+        learn.fit_one_cycle(2, 1e-2)
+        out.append(_weights(learn))
+    for a, b in zip(*out): assert torch.equal(a, b)
+
+def test_snapshot_restores_repeatedly():
+    "Restoring twice, with training in between, comes back to the same point each time."
+    learn = _learner('iris')
+    learn.fit(1, 1e-2)
+    st_ = LearnerState(learn)
+    ws = []
+    for lr in (1e-1, 1.):
+        learn.fit(1, lr); st_.restore(); ws.append(_weights(learn))
+    for a, b in zip(*ws): assert torch.equal(a, b)
+
+def test_lr_finder_stops_on_divergence():
+    "With a sweep up to 1e4 the smoothed loss leaves 4x its best (or turns non-finite) before the end."
+    learn = _learner('iris', opt_func=partial(fo.SGD, mom=0.9))
+    res = learn.find_lr(end_lr=1e4, num_it=100, show_plot=False)
+    assert res.stop_reason in ('diverged', 'non-finite') and len(res.lrs) < 100
+    sm = res.smoothed[np.isfinite(res.smoothed)]
+    if res.stop_reason == 'diverged': assert sm[-1] > 4 * sm.min()
