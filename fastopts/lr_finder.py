@@ -146,7 +146,7 @@ class LRFinder(Callback):
             raise ValueError(f"`end_lr` must keep `start_lr`'s spread, got {start_lr!r} and {end_lr!r}")
         self.like = start_lr if isinstance(start_lr, slice) else end_lr
         store_attr('start_lr,end_lr,num_it,stop_div,val', but='start_lr,end_lr')
-        self.start_lr, self.end_lr, self.active = lo, hi, True
+        self.start_lr, self.end_lr, self.active, self.managed, self._own = lo, hi, True, False, None
 
     def lr_at(self, i:int) -> float:
         "The last group's lr at step `i` (0-based)."
@@ -156,6 +156,9 @@ class LRFinder(Callback):
 
     def before_fit(self):
         if not self.active: return
+        # used on its own (`learn.fit(n, cbs=LRFinder())`) it restores in `after_fit`; `find_lr` manages a snapshot
+        # taken before `fit` and restores even when the sweep raises
+        self._own = None if self.managed else LearnerState(self.learn)
         self.mults = _lr_groups(_as_lr(1., self.like), len(self.opt.hypers), 'start_lr')
         self.lrs, self.losses, self.smoothed = [], [], []
         self.n_steps, self.avg, self.best, self.pending, self.stop_reason = 0, 0., math.inf, [], 'num_it'
@@ -192,6 +195,9 @@ class LRFinder(Callback):
 
     def before_validate(self):
         if self.active: raise CancelValidException()
+
+    def after_fit(self):
+        if self.active and self._own is not None: self._own.restore(); self._own = None
 
 # %% ../nbs/03_lr_finder.ipynb #c019
 def _trim(lrs, sm):
@@ -320,7 +326,12 @@ def _trial_search(learn, state, guess, epochs, fit_kwargs, n_candidates, like, s
     total = min(full, max(round(full * short), min_len))
     scores = [run(c, total) for c in ladder]
     best = ladder[int(np.argmin(scores))]
-    if total < full:
+    if total >= full:
+        # every trial was the real plan (a tiny data set): a quarter decade either side of the winner costs little
+        pair = [best / 10 ** 0.25, best * 10 ** 0.25]
+        scores = [min(scores)] + [run(c, full) for c in pair]
+        best = ([best] + pair)[int(np.argmin(scores))]
+    else:
         # a squeezed plan favours larger lrs (about half a decade at a quarter of the length), so the full plan
         # decides between the short trials' winner and the next lr down
         pair = [best / 10 ** 0.5, best]
@@ -354,6 +365,7 @@ def find_lr(self:Learner,
 ) -> LRFindResult:
     "LR range test that leaves `self` exactly as it found it; with `epochs`, pick the lr by short trials of the plan."
     cb = LRFinder(start_lr, end_lr, num_it, mode, stop_div, beta, val)
+    cb.managed = True
     if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1):
         raise ValueError(f"`epochs` must be a positive integer or None, got {epochs!r}")
     if isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer)) or n_candidates < 2:
