@@ -77,11 +77,9 @@ def _as_values(v, n:int) -> list:
     if isinstance(v, slice):
         if v.start: v = even_mults(v.start, v.stop, n)
         else: v = [v.stop/10]*(n-1) + [v.stop]
-    if isinstance(v, np.ndarray): v = v.ravel().tolist()
-    elif isinstance(v, Tensor) and v.numel() > 1: v = v.flatten().tolist()
-    elif not isinstance(v, (list, tuple)) and not hasattr(v, 'items') and hasattr(v, '__iter__') and not isinstance(v, str): v = list(v)
-    if not isinstance(v, (list, tuple)): v = [v]
-    v = list(v)
+    if isinstance(v, (np.ndarray, Tensor)): v = v.flatten().tolist() if v.ndim else [v.item()]
+    elif isinstance(v, (str, dict)) or not hasattr(v, '__iter__'): v = [v]
+    else: v = list(v)
     if len(v) == 1: v = v * n
     return v
 
@@ -261,14 +259,15 @@ def step_stat(grp, **_):
 # %% ../nbs/01_optimizer.ipynb #c022
 def weight_decay(grp, lr, wd, **_):
     "Decoupled weight decay: `p *= 1 - lr*wd` for params with `do_wd`."
-    if wd == 0: return
-    torch._foreach_mul_(_pick(grp.params, grp.decayed()), 1 - lr*wd)
+    ps = _pick(grp.params, grp.decayed())
+    if wd == 0 or not ps: return
+    torch._foreach_mul_(ps, 1 - lr*wd)
 weight_decay.defaults = dict(wd=0.)
 
 def l2_reg(grp, wd, **_):
     "L2 regularisation: the gradient seen by later callbacks becomes `g + wd*p` for params with `do_wd`."
-    if wd == 0: return
     idx = grp.decayed()
+    if wd == 0 or idx == []: return
     if idx is None: grp.grads = torch._foreach_add(grp.grads, grp.params, alpha=wd)
     else:
         grads = list(grp.grads)
@@ -363,14 +362,18 @@ def lion_step(grp, lr, mom, sqr_mom, **_):
 # %% ../nbs/01_optimizer.ipynb #c027
 def _wd_cb(decouple_wd): return weight_decay if decouple_wd else l2_reg
 
+def _momentum_wanted(groups:list[dict], mom:float) -> bool:
+    "Whether the default `mom` or any torch-style group dict asks for momentum (then the momentum callbacks are needed)."
+    return mom != 0 or any(check_range('mom', g.get('mom', 0), 0, 1, hi_open=True) != 0 for g in groups)
+
 def SGD(params, lr, mom=0., wd=0., nesterov=False, decouple_wd=True) -> Optimizer:
     "SGD with torch-style momentum (`V = mom*V + g`), optional Nesterov, decoupled or L2 weight decay."
-    mom = check_range('mom', mom, 0, 1, hi_open=True)
+    mom, groups = check_range('mom', mom, 0, 1, hi_open=True), _to_groups(params)
     if nesterov and mom == 0: raise ValueError(f"`nesterov=True` needs `mom` > 0, got mom={mom!r}")
     cbs = [_wd_cb(decouple_wd)]
-    if mom: cbs += [average_grad, nesterov_step if nesterov else momentum_step]
+    if _momentum_wanted(groups, mom): cbs += [average_grad, nesterov_step if nesterov else momentum_step]
     else: cbs.append(sgd_step)
-    return Optimizer(params, cbs, lr=lr, mom=mom, wd=wd)
+    return Optimizer(groups, cbs, lr=lr, mom=mom, wd=wd)
 
 def Momentum(params, lr, mom=0.9, wd=0.) -> Optimizer:
     "The lecture's momentum: `V = mom*V + (1-mom)*g` (an EMA from `V=0`), `p -= lr*V`; decoupled weight decay."
@@ -378,9 +381,9 @@ def Momentum(params, lr, mom=0.9, wd=0.) -> Optimizer:
 
 def RMSProp(params, lr, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
     "RMSProp (Hinton 2012): `S = sqr_mom*S + (1-sqr_mom)*g²`, `p -= lr*g/(sqrt(S)+eps)`; torch-style momentum if `mom`>0."
-    mom = check_range('mom', mom, 0, 1, hi_open=True)
-    step = partial(rms_prop_step, with_mom=True) if mom else rms_prop_step
-    return Optimizer(params, [_wd_cb(decouple_wd), average_sqr_grad, step], lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    mom, groups = check_range('mom', mom, 0, 1, hi_open=True), _to_groups(params)
+    step = partial(rms_prop_step, with_mom=True) if _momentum_wanted(groups, mom) else rms_prop_step
+    return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step], lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 def _adam_cbs(decouple_wd, stepper):
     return [_wd_cb(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad, step_stat, stepper]
