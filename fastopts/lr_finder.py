@@ -269,7 +269,10 @@ class LRFindResult:
                 mk = '*' if k == self.method else 'o'
                 ax.plot(x, y, mk, ms=12 if mk == '*' else 7, color=f'C{i+1}', label=f'{k}: {x:.2g}')
         ax.set_xscale('log'); ax.set_xlabel('learning rate'); ax.set_ylabel('loss')
-        if len(sm): ax.set_ylim(None, min(np.nanmax(self.losses[np.isfinite(self.losses)], initial=sm.max()), 2*sm.max()))
+        fin = self.losses[np.isfinite(self.losses)]
+        if len(sm) and len(fin):
+            lo, hi = min(fin.min(), sm.min()), sm.max()
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
         ax.legend(fontsize=8)
         if self.message: ax.set_title(self.message, fontsize=8)
         return fig
