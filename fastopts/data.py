@@ -38,7 +38,7 @@ def tabular_dls(X:np.ndarray, y:np.ndarray, valid_pct:float=0.25, bs:int=64, see
     xt, xv, yt, yv = train_test_split(X, y, test_size=valid_pct, stratify=y, random_state=seed)
     xt, xv = standardise(xt, xv)
     ds = lambda x, t: list(zip(torch.tensor(x, dtype=torch.float32), torch.tensor(t, dtype=torch.int64)))
-    return DataLoaders.from_dsets(ds(xt, yt), ds(xv, yv), bs=bs, device=device)
+    return DataLoaders.from_dsets(ds(xt, yt), ds(xv, yv), bs=bs, device=device, num_workers=0)
 
 def sklearn_dls(name:str='digits', bs:int=64, seed:int=0, valid_pct:float=0.25, **kwargs) -> DataLoaders:
     "`tabular_dls` on a data set named as in `load_xy`."

@@ -13,3 +13,8 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="slow: run with --slow")
     for item in items:
         if "slow" in item.keywords: item.add_marker(skip)
+
+# The models in the tests are tiny: one torch thread per process is faster than two fighting over 2 cores
+# (and pytest-xdist may run two processes).
+import torch
+torch.set_num_threads(1)

@@ -1,0 +1,54 @@
+"""Checks that need a CUDA GPU (run by hand where one exists: `python tests/gpu_checks.py`; CI has none).
+
+1. every torch-referenced optimizer matches torch.optim on CUDA float32 (torch's foreach path), 200 steps;
+2. fastai's `MixedPrecision` (CUDA-only) trains digits with fastopts optimizers to the CPU accuracy bar;
+Exits non-zero on the first failure and prints one line per check.
+"""
+import sys, torch, torch.nn.functional as F
+from functools import partial
+
+def reference_on_cuda():
+    from fastopts.optimizer import SGD, Adam, AdamW, RAdam, RMSProp
+    cases = [('SGD nesterov', partial(SGD, lr=1e-2, mom=0.9, nesterov=True), partial(torch.optim.SGD, lr=1e-2, momentum=0.9, nesterov=True)),
+             ('Adam', partial(Adam, lr=1e-3), partial(torch.optim.Adam, lr=1e-3)),
+             ('AdamW', partial(AdamW, lr=1e-3, wd=0.1), partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)),
+             ('RAdam', partial(RAdam, lr=1e-3), partial(torch.optim.RAdam, lr=1e-3)),
+             ('RMSProp mom', partial(RMSProp, lr=1e-3, mom=0.9), partial(torch.optim.RMSprop, lr=1e-3, alpha=0.99, eps=1e-8, momentum=0.9))]
+    for name, ours, theirs in cases:
+        g = torch.Generator(device='cuda').manual_seed(0)
+        shapes = [(64, 32), (32,), (10, 64), (10,)]
+        p0 = [torch.randn(s, device='cuda', generator=g) for s in shapes]
+        pa = [torch.nn.Parameter(p.clone()) for p in p0]; pb = [torch.nn.Parameter(p.clone()) for p in p0]
+        oa, ob = ours(pa), theirs(pb, foreach=True)
+        for _ in range(200):
+            grads = [torch.randn(s, device='cuda', generator=g) for s in shapes]
+            for p, gr in zip(pa, grads): p.grad = gr.clone()
+            for p, gr in zip(pb, grads): p.grad = gr.clone()
+            oa.step(); ob.step()
+        for a, b in zip(pa, pb): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        print(f'ok  {name}: matches torch.optim (foreach, CUDA float32) over 200 steps')
+
+def mixed_precision_fit():
+    from fastai.learner import Learner
+    from fastai.callback.schedule import fit_one_cycle
+    from fastai.callback.fp16 import MixedPrecision
+    from fastai.metrics import accuracy
+    from fastai.torch_core import set_seed
+    from fastopts.optimizer import Adam, SGD, Lookahead, RAdam
+    from fastopts.data import sklearn_dls, dls_mlp
+    for name, of, lr in [('Adam', Adam, 1e-2), ('SGD(mom=0.9)', partial(SGD, mom=0.9), 0.1),
+                         ('Lookahead(RAdam)', lambda ps, lr: Lookahead(RAdam(ps, lr)), 3e-2)]:
+        set_seed(0, reproducible=True)
+        dls = sklearn_dls('digits'); dls.to('cuda')
+        learn = Learner(dls, dls_mlp(dls), loss_func=F.cross_entropy, metrics=accuracy, opt_func=of, cbs=MixedPrecision())
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(5, lr)
+        acc = learn.recorder.values[-1][-1]
+        assert next(learn.model.parameters()).is_cuda
+        assert acc >= 0.9, (name, acc)
+        print(f'ok  MixedPrecision fit_one_cycle(5) on CUDA with {name}: accuracy {acc:.4f}')
+
+if __name__ == '__main__':
+    assert torch.cuda.is_available(), 'no CUDA device'
+    print('device:', torch.cuda.get_device_name(), 'torch', torch.__version__)
+    reference_on_cuda(); mixed_precision_fit()
+    print('all GPU checks passed')
