@@ -134,7 +134,8 @@ def summarise(df:pd.DataFrame) -> pd.DataFrame:
     piv = piv[[m for m in d.method.unique()]]
     piv.loc[('mean', ''), :] = piv.clip(lower=0).mean()
     piv.loc[('max', ''), :] = piv.iloc[:-1].max()
-    piv.loc[('cost (runs)', ''), :] = d.groupby('method', sort=False).cost_runs.mean()
+    piv.loc[('cost (runs, median)', ''), :] = d.groupby('method', sort=False).cost_runs.median()
+    piv.loc[('cost (iterations, mean)', ''), :] = d.groupby('method', sort=False).cost_iters.mean()
     return piv.round(1)
 
 def _markdown(df:pd.DataFrame) -> str:

@@ -326,7 +326,8 @@ def _trial_search(learn, state, guess, epochs, fit_kwargs, n_candidates, like, s
         cost += total; trials.append(dict(lr=float(c), iters=total, loss=loss))
         return loss
     ladder = [float(guess * 10 ** (0.5 * (i - (n_candidates - 1) / 2))) for i in range(n_candidates)]
-    total = min(full, max(round(full * short), min_len))
+    # plans too short to squeeze into `min_len` batches are cheap: try them whole, and exactly
+    total = full if round(full * short) < min_len else round(full * short)
     scores = [run(c, total) for c in ladder]
     best = ladder[int(np.argmin(scores))]
     if total >= full:
