@@ -2,6 +2,7 @@
 
 1. every torch-referenced optimizer matches torch.optim on CUDA float32 (torch's foreach path), 200 steps;
 2. fastai's `MixedPrecision` (CUDA-only) trains digits with fastopts optimizers to the CPU accuracy bar;
+3. under `MixedPrecision`, `find_lr(); fit_one_cycle()` gives bit-identical weights to `fit_one_cycle()` alone.
 Exits non-zero on the first failure and prints one line per check.
 """
 import sys, torch, torch.nn.functional as F
@@ -47,8 +48,27 @@ def mixed_precision_fit():
         assert acc >= 0.9, (name, acc)
         print(f'ok  MixedPrecision fit_one_cycle(5) on CUDA with {name}: accuracy {acc:.4f}')
 
+def find_lr_restores_under_mixed_precision():
+    from fastai.learner import Learner
+    from fastai.callback.schedule import fit_one_cycle
+    from fastai.callback.fp16 import MixedPrecision
+    from fastai.torch_core import set_seed
+    from fastopts.optimizer import Adam
+    from fastopts.data import sklearn_dls, dls_mlp
+    import fastopts.lr_finder  # noqa: F401  (adds Learner.find_lr)
+    def weights(find):
+        set_seed(0, reproducible=True)
+        dls = sklearn_dls('digits'); dls.to('cuda')
+        learn = Learner(dls, dls_mlp(dls), loss_func=F.cross_entropy, opt_func=Adam, cbs=MixedPrecision())
+        with learn.no_bar(), learn.no_logging():
+            if find: res = learn.find_lr(show_plot=False)
+            learn.fit_one_cycle(2, 1e-2)
+        return [p.detach().cpu() for p in learn.model.parameters()]
+    for a, b in zip(weights(False), weights(True)): assert torch.equal(a, b)
+    print('ok  find_lr under MixedPrecision on CUDA: the fit after it is bit-identical to the fit alone')
+
 if __name__ == '__main__':
     assert torch.cuda.is_available(), 'no CUDA device'
     print('device:', torch.cuda.get_device_name(), 'torch', torch.__version__)
-    reference_on_cuda(); mixed_precision_fit()
+    reference_on_cuda(); mixed_precision_fit(); find_lr_restores_under_mixed_precision()
     print('all GPU checks passed')
