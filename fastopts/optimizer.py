@@ -21,17 +21,20 @@ __all__ = ['HYPER_RANGES', 'ParamGroupView', 'check_hyper', 'HyperView', 'Optimi
 # %% ../nbs/01_optimizer.ipynb #c005
 class ParamGroupView:
     "What a callback sees of one parameter group: params with a gradient, their grads and per-param state."
-    __slots__ = ('params', 'grads', 'states', '_decayed')
+    __slots__ = ('params', 'grads', 'states', '_decayed', '_lists')
     def __init__(self, params:list[Tensor], grads:list[Tensor], states:list[dict]):
-        self.params, self.grads, self.states, self._decayed = params, grads, states, None
+        self.params, self.grads, self.states, self._decayed, self._lists = params, grads, states, None, {}
 
     def state(self, name:str, init=torch.zeros_like) -> list[Tensor]:
         "The per-parameter state tensors called `name`, made by `init(p)` where missing."
-        out = []
-        for p, s in zip(self.params, self.states):
-            t = s.get(name)
-            if t is None: t = s[name] = init(p, memory_format=torch.preserve_format)
-            out.append(t)
+        out = self._lists.get(name)   # stats and steppers ask for the same lists: gather them once per step
+        if out is None:
+            out = []
+            for p, s in zip(self.params, self.states):
+                t = s.get(name)
+                if t is None: t = s[name] = init(p, memory_format=torch.preserve_format)
+                out.append(t)
+            self._lists[name] = out
         return out
 
     @property
@@ -55,6 +58,7 @@ class ParamGroupView:
             if not isinstance(vs, (list, tuple)) or len(vs) != len(self.params):
                 raise ValueError(f"optimizer callback `{_cb_name(cb)}` returned `{k}` with {vs!r}; expected a list with one value per param ({len(self.params)})")
             for s, v in zip(self.states, vs): s[k] = v
+            self._lists.pop(k, None)
 
 def _cb_name(cb): return getattr(cb, '__name__', None) or getattr(getattr(cb, 'func', None), '__name__', repr(cb))
 
