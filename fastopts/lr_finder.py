@@ -288,10 +288,17 @@ def _sweep(learn:Learner, cb:LRFinder):
     with learn.no_logging(): learn.fit(n_epoch)
 
 # %% ../nbs/03_lr_finder.ipynb #c024
-def sugg_half_min(lrs, sm, num_it=100):
-    "fastopts' rule: half the lr where the smoothed loss is lowest (before the sweep stopped)."
+def sugg_half_min(lrs, sm, num_it=100, losses=None, tol:float=0.05):
+    "fastopts' rule: half the lower of the smoothed loss's minimum and the first unstable lr (a spike in `losses`)."
     lrs, sm = _trim(lrs, sm)
-    return float(lrs[np.argmin(sm)] / 2)
+    lr = lrs[np.argmin(sm)]
+    if losses is not None and len(sm) > num_it // 10 + 1:
+        raw, start = np.asarray(losses, float)[:len(sm)], max(1, num_it // 10)
+        falling = np.nonzero(sm <= sm[0] - 0.1 * (sm[0] - sm.min()))[0]
+        first = max(start, falling[0] if len(falling) else len(sm))
+        spikes = np.nonzero(~(raw[first:] <= raw[:start].max() * (1 + tol)))[0]
+        if len(spikes): lr = min(lr, lrs[first + spikes[0]])
+    return float(lr / 2)
 
 SWEEP_RULES = dict(half_min=sugg_half_min)
 SWEEP_METHOD = 'half_min'
@@ -346,10 +353,10 @@ def _trial_search(learn, state, guess, epochs, fit_kwargs, n_candidates, like, s
 # %% ../nbs/03_lr_finder.ipynb #c027
 _FASTAI_RULES = dict(valley=sugg_valley, slide=sugg_slide, minimum=sugg_minimum, steep=sugg_steep)
 
-def _suggestions(lrs, sm, num_it) -> dict:
+def _suggestions(lrs, sm, losses, num_it) -> dict:
     out = {}
     for k, f in {**SWEEP_RULES, **_FASTAI_RULES}.items():
-        try: out[k] = f(lrs, sm, num_it)
+        try: out[k] = f(lrs, sm, num_it, losses) if k in SWEEP_RULES else f(lrs, sm, num_it)
         except (ValueError, IndexError): pass   # a curve too short for that rule
     return out
 
@@ -387,7 +394,7 @@ def find_lr(self:Learner,
                        "check the model's initialisation, the inputs and the loss function; nothing was changed")
                 warnings.warn(msg)
                 return LRFindResult(lrs, losses, sm, {}, None, None, msg, cb.stop_reason, cost=cost, like=cb.like)
-            sugg = _suggestions(lrs, sm, num_it)
+            sugg = _suggestions(lrs, sm, losses, num_it)
             method = SWEEP_METHOD
             best = sugg.get(method)
             trials, msg = [], ''

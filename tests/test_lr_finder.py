@@ -49,6 +49,19 @@ def test_half_min():
     sm[7:] = np.nan                                                  # ignore what follows a non-finite value
     assert math.isclose(sugg_half_min(lrs, sm), 5e-3)
 
+def test_half_min_spike_cap():
+    "A raw loss that jumps 5% above the start-up worst, once the smoothed loss is falling, caps the lr."
+    lrs = np.logspace(-6, 1, 50)
+    sm = np.r_[np.ones(20), np.linspace(1., 0.5, 30)]    # flat, then falling to the end: lowest at 10
+    raw = sm.copy(); raw[:5] = [1., 1.02, 0.98, 1.01, 0.99]
+    assert math.isclose(sugg_half_min(lrs, sm, num_it=50, losses=raw), 5.)
+    raw[30] = 1.02 * 1.06                                 # a spike at lrs[30]
+    assert math.isclose(sugg_half_min(lrs, sm, num_it=50, losses=raw), lrs[30] / 2)
+    raw[30] = 1.02 * 1.04                                 # within 5%: no cap
+    assert math.isclose(sugg_half_min(lrs, sm, num_it=50, losses=raw), 5.)
+    raw[30] = sm[30]; raw[12] = 2.                        # a spike before the smoothed loss fell a tenth: noise
+    assert math.isclose(sugg_half_min(lrs, sm, num_it=50, losses=raw), 5.)
+
 def test_linear_mode_lrs():
     learn = _learner('iris')
     res = learn.find_lr(start_lr=1e-3, end_lr=1e-1, num_it=12, mode='linear', stop_div=False, show_plot=False)
