@@ -322,7 +322,7 @@ def _trial(learn, lr, total:int, epochs:int, fit_kwargs:dict) -> float:
         loss = float(learn.validate()[0])
     return loss if math.isfinite(loss) else math.inf
 
-def _trial_search(learn, state, guess, epochs, fit_kwargs, n_candidates, like, short=0.25, min_len=20):
+def _trial_search(learn, state, guess, epochs, fit_kwargs, n_candidates, like, short=0.25, min_len=20, max_extend=3):
     "Short trials on a half-decade ladder around `guess`, then the full plan at the winner and half a decade below."
     full = epochs * len(learn.dls.train)
     trials, cost = [], 0
@@ -336,6 +336,11 @@ def _trial_search(learn, state, guess, epochs, fit_kwargs, n_candidates, like, s
     # plans too short to squeeze into `min_len` batches are cheap: try them whole, and exactly
     total = full if round(full * short) < min_len else round(full * short)
     scores = [run(c, total) for c in ladder]
+    for _ in range(max_extend):   # a winner on the ladder's edge: the bracket missed, so walk on while it improves
+        i = int(np.argmin(scores))
+        if i == len(ladder) - 1: ladder.append(ladder[-1] * 10 ** 0.5); scores.append(run(ladder[-1], total))
+        elif i == 0: ladder.insert(0, ladder[0] / 10 ** 0.5); scores.insert(0, run(ladder[0], total))
+        else: break
     best = ladder[int(np.argmin(scores))]
     if total >= full:
         # every trial was the real plan (a tiny data set): a quarter decade either side of the winner costs little

@@ -97,3 +97,14 @@ def test_lr_finder_stops_on_divergence():
     assert res.stop_reason in ('diverged', 'non-finite') and len(res.lrs) < 100
     sm = res.smoothed[np.isfinite(res.smoothed)]
     if res.stop_reason == 'diverged': assert sm[-1] > 4 * sm.min()
+
+def test_trials_grow_the_ladder_past_its_edge():
+    "A one-step plan on iris wants a far larger lr than the sweep's: the ladder grows upwards, and the winner is exact."
+    learn = _learner('iris', seed=0, opt_func=fo.Adam)
+    res = learn.find_lr(epochs=1, show_plot=False)
+    guess = res.suggestions['half_min']
+    assert max(t['lr'] for t in res.trials) > guess * 10 * 1.01      # beyond the five-rung ladder's top
+    assert all(t['iters'] == 1 for t in res.trials)                  # every trial is the whole plan
+    assert min(t['loss'] for t in res.trials) == [t['loss'] for t in res.trials if t['lr'] == res.suggested][0]
+    learn.fit_one_cycle(1, res.suggested)
+    assert float(learn.validate()[0]) == min(t['loss'] for t in res.trials)
