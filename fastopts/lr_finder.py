@@ -11,8 +11,8 @@ from fastai.callback.schedule import ParamScheduler  # noqa: F401 (registers fit
 from .core import as_float, check_range, check_choice
 
 # %% auto #0
-__all__ = ['SWEEP_RULES', 'SWEEP_METHOD', 'LearnerState', 'ema', 'LRFinder', 'sugg_minimum', 'sugg_steep', 'sugg_valley',
-           'sugg_slide', 'LRFindResult', 'sugg_half_min']
+__all__ = ['SWEEP_RULES', 'SWEEP_METHOD', 'LearnerState', 'smooth_losses', 'LRFinder', 'sugg_minimum', 'sugg_steep',
+           'sugg_valley', 'sugg_slide', 'LRFindResult', 'sugg_half_min']
 
 # %% ../nbs/03_lr_finder.ipynb #c006
 def _rng_state():
@@ -93,7 +93,7 @@ class LearnerState:
         learn.__dict__.update(self.attrs)
 
 # %% ../nbs/03_lr_finder.ipynb #c011
-def ema(ys, beta:float=0.98, debias:bool=True) -> np.ndarray:
+def smooth_losses(ys, beta:float=0.98, debias:bool=True) -> np.ndarray:
     "Exponential moving average of `ys`, bias-corrected by $1-\\beta^t$ when `debias`."
     out, v = [], 0.
     for t, y in enumerate(ys, 1):
