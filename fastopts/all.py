@@ -4,12 +4,14 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #c002
-from . import core, optimizer, schedule, lr_finder, data
+from . import core, optimizer, schedule, lr_finder, surfaces, viz, data
 from .core import *
 from .optimizer import *
 from .schedule import *
 from .lr_finder import *
+from .surfaces import *
+from .viz import *
 from .data import *
 
 # every module's public names, so that `import *` brings them all
-__all__ = [n for m in (core, optimizer, schedule, lr_finder, data) for n in m.__all__]
+__all__ = [n for m in (core, optimizer, schedule, lr_finder, surfaces, viz, data) for n in m.__all__]
