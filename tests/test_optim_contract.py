@@ -14,14 +14,6 @@ from fastopts.optimizer import (Optimizer, SGD, Momentum, RMSProp, Adam, AdamW, 
 
 SHAPES = [(4, 3), (5,), (2, 2, 3)]
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: one intra-op thread; several oversubscribe a shared 2-core machine (20x slower under load)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def make_params(seed=0, dtype=torch.float64, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]

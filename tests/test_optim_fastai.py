@@ -22,14 +22,6 @@ from fastai.torch_core import params, norm_bias_params
 from fastopts.data import sklearn_dls, dls_mlp
 from fastopts.optimizer import Optimizer, SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: one intra-op thread; several oversubscribe a shared 2-core machine (20x slower under load)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def seeded_dls(name, **kw):
     """fastai's DataLoader draws its shuffling RNG from `random` when it is made: seed it, so each test is repeatable.
     No worker processes: the data are a few hundred rows in memory, and spawning workers costs ~0.5 s an epoch."""

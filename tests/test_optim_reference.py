@@ -19,14 +19,6 @@ SKIP = {1: 3, 3: 4}                   # param index -> its grad is None at steps
 STEPS, CHECK_EVERY = 200, 50
 TOL = {torch.float64: dict(rtol=1e-6, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors: one intra-op thread; several oversubscribe a shared 2-core machine (20x slower under load)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def make_params(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     ps = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in SHAPES]

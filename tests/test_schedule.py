@@ -14,7 +14,6 @@ from fastopts.data import sklearn_dls, dls_mlp
 from fastopts.schedule import (OneCycle, StepDecay, TimeDecay, SqrtDecay, HyperSchedule, plot_schedule,
                                schedule_values, cos_anneal, cos_restarts)
 
-torch.set_num_threads(1)   # tiny matrices on a shared machine
 
 @pytest.fixture(scope='module')
 def dls():
