@@ -2,7 +2,9 @@
 
 # %% ../nbs/07_cli.ipynb #c002
 from __future__ import annotations
-import argparse, csv, sys, time
+import argparse, csv, sys, time, warnings
+# fastai's import of torch.jit.script warns on every command; it is fastai's to fix, not the user's to read
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 from functools import partial
 from pathlib import Path
 import torch
