@@ -63,11 +63,6 @@ def test_adam_first_step_is_lr_per_coordinate():
 def test_lr_zero_stays_put(opt_func):
     np.testing.assert_array_equal(trajectory(opt_func, himmelblau, (0.5, -1.), 15, lr=0., noise=1.), np.tile([0.5, -1.], (16, 1)))
 
-@pytest.mark.slow   # the 04_surfaces notebook runs the same check by default
-def test_convergence_on_rosenbrock():
-    np.testing.assert_allclose(trajectory(Adam, rosenbrock, rosenbrock.start, 2000, lr=0.05)[-1], [1., 1.], atol=1e-4)
-    np.testing.assert_allclose(trajectory(Momentum, rosenbrock, rosenbrock.start, 2000, lr=0.01)[-1], [1., 1.], atol=1e-3)
-
 def test_float32_path_close_to_float64():
     p64 = trajectory(Adam, beale, beale.start, 50, lr=0.01)
     p32 = trajectory(Adam, beale, beale.start, 50, lr=0.01, dtype=torch.float32)
