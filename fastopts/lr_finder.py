@@ -10,11 +10,11 @@ from fastcore.basics import patch, store_attr
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.learner import Learner
 from fastai.callback.schedule import ParamScheduler  # noqa: F401 (registers fit_one_cycle on Learner)
-from .core import as_float, check_range, check_choice
+from .core import as_float, check_range, check_choice, check_int, ema, spread_slice
 
 # %% auto #0
-__all__ = ['SWEEP_RULES', 'SWEEP_METHOD', 'LearnerState', 'smooth_losses', 'LRFinder', 'sugg_minimum', 'sugg_steep',
-           'sugg_valley', 'sugg_slide', 'LRFindResult', 'sugg_half_min']
+__all__ = ['SWEEP_RULES', 'SWEEP_METHOD', 'LearnerState', 'LRFinder', 'sugg_minimum', 'sugg_steep', 'sugg_valley', 'sugg_slide',
+           'LRFindResult', 'sugg_half_min']
 
 # %% ../nbs/03_lr_finder.ipynb #c006
 def _rng_state():
@@ -95,24 +95,12 @@ class LearnerState:
         learn.__dict__.update(self.attrs)
 
 # %% ../nbs/03_lr_finder.ipynb #c011
-def smooth_losses(ys, beta:float=0.98, debias:bool=True) -> np.ndarray:
-    "Exponential moving average of `ys`, bias-corrected by $1-\\beta^t$ when `debias`."
-    out, v = [], 0.
-    for t, y in enumerate(ys, 1):
-        v = beta * v + (1 - beta) * y
-        out.append(v / (1 - beta ** t) if debias else v)
-    return np.array(out, dtype=float)
-
-# %% ../nbs/03_lr_finder.ipynb #c013
 def _lr_groups(lr, n:int, name:str):
     "Per-group lrs for a float or a `slice` (fastai's meaning: even multiples, or `stop/10` for earlier groups)."
-    if isinstance(lr, slice):
-        if lr.stop is None: raise ValueError(f"`{name}` slice needs a stop, got {lr!r}")
-        hi = check_range(name, lr.stop, 0, lo_open=True)
-        if lr.start is None: return np.array([hi / 10] * (n - 1) + [hi])
-        lo = check_range(name, lr.start, 0, hi)
-        return np.array([hi]) if n == 1 else lo * (hi / lo) ** (np.arange(n) / (n - 1))
-    return np.full(n, check_range(name, lr, 0, lo_open=True))
+    if not isinstance(lr, slice): return np.full(n, check_range(name, lr, 0, lo_open=True))
+    hi = check_range(name, lr.stop, 0, lo_open=True)
+    if lr.start: check_range(name, lr.start, 0, hi, lo_open=True)   # a spread that rises to `stop`
+    return np.array(spread_slice(name, lr, n))
 
 def _as_lr(lr:float, like):
     "`lr` for the last group, shaped like `like` (a `slice` keeps its spread)."
@@ -120,7 +108,7 @@ def _as_lr(lr:float, like):
     if like.start is None: return slice(None, float(lr))
     return slice(float(lr) * like.start / like.stop, float(lr))
 
-# %% ../nbs/03_lr_finder.ipynb #c015
+# %% ../nbs/03_lr_finder.ipynb #c013
 class LRFinder(Callback):
     "Learning-rate range test; its name puts `learn.lr_finder` in place, so fastai's savers and loggers stand aside."
     order, run_valid = 60, False
@@ -201,7 +189,7 @@ class LRFinder(Callback):
     def after_fit(self):
         if self.active and self._own is not None: self._own.restore(); self._own = None
 
-# %% ../nbs/03_lr_finder.ipynb #c019
+# %% ../nbs/03_lr_finder.ipynb #c017
 def _trim(lrs, sm):
     lrs, sm = np.asarray(lrs, float), np.asarray(sm, float)
     ok = np.isfinite(sm)
@@ -241,7 +229,7 @@ def sugg_slide(lrs, sm, num_it=100, lr_diff=15, thresh=.005):
     while l >= -len(sm) and abs(g[r] - g[l]) > thresh: out = lrs[l]; r -= 1; l -= 1
     return float(out)
 
-# %% ../nbs/03_lr_finder.ipynb #c020
+# %% ../nbs/03_lr_finder.ipynb #c018
 class LRFindResult:
     "What `Learner.find_lr` found: the curve, every suggestion, the one it recommends, and what it cost."
     def __init__(self, lrs, losses, smoothed, suggestions:dict, suggested, method:str|None, message:str='',
@@ -282,14 +270,14 @@ class LRFindResult:
 def _last_lr(v):
     return v.stop if isinstance(v, slice) else v
 
-# %% ../nbs/03_lr_finder.ipynb #c022
+# %% ../nbs/03_lr_finder.ipynb #c020
 def _sweep(learn:Learner, cb:LRFinder):
     "Run the sweep with `cb` attached and logging off; the caller restores."
     # an epoch gives at least one step unless GradientAccumulation spans epochs, so this is a generous cap
     n_epoch = cb.num_it * max(1, math.ceil(cb.num_it / max(1, len(learn.dls.train)))) + 1
     with learn.no_logging(): learn.fit(n_epoch)
 
-# %% ../nbs/03_lr_finder.ipynb #c024
+# %% ../nbs/03_lr_finder.ipynb #c022
 def sugg_half_min(lrs, sm, num_it=100, losses=None, tol:float=0.05):
     "fastopts' rule: half the lower of the smoothed loss's minimum and the first unstable lr (a spike in `losses`)."
     lrs, sm = _trim(lrs, sm)
@@ -305,7 +293,7 @@ def sugg_half_min(lrs, sm, num_it=100, losses=None, tol:float=0.05):
 SWEEP_RULES = dict(half_min=sugg_half_min)
 SWEEP_METHOD = 'half_min'
 
-# %% ../nbs/03_lr_finder.ipynb #c026
+# %% ../nbs/03_lr_finder.ipynb #c024
 class _ShortPlan(Callback):
     "Squeeze `fit_one_cycle`'s schedule into `total` batches and stop there (a trial of the plan at a smaller scale)."
     order, run_valid = 0, False
@@ -357,7 +345,7 @@ def _trial_search(learn, state, guess, epochs, fit_kwargs, n_candidates, like, s
         best = pair[int(np.argmin(scores))]
     return best, trials, cost
 
-# %% ../nbs/03_lr_finder.ipynb #c027
+# %% ../nbs/03_lr_finder.ipynb #c025
 _FASTAI_RULES = dict(valley=sugg_valley, slide=sugg_slide, minimum=sugg_minimum, steep=sugg_steep)
 
 def _suggestions(lrs, sm, losses, num_it) -> dict:
@@ -384,10 +372,8 @@ def find_lr(self:Learner,
     "LR range test that leaves `self` exactly as it found it; with `epochs`, pick the lr by short trials of the plan."
     cb = LRFinder(start_lr, end_lr, num_it, mode, stop_div, beta, val)
     cb.managed = True
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1):
-        raise ValueError(f"`epochs` must be a positive integer or None, got {epochs!r}")
-    if isinstance(n_candidates, bool) or not isinstance(n_candidates, (int, np.integer)) or n_candidates < 2:
-        raise ValueError(f"`n_candidates` must be an integer >= 2, got {n_candidates!r}")
+    if epochs is not None: check_int('epochs', epochs, 1)
+    check_int('n_candidates', n_candidates, 2)
     fit_kwargs = dict(fit_kwargs or {})
     state = LearnerState(self)
     try:

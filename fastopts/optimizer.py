@@ -12,8 +12,7 @@ from functools import partial
 import numpy as np
 import torch
 from torch import Tensor
-from fastcore.basics import even_mults
-from .core import as_float, check_range
+from .core import as_float, check_range, check_int, spread_slice
 
 # %% auto #0
 __all__ = ['HYPER_RANGES', 'ParamGroupView', 'check_hyper', 'HyperView', 'Optimizer', 'average_grad', 'average_sqr_grad',
@@ -79,12 +78,10 @@ def check_hyper(name:str, v):
     return v
 
 # %% ../nbs/01_optimizer.ipynb #c009
-def _as_values(v, n:int) -> list:
+def _as_values(v, n:int, name:str='value') -> list:
     "Per-group values from a scalar, a per-group list/array, or a `slice` (fastai's discriminative lrs)."
-    if isinstance(v, slice):
-        if v.start: v = even_mults(v.start, v.stop, n)
-        else: v = [v.stop/10]*(n-1) + [v.stop]
-    if isinstance(v, (np.ndarray, Tensor)): v = v.flatten().tolist() if v.ndim else [v.item()]
+    if isinstance(v, slice): v = spread_slice(name, v, n)
+    elif isinstance(v, (np.ndarray, Tensor)): v = v.flatten().tolist() if v.ndim else [v.item()]
     elif isinstance(v, (str, dict)) or not hasattr(v, '__iter__'): v = [v]
     else: v = list(v)
     if len(v) == 1: v = v * n
@@ -161,7 +158,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def set_hyper(self, k:str, v):
         "Set hyper `k` to `v`: a scalar, one value per group (list/array) or a `slice` spread over the groups."
-        vs = _as_values(v, len(self.param_groups))
+        vs = _as_values(v, len(self.param_groups), k)
         if len(vs) != len(self.param_groups):
             raise ValueError(f"`{k}` got {len(vs)} values {vs!r} for {len(self.param_groups)} parameter groups")
         vs = [check_hyper(k, x) for x in vs]
@@ -420,8 +417,7 @@ class Lookahead(Optimizer):
     "Wrap `opt`: every `k` steps, slow weights move `alpha` towards the fast ones, which restart from them."
     def __init__(self, opt:Optimizer, k:int=6, alpha:float=0.5):
         if not isinstance(opt, Optimizer): raise ValueError(f"`opt` must be a fastopts Optimizer, got {type(opt).__name__}")
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1: raise ValueError(f"`k` must be an integer >= 1, got {k!r}")
-        self.opt, self.k, self.alpha, self.count = opt, int(k), check_range('alpha', alpha, 0, 1, lo_open=True), 0
+        self.opt, self.k, self.alpha, self.count = opt, check_int('k', k, 1), check_range('alpha', alpha, 0, 1, lo_open=True), 0
         for k_ in [k_ for k_ in opt.__dict__ if k_.startswith('_optimizer_')]: setattr(self, k_, OrderedDict())  # own hooks
         self._patch_step_function()
 

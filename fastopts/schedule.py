@@ -10,9 +10,8 @@ import numpy as np
 import matplotlib.pyplot as plt
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
-from fastai.torch_core import even_mults
 from fastai.optimizer import _BaseOptimizer
-from .core import as_float, check_range, check_choice
+from .core import as_float, check_range, check_choice, check_int, spread_slice
 
 # %% auto #0
 __all__ = ['lin_anneal', 'cos_anneal', 'exp_anneal', 'const_sched', 'join_scheds', 'time_decay', 'sqrt_decay', 'step_decay',
@@ -103,18 +102,11 @@ _PER = ('pct', 'batch', 'epoch')
 
 def _expand(name, v, n):
     "A hyper value (number, per-group list, or fastai-style `slice`) as `n` floats."
-    if isinstance(v, slice):
-        if v.stop is None: raise ValueError(f"`{name}` as a slice needs a stop, got {v!r}")
-        v = even_mults(v.start, v.stop, n) if v.start else [v.stop / 10] * (n - 1) + [v.stop]
+    if isinstance(v, slice): v = spread_slice(name, v, n)
     v = np.asarray(v, dtype=float).reshape(-1)
     if len(v) == 1: v = np.repeat(v, n)
     if len(v) != n: raise ValueError(f"`{name}` has {len(v)} values for {n} parameter groups")
     return v
-
-def _check_int(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"`{name}` must be an integer >= {lo}, got {v!r}")
-    return int(v)
 
 class HyperSchedule(Callback):
     "Set hypers before each training batch from schedule functions of progress (`per='pct'`), step or epoch."
@@ -124,8 +116,8 @@ class HyperSchedule(Callback):
                  warmup:int=0,      # optimizer steps of linear lr warm-up before the schedules start
                  n_epoch:int=None,  # planned length in epochs (default: the fit's); past it the last values hold
                  **scheds):         # hyper name -> schedule function, list of them (one per group) or constant
-        self.per, self.warmup = check_choice('per', per, _PER), _check_int('warmup', warmup, 0)
-        self.n_epoch = None if n_epoch is None else _check_int('n_epoch', n_epoch, 1)
+        self.per, self.warmup = check_choice('per', per, _PER), check_int('warmup', warmup, 0)
+        self.n_epoch = None if n_epoch is None else check_int('n_epoch', n_epoch, 1)
         for k, f in scheds.items():
             ok = callable(f) or isinstance(f, (list, tuple)) and all(callable(g) for g in f)
             if not ok: as_float(k, f)   # a constant: must be a number
@@ -303,9 +295,9 @@ class StepDecay(_Decay):
     def __init__(self, gamma:float=0.1, step_size:int=None, milestones=None, per:str='epoch', warmup:int=0, n_epoch:int=None):
         self.gamma = check_range('gamma', gamma, 0, lo_open=True)
         if (step_size is None) == (milestones is None): raise ValueError("give one of `step_size` or `milestones`, got neither or both")
-        self.step_size = None if step_size is None else _check_int('step_size', step_size, 1)
+        self.step_size = None if step_size is None else check_int('step_size', step_size, 1)
         if milestones is not None:
-            milestones = [_check_int('milestones', m, 0) for m in milestones]
+            milestones = [check_int('milestones', m, 0) for m in milestones]
             if any(b <= a for a, b in zip(milestones, milestones[1:])):
                 raise ValueError(f"`milestones` must be strictly increasing, got {milestones!r}")
         self.milestones = milestones

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math, numbers
 import numpy as np
 import torch
-from .core import as_float, check_range
+from .core import as_float, check_range, check_int
 
 # %% auto #0
 __all__ = ['bowl', 'rosenbrock', 'beale', 'himmelblau', 'saddle', 'SURFACES', 'Surface', 'trajectory']
@@ -82,11 +82,6 @@ saddle.saddle_points = [(0., 0.)]
 SURFACES = {s.name: s for s in (bowl, rosenbrock, beale, himmelblau, saddle)}
 
 # %% ../nbs/04_surfaces.ipynb #c013
-def _check_int(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-        raise ValueError(f"`{name}` must be an integer >= {lo}, got {v!r}")
-    return int(v)
-
 def _check_start(start) -> list[float]:
     try: vals = np.asarray(start, dtype=float).reshape(-1)
     except (TypeError, ValueError): raise ValueError(f"`start` must be 2 real numbers, got {start!r}") from None
@@ -106,8 +101,8 @@ def trajectory(opt_func, # optimizer factory `opt_func(params, lr, **hypers)`: f
     "Positions `(steps+1, 2)` of a 2-parameter point moved by `opt_func`'s optimizer on `f`, from `start`."
     if not callable(opt_func): raise ValueError(f"`opt_func` must be callable, got {opt_func!r}")
     if not callable(f): raise ValueError(f"`f` must be callable, got {f!r}")
-    start, steps = _check_start(start), _check_int('steps', steps, 0)
-    noise, seed = check_range('noise', noise, 0), _check_int('seed', seed, 0)
+    start, steps = _check_start(start), check_int('steps', steps, 0)
+    noise, seed = check_range('noise', noise, 0), check_int('seed', seed, 0)
     if 'lr' not in hypers: raise ValueError("`lr` is required (a number, or a function of the step counter)")
     lr = hypers.pop('lr')
     sched = lr if callable(lr) else None

@@ -12,28 +12,17 @@ import torch
 import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.animation import PillowWriter
-from .core import as_float, check_range, check_choice
+from .core import as_float, check_range, check_choice, ema
 from .optimizer import SGD, Momentum, RMSProp, Adam
 from .schedule import time_decay
 from .surfaces import Surface, SURFACES, bowl, saddle, trajectory
 
 # %% auto #0
-__all__ = ['LECTURE_OPTIMIZERS', 'LECTURE_RUNS', 'ema', 'ema_data', 'plot_ema', 'contour_levels', 'plot_trajectories',
-           'lecture_paths', 'plot_path_losses', 'plot_surface_runs', 'plot_saddle_escape', 'plot_noisy_gd',
-           'plot_lr_decay', 'animate_trajectories', 'add_viz_args', 'viz_main']
+__all__ = ['LECTURE_OPTIMIZERS', 'LECTURE_RUNS', 'ema_data', 'plot_ema', 'contour_levels', 'plot_trajectories', 'lecture_paths',
+           'plot_path_losses', 'plot_surface_runs', 'plot_saddle_escape', 'plot_noisy_gd', 'plot_lr_decay',
+           'animate_trajectories', 'add_viz_args', 'viz_main']
 
 # %% ../nbs/05_viz.ipynb #c005
-def ema(ys, beta:float, bias_correction:bool=False) -> np.ndarray:
-    "EMA `v_t = beta*v_{t-1} + (1-beta)*y_t` of `ys` from `v_0 = 0`, divided by `1 - beta**t` if `bias_correction`."
-    beta = check_range('beta', beta, 0, 1, hi_open=True)
-    ys = np.asarray(ys, dtype=float)
-    if ys.ndim != 1: raise ValueError(f"`ys` must be 1-dimensional, got shape {ys.shape}")
-    out, v = np.empty_like(ys), 0.
-    for t, y in enumerate(ys, 1):
-        v = beta * v + (1 - beta) * y
-        out[t-1] = v / (1 - beta**t) if bias_correction else v
-    return out
-
 def ema_data(n:int=100, seed:int=0) -> np.ndarray:
     "A noisy seasonal series (the lecture's 'daily temperature'): a sine over `n` days plus Gaussian noise."
     t = np.arange(n)

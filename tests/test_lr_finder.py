@@ -9,7 +9,8 @@ from fastai.optimizer import Adam as FastaiAdam
 from fastai.torch_core import even_mults
 import fastopts.optimizer as fo
 from fastopts.data import sklearn_dls, dls_mlp
-from fastopts.lr_finder import LRFinder, LearnerState, smooth_losses, sugg_half_min, _lr_groups, _as_lr
+from fastopts.lr_finder import LRFinder, LearnerState, sugg_half_min, _lr_groups, _as_lr
+from fastopts.core import ema
 
 torch.set_num_threads(1)
 
@@ -30,7 +31,7 @@ def test_ema_closed_form(ys, beta):
     t = len(ys)
     v = (1 - beta) * sum(beta ** (t - i) * y for i, y in enumerate(ys, 1))
     want = v / (1 - beta ** t)
-    assert math.isclose(smooth_losses(ys, beta)[-1], want, rel_tol=1e-9, abs_tol=1e-9)
+    assert math.isclose(ema(ys, beta, bias_correction=True)[-1], want, rel_tol=1e-9, abs_tol=1e-9)
 
 @pytest.mark.parametrize('n', [1, 2, 3, 5])
 def test_lr_groups_as_fastai(n):
