@@ -9,7 +9,7 @@ import math, numbers
 import numpy as np
 
 # %% auto #0
-__all__ = ['as_float', 'check_range', 'check_choice', 'check_int', 'ema', 'spread_slice']
+__all__ = ['as_float', 'check_range', 'check_choice', 'check_int', 'ema', 'spread_slice', 'per_group']
 
 # %% ../nbs/00_core.ipynb #c005
 def as_float(name:str, v) -> float:
@@ -71,3 +71,14 @@ def spread_slice(name:str, s:slice, n:int) -> list[float]:
     start = as_float(name, s.start)
     if n == 1: return [stop]
     return [start * (stop/start)**(i/(n-1)) for i in range(n)]
+
+# %% ../nbs/00_core.ipynb #c017
+def per_group(name:str, v, n:int) -> list:
+    "One value per parameter group from a scalar, a per-group list/array/tensor, or a `slice` (see `spread_slice`)."
+    if isinstance(v, slice): v = spread_slice(name, v, n)
+    elif hasattr(v, 'ndim') and hasattr(v, 'tolist'): v = v.reshape(-1).tolist() if v.ndim else [v.item()]
+    elif isinstance(v, (str, bytes, dict)) or not hasattr(v, '__iter__'): v = [v]
+    else: v = list(v)
+    if len(v) == 1: v = v * n
+    if len(v) != n: raise ValueError(f"`{name}` got {len(v)} values {v!r} for {n} parameter groups")
+    return v
