@@ -385,6 +385,12 @@ class Optimizer(torch.optim.Optimizer):
         return loss
 
     # -- checkpoints: our own format, and torch.optim's -----------------------------------------------------
+    def state_dict(self) -> dict:
+        "torch's `state_dict`, without the empty per-param dicts that a rule with no state (plain SGD) leaves."
+        sd = super().state_dict()
+        sd['state'] = {k: v for k, v in sd['state'].items() if v}
+        return sd
+
     def load_state_dict(self, state_dict:dict):
         "torch's `load_state_dict`; a `torch.optim` state dict of the same rule (Adam, AdamW, SGD, RMSprop, RAdam) is translated first."
         super().load_state_dict(from_torch_state_dict(self, state_dict))
@@ -611,6 +617,12 @@ def _momentum_wanted(groups:list[dict], mom:float) -> bool:
     "Whether the default `mom` or any group dict asks for momentum (then the momentum callbacks are needed)."
     return mom != 0 or any(check_range('mom', _group_mom(g), 0, 1, hi_open=True) != 0 for g in groups)
 
+def _group_flag(groups:list[dict], name:str, default:bool) -> bool:
+    "A rule flag that torch allows per group (`nesterov`): every group must agree, since the chain is the optimizer's."
+    vals = {bool(g.get(name, default)) for g in groups}
+    if len(vals) > 1: raise ValueError(f"param groups ask for `{name}` both True and False: fastopts builds one chain per optimizer")
+    return vals.pop()
+
 def _torch_wd_in_groups(params) -> bool:
     return isinstance(params, (list, tuple)) and any(isinstance(g, dict) and 'weight_decay' in g for g in params)
 
@@ -648,8 +660,8 @@ def torch_names(f):
 def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=None) -> Optimizer:
     "SGD with torch-style momentum (`V = mom*V + g`), optional Nesterov, decoupled or L2 weight decay."
     groups = _to_groups(params)
-    mom = check_range('mom', mom, 0, 1, hi_open=True)
-    if nesterov and mom == 0: raise ValueError(f"`nesterov=True` needs `mom` > 0, got mom={mom!r}")
+    mom, nesterov = check_range('mom', mom, 0, 1, hi_open=True), _group_flag(groups, 'nesterov', nesterov)
+    if nesterov and not _momentum_wanted(groups, mom): raise ValueError(f"`nesterov=True` needs `mom` > 0, got mom={mom!r}")
     cbs = [_wd_cb(decouple_wd)]
     if _momentum_wanted(groups, mom): cbs += [average_grad, nesterov_step if nesterov else momentum_step]
     else: cbs.append(sgd_step)
