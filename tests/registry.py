@@ -48,6 +48,13 @@ OPTIMIZERS = [
     OptSpec('lookahead_adam', _lookahead_adam, {}),
 ]
 BY_NAME = {o.name: o for o in OPTIMIZERS}
+# each factory's documented defaults (README "Using it", and the factories' signatures)
+DOCUMENTED_DEFAULTS = {
+    SGD: dict(mom=0., wd=0.), Momentum: dict(mom=0.9, wd=0.), RMSProp: dict(sqr_mom=0.99, mom=0., eps=1e-8, wd=0.),
+    Adam: dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.), AdamW: dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01),
+    RAdam: dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.), Lamb: dict(mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.),
+    Lion: dict(mom=0.9, sqr_mom=0.99, wd=0.),
+}
 FUSED = [o for o in OPTIMIZERS if o.fused]
 WITH_TORCH = [o for o in OPTIMIZERS if o.torch_cls is not None]
 CHECKPOINT = [o for o in OPTIMIZERS if o.checkpoint]
