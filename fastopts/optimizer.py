@@ -302,7 +302,10 @@ class Optimizer(torch.optim.Optimizer):
                 self._hyper_names.add(k)
         super().add_param_group(g)
 
-    def _hyper_order(self): return [k for k in self.defaults if k in self._hyper_names] + sorted(self._hyper_names - set(self.defaults))
+    def _hyper_order(self):
+        "fastai's hyper names first, in fastai's order, then the others as the defaults list them."
+        known = [k for k in HYPER_RANGES if k in self._hyper_names]
+        return known + [k for k in self.defaults if k in self._hyper_names and k not in HYPER_RANGES] + sorted(self._hyper_names - set(self.defaults) - set(known))
 
     # -- fastai's face --------------------------------------------------------------------------------------
     @property
