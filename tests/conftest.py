@@ -46,10 +46,16 @@ def make_learner(digits_dls):
 
 @pytest.fixture
 def repo_copy(tmp_path):
-    "A copy of the working tree (uncommitted work included, build outputs and caches left out) under `tmp_path`."
-    import shutil
+    """A copy of the working tree (uncommitted work included; build outputs, caches and ignored files left out) under
+    `tmp_path`, as a fresh git repository with everything committed. Not a copy of `.git`: in a `git worktree`, `.git`
+    is a file pointing at the real repository, and git commands in the copy would change the real branch and index."""
+    import shutil, subprocess
     from pathlib import Path
-    dest = tmp_path/'repo'
-    shutil.copytree(Path(__file__).resolve().parents[1], dest, ignore=shutil.ignore_patterns(
-        '.venv', '__pycache__', '*.egg-info', '.pytest_cache', '.hypothesis', 'fastopts-demo', 'fastopts-viz', 'build', 'dist'))
+    root, dest = Path(__file__).resolve().parents[1], tmp_path/'repo'
+    git = lambda *a, cwd: subprocess.run(['git', *a], cwd=cwd, capture_output=True, text=True, check=True).stdout
+    files = git('ls-files', '-z', '--cached', '--others', '--exclude-standard', cwd=root).split('\0')
+    for f in filter(None, files):
+        if (root/f).is_file(): (dest/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(root/f, dest/f)
+    git('init', '-q', cwd=dest); git('add', '-A', cwd=dest)
+    git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-q', '-m', 'snapshot', cwd=dest)
     return dest
