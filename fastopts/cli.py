@@ -10,10 +10,9 @@ import argparse, csv, sys, time, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 from functools import partial
 from pathlib import Path
-import torch
 import torch.nn.functional as F
 from fastai.learner import Learner
-from fastai.callback.schedule import fit_one_cycle
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (puts `fit_one_cycle` on Learner)
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from matplotlib.figure import Figure

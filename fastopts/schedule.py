@@ -57,10 +57,9 @@ def join_scheds(pcts, scheds):
     keep = [i for i, w in enumerate(pcts) if w > 0]   # empty phases never run
     starts, widths, scheds = [bounds[i] for i in keep], [pcts[i] for i in keep], [scheds[i] for i in keep]
     starts[0] = 0.
-    bisect_right = bisect.bisect_right
     def f(p):
-        p = 0. if p < 0 else 1. if p > 1 else p
-        i = bisect_right(starts, p) - 1
+        p = _clip01(p)
+        i = bisect.bisect_right(starts, p) - 1
         return scheds[i]((p - starts[i]) / widths[i])
     return f
 
