@@ -34,14 +34,14 @@ def fastopts_opts():
 def test_one_cycle_matches_fit_one_cycle(make_learner, kw, n_epoch):
     a = make_learner(); a.fit_one_cycle(n_epoch, 3e-3, **kw)
     b = make_learner(); b.fit(n_epoch, 3e-3, cbs=OneCycle(**kw))
-    for k in ('lr', 'mom'):
+    for k in ('lr', 'mom'):   # fastai computes phase positions in float32: ~1e-7 relative apart, hence 1e-5
         assert len(b.recorder.hps[k]) == n_epoch * N_ITER
         np.testing.assert_allclose(b.recorder.hps[k], a.recorder.hps[k], rtol=1e-5)
 
 def test_one_cycle_slice_matches_fit_one_cycle(make_learner):
     a = make_learner(splitter=split3); pa = Probe('lr', 'mom'); a.fit_one_cycle(1, slice(1e-4, 1e-2), cbs=pa)
     b = make_learner(splitter=split3); pb = Probe('lr', 'mom'); b.fit(1, cbs=[OneCycle(lr_max=slice(1e-4, 1e-2)), pb])
-    for k in ('lr', 'mom'): np.testing.assert_allclose(pb.seen[k], pa.seen[k], rtol=1e-5)
+    for k in ('lr', 'mom'): np.testing.assert_allclose(pb.seen[k], pa.seen[k], rtol=1e-5)   # float32 phases, as above
     assert np.array(pb.seen['lr']).shape == (N_ITER, 3)
 
 def test_one_cycle_per_group_list(make_learner):
@@ -71,7 +71,7 @@ def test_one_cycle_vs_torch(N, pct, anneal, three):
                                  moms=(.95, .85, .95)), 1, N, lr=lr_max)
     ol, om = v['lr'][:, 0], v['mom'][:, 0]
     np.testing.assert_allclose(ol[0], tl[0], rtol=1e-9)                       # same start: lr_max/div
-    np.testing.assert_allclose(ol.max(), tl.max(), rtol=5e-3)                 # same peak value
+    assert abs(ol.max() - tl.max()) <= np.abs(np.diff(tl)).max()             # peak: within one of torch's steps
     assert abs(int(ol.argmax()) - int(tl.argmax())) <= 1                      # peak within one step
     # the curves are torch's shifted by one step (fastai puts the peak at step pct·N, torch at pct·N - 1), and with
     # three phases torch's second phase also ends two steps early: so the gap is at most one (two) of torch's own
