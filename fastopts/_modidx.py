@@ -28,6 +28,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'fastopts.core.check_int': ('core.html#check_int', 'fastopts/core.py'),
                                'fastopts.core.check_range': ('core.html#check_range', 'fastopts/core.py'),
                                'fastopts.core.ema': ('core.html#ema', 'fastopts/core.py'),
+                               'fastopts.core.new_axes': ('core.html#new_axes', 'fastopts/core.py'),
                                'fastopts.core.per_group': ('core.html#per_group', 'fastopts/core.py'),
                                'fastopts.core.spread_slice': ('core.html#spread_slice', 'fastopts/core.py')},
             'fastopts.data': { 'fastopts.data.XYDataset': ('data.html#xydataset', 'fastopts/data.py'),

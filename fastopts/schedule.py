@@ -7,10 +7,9 @@ square-root decay, warm-up, and `HyperSchedule` for everything else."""
 from __future__ import annotations
 import bisect, math, warnings
 import numpy as np
-import matplotlib.pyplot as plt
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
-from .core import as_float, check_range, check_choice, check_int, per_group
+from .core import as_float, check_range, check_choice, check_int, per_group, new_axes
 
 # %% auto #0
 __all__ = ['lin_anneal', 'cos_anneal', 'exp_anneal', 'const_sched', 'join_scheds', 'time_decay', 'sqrt_decay', 'step_decay',
@@ -300,11 +299,10 @@ class SqrtDecay(_Decay):
 
 # %% ../nbs/02_schedule.ipynb #c025
 def plot_schedule(sched_or_callback, n_epoch:int=30, n_batch:int=1, lr=1e-3, ax=None, label=None, **hypers):
-    "Plot lr (and mom) set by `sched_or_callback` over `n_epoch` epochs of `n_batch` batches; returns the axes."
+    "Plot lr (and mom) set by `sched_or_callback` over `n_epoch` epochs of `n_batch` batches; returns the axes (a list)."
     v = schedule_values(sched_or_callback, n_epoch, n_batch, lr=lr, **hypers)
     keys = [k for k in ('lr', 'mom') if k in v] or list(v)[:1]
-    if ax is None: _, ax = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
-    axs = np.atleast_1d(ax).reshape(-1)
+    axs = new_axes(ax, len(keys), figsize=(5 * len(keys), 3.2))
     for k, a in zip(keys, axs):
         a.plot(v[k][:, -1], label=label); a.set_xlabel('optimizer step'); a.set_ylabel(k)
         if label: a.legend()
