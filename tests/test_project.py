@@ -132,5 +132,7 @@ def test_cli_error_is_one_line():
     assert len(lines) == 1 and lines[0].startswith('fastopts: error: ') and 'bogus' in lines[0], r.stderr
 
 def test_cli_bad_usage_is_argparse_error():
-    r = subprocess.run([str(BIN/'fastopts'), 'demo', '--epochs', 'two'], capture_output=True, text=True)
-    assert r.returncode == 2 and "invalid int value: 'two'" in r.stderr
+    from fastopts.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e: main(['demo', '--epochs', 'two'])
+    assert e.value.code == 2 and "invalid int value: 'two'" in err.getvalue()
