@@ -41,3 +41,18 @@ def test_fsdp2_distributed_checkpoint_resumes_identically(tmp_path):
     assert not errors, errors
     for name, (straight, resumed) in res.items():
         for a, b in zip(straight, resumed): assert_close(a, b, rtol=0, atol=0, msg=lambda m: f'{name}: {m}')
+
+@pytest.mark.parametrize('n_acc', [0, 16], ids=['every_batch', 'grad_accumulation'])
+def test_learner_schedules_in_lockstep(n_acc, tmp_path):
+    """A fastai Learner with a fastopts optimizer and OneCycle on 2 ranks (model in DDP, each rank half of every
+    batch), with and without GradientAccumulation: both ranks set the same lr and mom at every step and end with the
+    weights of one process on the whole batches."""
+    out = tmp_path / 'out'
+    run_ranks(w.learner_job, (str(out), n_acc), tmp_path)
+    r0, r1 = (torch.load(f'{out}.{r}', weights_only=True) for r in (0, 1))
+    ref = w.fit_record(*w.learner(n_acc=n_acc))
+    assert r0['lrs'] == r1['lrs'] == ref['lrs'] and r0['moms'] == r1['moms'] == ref['moms']
+    assert len(set(r0['lrs'])) > 5
+    for a, b, c in zip(r0['weights'], r1['weights'], ref['weights']):
+        assert torch.equal(a, b)
+        assert_close(a, c, rtol=1e-5, atol=1e-6)
