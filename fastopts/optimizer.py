@@ -16,13 +16,12 @@ except ImportError: DTensor = ()
 from .core import as_float, check_range, check_int, per_group
 
 # %% auto #0
-__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'ParamGroupView', 'group_view', 'contract', 'cb_name',
-           'cb_hypers', 'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView',
-           'check_fused', 'Optimizer', 'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg',
-           'sgd_step', 'momentum_step', 'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step',
-           'lion_step', 'fused_adam', 'fused_sgd', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam',
-           'AdamW', 'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup',
-           'Lookahead']
+__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers',
+           'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView', 'Optimizer',
+           'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step',
+           'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'fused_adam',
+           'fused_sgd', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb',
+           'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup', 'Lookahead']
 
 # %% ../nbs/01_optimizer.ipynb #c005
 class ParamGroupView:
@@ -79,7 +78,7 @@ def _device_dtype_groups(ps:list[Tensor]) -> list[list[int]]|None:
     groups = torch._C._group_tensors_by_device_and_dtype([ps], True)
     return None if len(groups) <= 1 else [idx for _, idx in groups.values()]
 
-def group_view(ps:list[Tensor], states:list[dict]) -> ParamGroupView:
+def _group_view(ps:list[Tensor], states:list[dict]) -> ParamGroupView:
     "The `ParamGroupView` of params `ps` (one device and dtype) with their grads; complex ones as real views."
     grads = [p.grad for p in ps]
     if not ps[0].is_complex(): return ParamGroupView(ps, grads, states)
@@ -244,7 +243,7 @@ def _cb_defaults(cb) -> dict:
     f, _ = _unwrap(cb)
     return dict(getattr(cb, 'defaults', None) or getattr(f, 'defaults', None) or {})
 
-def check_fused(fused):
+def _check_fused(fused):
     if fused not in (None, True, False): raise ValueError(f"`fused` must be None, True or False, got {fused!r}")
     return fused
 
@@ -258,7 +257,7 @@ class Optimizer(torch.optim.Optimizer):
         fused:bool|None=None, # None: a fused kernel where one computes the chain; False: always the callbacks; True: insist
         **defaults # hyper-parameters for every group (overrides the callbacks' `.defaults`); torch's names too
     ):
-        self.cbs, self.fused, self._chain_key = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs], check_fused(fused), None
+        self.cbs, self.fused, self._chain_key = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs], _check_fused(fused), None
         self._check_chain()
         merged = {}
         for cb in self.cbs: merged.update(_cb_defaults(cb))
@@ -294,7 +293,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"`{k}={d[k]!r}`, but this optimizer's chain has {k}={want}: build it with the rule you want")
             d.pop(k, None)
         if 'fused' in d:
-            v = check_fused(d.pop('fused'))
+            v = _check_fused(d.pop('fused'))
             if v is not None and v != bool(self._fast):
                 raise ValueError(f"a param group asks for `fused={v}`, but this optimizer {'runs' if self._fast else 'has no'} fused kernels for its chain")
         return HyperDict(d, self._live)
@@ -388,7 +387,7 @@ class Optimizer(torch.optim.Optimizer):
             if any(p.grad.is_sparse for p in ps): raise ValueError("fastopts optimizers do not support sparse gradients")
             for idx in _device_dtype_groups(ps) or [None]:
                 sub = _pick(ps, idx)
-                grp = group_view(sub, [self.state[p] for p in sub])
+                grp = _group_view(sub, [self.state[p] for p in sub])
                 if self._fast is not None and self._fast(grp, **hyper): continue
                 for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
         return loss
