@@ -42,7 +42,7 @@ def digits_cnn(blocks:int=3, width:int=8, skip:bool=True, bn:bool=True, n_out:in
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, n_out))
 
 LANDSCAPE_CASES = {'smooth: skip connections + batch norm': dict(blocks=3, skip=True, bn=True),
-                   'non-smooth: plain, twice as deep': dict(blocks=6, skip=False, bn=False)}
+                   'non-smooth: no skip connections, 21 convolutions': dict(blocks=10, skip=False, bn=True)}
 
 # %% ../nbs/11_landscape.ipynb #l008
 def filter_normalized_direction(model:nn.Module, seed:int=0) -> list[torch.Tensor]:

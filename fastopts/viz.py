@@ -245,7 +245,7 @@ def escape_steps(path, thresh:float=0.5) -> int|None:
     return int(hit[0]) if len(hit) else None
 
 # %% ../nbs/05_viz.ipynb #c023
-def plot_saddle_escape(offsets=(1e-1, 1e-2, 1e-4, 1e-6), steps:int=520, paths:dict|None=None, axes=None):
+def plot_saddle_escape(offsets=(1e-1, 1e-2, 1e-4, 1e-6), steps:int=650, paths:dict|None=None, axes=None):
     "Steps each lecture optimizer needs to leave `saddle`'s ridge from height `offsets` (left), `|y|` per step (right)."
     hypers = LECTURE_RUNS['saddle'][1]
     paths = lecture_paths(saddle) if paths is None else _check_paths(paths)
@@ -350,7 +350,7 @@ def minimum_fraction(n:int, samples:int=20000, seed:int=0) -> float:
 
 # %% ../nbs/05_viz.ipynb #v053
 def plot_local_vs_saddle(starts=((-1.8, -1.6), (-1.8, 1.8), (1.8, 1.8), (1.8, -1.7), (0.3, -0.2), (-0.4, 0.35)),
-                         lr:float=0.02, steps:int=120, dims=tuple(range(1, 9)), samples:int=20000):
+                         lr:float=0.02, steps:int=120, dims=tuple(range(1, 6)), samples:int=100000):
     "Left: GD from several `starts` on `wells` ends in different minima. Right: `minimum_fraction` against dimension."
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=[1.2, 1]))
     paths = {f'start ({x:g}, {y:g})': trajectory(SGD, wells, (x, y), steps, lr=lr) for x, y in starts}
