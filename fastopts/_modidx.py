@@ -70,6 +70,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'fastopts.gallery.execute_notebooks': ('gallery.html#execute_notebooks', 'fastopts/gallery.py'),
                                   'fastopts.gallery.gallery_entries': ('gallery.html#gallery_entries', 'fastopts/gallery.py'),
                                   'fastopts.gallery.screenshot': ('gallery.html#screenshot', 'fastopts/gallery.py'),
+                                  'fastopts.gallery.small_png': ('gallery.html#small_png', 'fastopts/gallery.py'),
                                   'fastopts.gallery.viz_main': ('gallery.html#viz_main', 'fastopts/gallery.py'),
                                   'fastopts.gallery.write_index': ('gallery.html#write_index', 'fastopts/gallery.py')},
             'fastopts.landscape': { 'fastopts.landscape.ConvBlock': ('landscape.html#convblock', 'fastopts/landscape.py'),
