@@ -142,10 +142,13 @@ def write_index(out, entries:list[Entry], note:str='') -> Path:
 
 # %% ../nbs/12_gallery.ipynb #g012
 def build_gallery(out='fastopts-viz', quick:bool=False, surfaces=None, gif:str|None='rosenbrock', frames:int=30,
-                  dpi:int=80, progress:bool=True) -> list[Path]:
-    "Draw the gallery into `out`; returns the files written, `index.html` last."
+                  dpi:int=80, progress:bool=True, only=None) -> list[Path]:
+    "Draw the gallery into `out` (`only`: just the files whose names contain one of these words); returns the files, `index.html` last."
     frames, dpi = check_int('frames', frames, 1), check_int('dpi', dpi, 10)
     entries = gallery_entries(surfaces, gif)
+    if only is not None:
+        entries = [e for e in entries if any(w in e.name for w in only)]
+        if not entries: raise ValueError(f"`only` must name at least one file of the gallery, got {only!r}")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     ctx, files, t0, threads = _Context(quick, frames, dpi), [], time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)
@@ -169,6 +172,7 @@ def add_viz_args(parser:argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--frames', type=int, default=30, help='frames per GIF (default: 30)')
     parser.add_argument('--dpi', type=int, default=80, help='PNG resolution (default: 80)')
     parser.add_argument('--quick', action='store_true', help='shorter runs and coarser grids: a fast check, not the real figures')
+    parser.add_argument('--only', nargs='+', default=None, help='only the files whose names contain one of these words, e.g. `--only ema landscape`')
     parser.add_argument('--no-progress', action='store_true', help='hide the progress bar')
     return parser
 
@@ -176,7 +180,7 @@ def viz_main(args) -> list[Path]:
     "Run `fastopts viz` with parsed `args` (see `add_viz_args`); print and return the files written."
     t0 = time.perf_counter()
     files = build_gallery(args.out, quick=args.quick, surfaces=args.surfaces, gif=None if args.gif == 'none' else args.gif,
-                          frames=args.frames, dpi=args.dpi, progress=not args.no_progress)
+                          frames=args.frames, dpi=args.dpi, progress=not args.no_progress, only=args.only)
     for p in files: print(p)
     print(f'wrote {len(files)} files to {args.out} in {time.perf_counter() - t0:.1f} s; open {files[-1]}')
     return files
