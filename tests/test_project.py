@@ -67,7 +67,7 @@ def test_every_module_comes_from_a_notebook():
 
 # ---------------------------------------------------------------------------------------------- library apart from tools
 # The tools: the command line and the benchmarks (modules or a package of that name). Everything else is library.
-TOOLS = {'cli', 'bench', 'step_bench'}
+TOOLS = {'cli', 'bench', 'step_bench', 'gallery'}
 def _modules():
     for py in sorted((ROOT/'fastopts').rglob('*.py')):
         rel = py.relative_to(ROOT/'fastopts')
