@@ -78,6 +78,21 @@ def _silent_sweep_message(r:dict, lrs) -> str:
                               f"sweep too short to show a fall")
     return msg
 
+def _sweep_rule(reading:dict, sugg:dict) -> str|None:
+    "The sweep's own rule for this curve: `half_min` if it fell, else `edge` if the loss left its band, else none."
+    if reading['fell']: return SWEEP_METHOD
+    return 'edge' if 'edge' in sugg else None
+
+def _sweep_notes(reading:dict, lrs, method:str|None, epochs:int|None) -> list[str]:
+    "What to tell the user about a curve that did not fall, and what happens instead."
+    if reading['fell']: return []
+    msgs = [_silent_sweep_message(reading, lrs)]
+    if epochs is not None: msgs.append('the trials decide')
+    elif method == 'edge': msgs.append(f"suggesting a third of the lr where the loss left its flat band "
+                                       f"({reading['lr_edge']:.2g}); find_lr(epochs=N) measures instead")
+    else: msgs.append('no suggestion: raise `end_lr`, or pass `epochs` to let trials of the plan decide')
+    return msgs
+
 # %% ../nbs/03_lr_finder.ipynb #c025
 @patch
 def find_lr(self:Learner,
@@ -121,27 +136,19 @@ def find_lr(self:Learner,
                 return LRFindResult(lrs, losses, sm, {}, None, None, msg, cb.stop_reason, cost=cost, like=cb.like)
             reading = read_sweep(lrs, losses, sm, num_it, cb.beta)
             sugg = _suggestions(lrs, sm, losses, num_it, cb.beta)
-            method, msgs = SWEEP_METHOD, []
-            if not reading['fell']:
-                sugg.pop(SWEEP_METHOD, None)   # the minimum of a curve that did not fall is noise
-                msgs.append(_silent_sweep_message(reading, lrs))
-                if epochs is not None: msgs.append('the trials decide')
-                elif 'edge' in sugg: method = 'edge'; msgs.append(f"suggesting a third of the lr where the loss left its "
-                                                                  f"flat band ({reading['lr_edge']:.2g}); find_lr(epochs=N) measures instead")
-                else: method = None; msgs.append('no suggestion: raise `end_lr`, or pass `epochs` to let trials of the plan decide')
-            best, trials = sugg.get(method) if method else None, []
+            if not reading['fell']: sugg.pop(SWEEP_METHOD, None)   # the minimum of a curve that did not fall is noise
+            method = _sweep_rule(reading, sugg)
+            msgs, trials = _sweep_notes(reading, lrs, method, epochs), []
             if epochs is not None:
                 cb.active = False
                 ts = TrialSearch(self, state, reading, epochs, fit_kwargs, n_candidates, budget, keep, cb.like)
                 found = ts.run()
-                trials, cost['trials'], cost['full_run'] = ts.trials, ts.cost, full
-                msgs += ts.notes
-                if found is not None: sugg['trials'] = best = found; method = 'trials'
-                else:
-                    method = 'edge' if 'edge' in sugg and not reading['fell'] else (SWEEP_METHOD if reading['fell'] else None)
-                    best = sugg.get(method) if method else None
-                    msgs.append('no suggestion' if best is None else f'falling back on the sweep\'s `{method}` rule')
+                trials, msgs = ts.trials, msgs + ts.notes
+                cost.update(trials=ts.cost, full_run=full)
+                if found is not None: sugg['trials'], method = found, 'trials'
+                else: msgs.append('no suggestion' if method is None else f"falling back on the sweep's `{method}` rule")
                 if keep and ts.kept is not None and method == 'trials': final = ts.kept[1]; cost['kept'] = full
+            best = sugg.get(method) if method else None
             cost['total'] = sum(v for k, v in cost.items() if k in ('sweep', 'trials'))
             msg = '; '.join(msgs)
             if msg: warnings.warn(msg)
