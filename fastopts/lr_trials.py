@@ -86,9 +86,11 @@ class TrialSearch:
                 elif i == 0: ladder.insert(0, ladder[0] / 10 ** 0.5); scores.insert(0, self._run(ladder[0], l1))
                 else: break
             win = ladder[int(np.argmin(scores))]
+            self.decided = True
             if l1 >= full: pair = [win / 10 ** 0.25, win * 10 ** 0.25]   # exact trials: refine a quarter decade
             else: pair = [win / 10 ** 0.5, win]   # a squeezed plan favours larger lrs: the next lr down competes
         else:
+            self.decided = False
             # no trial beat the untrained loss by more than its noise, so their ranking says nothing; what learns
             # in a flat landscape does so at the largest stable lrs: longer trials of the two largest that did not blow up
             self.notes.append(f"no {l1}-iteration trial beat the untrained loss {self.l0:.4g} by more than {self.margin:.2g}")
@@ -103,5 +105,8 @@ class TrialSearch:
             self.notes.append(f"no {l2}-iteration trial learned either: the trials do not decide")
             return None
         best = min(good, key=lambda t: t['loss'])['lr']
-        if self.keep and self.kept is not None and self.kept[0] != best: self.kept = None   # (cannot happen: l2 = full)
+        if l2 < full and len(pair) == 2 and math.isclose(best, pair[1]) and self.decided:
+            # the larger lr won a shortened plan, which favours larger lrs: the full plan's best lies between the two
+            # more often than above them, so take the geometric midpoint
+            best = math.sqrt(pair[0] * pair[1])
         return best
