@@ -8,6 +8,7 @@ import math
 import numpy as np
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler  # noqa: F401 (registers fit_one_cycle on Learner)
+from .core import check_int, check_range
 from .snapshot import LearnerState
 from .lr_sweep import _as_lr
 
@@ -43,9 +44,11 @@ class TrialSearch:
     "Trials of the plan `fit_one_cycle(epochs, lr)` from `state`, within a budget of full runs; `.run()` picks the lr."
     def __init__(self, learn, state:LearnerState, reading:dict, epochs:int, fit_kwargs:dict|None=None,
                  n_candidates:int=5, budget:float=2., keep:bool=False, like=None, min_len:int=20, max_extend:int=2):
-        self.learn, self.state, self.reading, self.epochs, self.like = learn, state, reading, epochs, like
-        self.fit_kwargs, self.n, self.budget, self.keep = dict(fit_kwargs or {}), n_candidates, budget, keep
-        self.min_len, self.max_extend = min_len, max_extend
+        self.learn, self.state, self.reading, self.like = learn, state, reading, like
+        self.epochs, self.n = check_int('epochs', epochs, 1), check_int('n_candidates', n_candidates, 2)
+        self.budget, self.keep = check_range('budget', budget, 0, lo_open=True), bool(keep)
+        self.min_len, self.max_extend = check_int('min_len', min_len, 1), check_int('max_extend', max_extend, 0)
+        self.fit_kwargs = dict(fit_kwargs or {})
         self.full = epochs * len(learn.dls.train)
         self.trials, self.cost, self.kept, self.notes = [], 0, None, []
         self._best_full = math.inf
