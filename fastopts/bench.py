@@ -21,9 +21,9 @@ from .optimizer import Adam, SGD
 from .lr_finder import *
 
 # %% auto #0
-__all__ = ['FAMILIES', 'OPT_FUNCS', 'GRID', 'DATASETS', 'NEW_FAMILIES', 'FASTAI_METHODS', 'METHODS', 'digits_images',
-           'diabetes_dls', 'sequence_dls', 'small_cnn', 'ResBlock', 'res_cnn', 'GRUClassifier', 'bench_learner',
-           'lr_find_benchmark', 'summarise', 'write_table', 'add_lr_bench_args', 'lr_bench_main']
+__all__ = ['FAMILIES', 'OPT_FUNCS', 'GRID', 'DATASETS', 'NEW_FAMILIES', 'ALL_FAMILIES', 'FASTAI_METHODS', 'METHODS',
+           'digits_images', 'diabetes_dls', 'sequence_dls', 'small_cnn', 'ResBlock', 'res_cnn', 'GRUClassifier',
+           'bench_learner', 'lr_find_benchmark', 'summarise', 'write_table', 'add_lr_bench_args', 'lr_bench_main']
 
 # %% ../nbs/08_bench.ipynb #b001
 def _dls(xt, yt, xv, yv, bs:int, ydtype) -> DataLoaders:
@@ -95,6 +95,7 @@ OPT_FUNCS = dict(adam=Adam, sgd=partial(SGD, mom=0.9))
 GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 2))          # 1e-4, 3.2e-4, ..., 1, 3.2
 DATASETS = ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic')   # the MLP families
 NEW_FAMILIES = ('cnn', 'rescnn', 'diabetes', 'gru')
+ALL_FAMILIES = DATASETS + NEW_FAMILIES
 FASTAI_METHODS = dict(valley=valley, slide=slide, minimum=minimum, steep=steep)
 METHODS = ('find_lr', 'find_lr_epochs', *FASTAI_METHODS)
 
@@ -159,10 +160,10 @@ def _suggest(method, name, seed, opt, epochs, bs, hidden, num_it, tmp, cache) ->
 
 # %% ../nbs/08_bench.ipynb #c009
 def lr_find_benchmark(
-    datasets=DATASETS,           # family names (keys of `FAMILIES`)
+    datasets=ALL_FAMILIES,       # family names (keys of `FAMILIES`)
     opt_names=tuple(OPT_FUNCS),  # keys of `OPT_FUNCS`
     seeds=(0, 1),                # seeds the suggestions are found with
-    score_seeds=None,            # seeds their lrs are scored with, pairwise (None: the same as `seeds`)
+    score_seeds=None,            # seeds their lrs are scored with, pairwise (None: each seed + len(seeds): held out)
     methods=METHODS,             # 'find_lr' (the sweep), 'find_lr_epochs' (with trials), and fastai's four
     epochs:int=5,                # the plan: `fit_one_cycle(epochs, lr)`
     grid=GRID,                   # lrs whose best sets L_best
@@ -178,7 +179,7 @@ def lr_find_benchmark(
     for m in methods: check_choice('methods', m, METHODS)
     check_int('epochs', epochs, 1); check_int('num_it', num_it, 5)
     if not seeds: raise ValueError(f"`seeds` must not be empty, got {seeds!r}")
-    score_seeds = tuple(seeds if score_seeds is None else score_seeds)
+    score_seeds = tuple(s + len(seeds) for s in seeds) if score_seeds is None else tuple(score_seeds)
     if len(score_seeds) != len(seeds):
         raise ValueError(f"`score_seeds` must pair with `seeds` {tuple(seeds)!r}, got {score_seeds!r}")
     runs, rows, t0, fa_cache = _Runs(epochs, bs, hidden), [], time.time(), {}
@@ -241,12 +242,12 @@ def write_table(df:pd.DataFrame, out):
 # %% ../nbs/08_bench.ipynb #c013
 def add_lr_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Options of `fastopts bench lr-find`."
-    p.add_argument('--datasets', nargs='+', default=list(DATASETS), choices=list(FAMILIES),
+    p.add_argument('--datasets', nargs='+', default=list(ALL_FAMILIES), choices=list(FAMILIES),
                    help=f'model families: MLPs on {list(DATASETS)}, or {list(NEW_FAMILIES)}')
     p.add_argument('--opts', nargs='+', default=list(OPT_FUNCS), choices=list(OPT_FUNCS), help='optimizers')
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1], help='seeds the suggestions are found with')
     p.add_argument('--score-seeds', nargs='+', type=int, default=None,
-                   help='seeds the suggestions are scored with, one per --seeds (default: the same seeds)')
+                   help='seeds the suggestions are scored with, one per --seeds (default: each seed + the number of seeds)')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     p.add_argument('--epochs', type=int, default=5, help='the plan: fit_one_cycle(EPOCHS, lr)')
     p.add_argument('--num-it', type=int, default=100, help='sweep length')
