@@ -86,6 +86,7 @@ FAMILIES = dict(
     rescnn=(digits_images, lambda dls, hidden: res_cnn(), CrossEntropyLossFlat),
     diabetes=(diabetes_dls, lambda dls, hidden: mlp(10, 1, hidden), MSELossFlat),
     gru=(sequence_dls, lambda dls, hidden: GRUClassifier(), CrossEntropyLossFlat),
+    gru_memory=(partial(sequence_dls, length=12, k=1), lambda dls, hidden: GRUClassifier(), CrossEntropyLossFlat),
 )
 for _n in ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic'):
     FAMILIES[_n] = (lambda seed, bs, _n=_n: sklearn_dls(_n, bs=bs, seed=seed), dls_mlp, CrossEntropyLossFlat)
@@ -94,7 +95,7 @@ for _n in ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic'):
 OPT_FUNCS = dict(adam=Adam, sgd=partial(SGD, mom=0.9))
 GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 2))          # 1e-4, 3.2e-4, ..., 1, 3.2
 DATASETS = ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic')   # the MLP families
-NEW_FAMILIES = ('cnn', 'rescnn', 'diabetes', 'gru')
+NEW_FAMILIES = ('cnn', 'rescnn', 'diabetes', 'gru', 'gru_memory')
 ALL_FAMILIES = DATASETS + NEW_FAMILIES
 FASTAI_METHODS = dict(valley=valley, slide=slide, minimum=minimum, steep=steep)
 METHODS = ('find_lr', 'find_lr_epochs', *FASTAI_METHODS)
