@@ -94,12 +94,13 @@ class TrialSearch:
             else: pair = [win / 10 ** 0.5, win]   # a squeezed plan favours larger lrs: the next lr down competes
         else:
             self.decided = False
-            # no trial beat the untrained loss by more than its noise, so their ranking says nothing; what learns
-            # in a flat landscape does so at the largest stable lrs: longer trials of the two largest that did not blow up
+            # no trial beat the untrained loss by more than its noise, so their ranking says nothing. Where nothing
+            # learns at small lrs, learning comes as a sudden transition at large ones, which a squeezed plan cannot
+            # show: the rest of the budget runs the whole plan at the largest lr that did not blow up
             self.notes.append(f"no {l1}-iteration trial beat the untrained loss {self.l0:.4g} by more than {self.margin:.2g}")
-            stable = [c for c, s in zip(ladder, scores) if s <= self.l0 + self.margin]
-            pair = stable[-2:] if stable else ladder[:2]
-        l2 = full if (self.keep or l1 >= full) else \
+            ok = [c for c, s in zip(ladder, scores) if s <= self.l0 + max(self.margin, 0.5 * abs(self.l0))]
+            pair = ok[-1:]
+        l2 = full if (self.keep or l1 >= full or not self.decided) else \
              min(full, max(l1, round((self.budget * full - self.cost) / len(pair))))
         for c in pair: self._run(c, l2)
         final = [t for t in self.trials if t['iters'] == l2]
