@@ -9,7 +9,8 @@ import math, numbers
 import numpy as np
 
 # %% auto #0
-__all__ = ['as_float', 'check_range', 'check_choice', 'check_int', 'ema', 'spread_slice', 'per_group', 'new_axes']
+__all__ = ['as_float', 'check_range', 'check_choice', 'check_int', 'ema', 'spread_slice', 'per_group', 'new_axes', 'world_size',
+           'is_rank0', 'rank_mean', 'rank_same']
 
 # %% ../nbs/00_core.ipynb #c005
 def as_float(name:str, v) -> float:
@@ -90,3 +91,32 @@ def new_axes(axes=None, n:int=1, figsize=None, **kwargs) -> list:
         import matplotlib.pyplot as plt   # only when drawing: importing fastopts chooses no backend
         _, axes = plt.subplots(1, check_int('n', n, 1), figsize=figsize or (5 * n, 3.5), squeeze=False, **kwargs)
     return list(np.asarray(axes, dtype=object).reshape(-1))
+
+# %% ../nbs/00_core.ipynb #c023
+def world_size() -> int:
+    "Processes in `torch.distributed`'s default group; 1 when none is initialised."
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def is_rank0() -> bool:
+    "Whether this process draws and prints: rank 0, or the only process."
+    import torch.distributed as dist
+    return world_size() == 1 or dist.get_rank() == 0
+
+def rank_mean(x:float) -> float:
+    "`x` averaged over the ranks (every rank gets the same number); `x` itself in a single process."
+    if world_size() == 1: return x
+    import torch, torch.distributed as dist
+    dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor([float(x)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+def rank_same(name:str, v):
+    "`v` if every rank has the same, else a `ValueError` on every rank naming `name` and each rank's value."
+    if world_size() == 1: return v
+    import torch.distributed as dist
+    vs = [None] * world_size()
+    dist.all_gather_object(vs, v)
+    if any(x != vs[0] for x in vs): raise ValueError(f"`{name}` differs between ranks: {vs} (rank: value); it must agree")
+    return v

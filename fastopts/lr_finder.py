@@ -8,7 +8,7 @@ import math, warnings
 import numpy as np
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
-from .core import check_int, check_range
+from .core import check_int, check_range, is_rank0, rank_same
 from .snapshot import LearnerState
 from .lr_sweep import (LRFinder, run_sweep, read_sweep, _trim, _as_lr, SWEEP_RULES, SWEEP_METHOD, FASTAI_RULES,
                        sugg_half_min, sugg_edge, sugg_valley, sugg_slide, sugg_minimum, sugg_steep)
@@ -115,6 +115,7 @@ def find_lr(self:Learner,
     check_int('n_candidates', n_candidates, 2)
     budget = check_range('budget', budget, 0, lo_open=True)
     if keep and epochs is None: raise ValueError(f"`keep` needs `epochs` (the plan whose weights to keep), got keep={keep!r}")
+    rank_same('len(dls.train)', len(self.dls.train))   # several processes: a rank with fewer batches would hang the rest
     full = None if epochs is None else epochs * len(self.dls.train)
     if num_it is None: num_it = 100 if full is None else int(min(100, max(30, full)))
     check_int('num_it', num_it, 5)
@@ -132,7 +133,7 @@ def find_lr(self:Learner,
             if len(sm) == 0 or not np.isfinite(sm[0]):
                 msg = (f"the loss was not finite from the first batch ({losses[0] if len(losses) else 'none'}): "
                        "check the model's initialisation, the inputs and the loss function; nothing was changed")
-                warnings.warn(msg)
+                if is_rank0(): warnings.warn(msg)
                 return LRFindResult(lrs, losses, sm, {}, None, None, msg, cb.stop_reason, cost=cost, like=cb.like)
             reading = read_sweep(lrs, losses, sm, num_it, cb.beta)
             sugg = _suggestions(lrs, sm, losses, num_it, cb.beta)
@@ -151,12 +152,12 @@ def find_lr(self:Learner,
             best = sugg.get(method) if method else None
             cost['total'] = sum(v for k, v in cost.items() if k in ('sweep', 'trials'))
             msg = '; '.join(msgs)
-            if msg: warnings.warn(msg)
+            if msg and is_rank0(): warnings.warn(msg)
             res = LRFindResult(lrs, losses, sm, {k: _as_lr(v, cb.like) for k, v in sugg.items()},
                                None if best is None else _as_lr(best, cb.like), method, msg, cb.stop_reason, trials, cost,
                                like=cb.like, reading=reading)
     finally:
         state.restore()
         if final is not None: final.restore()
-    if show_plot: res.plot()
+    if show_plot and is_rank0(): res.plot()   # the ranks agree on everything: one picture
     return res

@@ -8,7 +8,7 @@ import math, warnings
 import numpy as np, torch
 from fastcore.basics import store_attr
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
-from .core import check_range, check_choice, check_int, per_group
+from .core import check_range, check_choice, check_int, per_group, rank_mean
 from .snapshot import LearnerState
 
 # %% auto #0
@@ -93,7 +93,7 @@ class LRFinder(Callback):
 
     def after_step(self):
         if not self.active: return
-        loss = self._valid_loss() if self.val else float(np.mean(self.pending))
+        loss = rank_mean(self._valid_loss() if self.val else float(np.mean(self.pending)))   # every rank decides alike
         self.pending = []
         self.lrs.append(self.lr_at(self.n_steps)); self.losses.append(loss)
         self.n_steps += 1

@@ -8,7 +8,7 @@ import math
 import numpy as np
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.schedule import ParamScheduler  # noqa: F401 (registers fit_one_cycle on Learner)
-from .core import check_int, check_range
+from .core import check_int, check_range, rank_mean
 from .snapshot import LearnerState
 from .lr_sweep import _as_lr
 
@@ -32,7 +32,7 @@ def run_trial(learn, lr, total:int, epochs:int, fit_kwargs:dict, after_fit=None)
         if total >= epochs * n: learn.fit_one_cycle(epochs, lr, cbs=cbs, **kw)
         else: learn.fit_one_cycle(math.ceil(total / n), lr, cbs=cbs + [_ShortPlan(total)], **kw)
         if after_fit is not None: after_fit()   # before `validate`, which draws from the random generators
-        loss = float(learn.validate()[0])
+        loss = rank_mean(float(learn.validate()[0]))   # the ranks' validation shards differ: they must agree
     return loss if math.isfinite(loss) else math.inf
 
 # %% ../nbs/03c_lr_trials.ipynb #t005
@@ -68,7 +68,7 @@ class TrialSearch:
     def _untrained(self) -> tuple[float, float]:
         "The untrained validation loss, and the margin a trial must beat it by to count as having learned."
         self.state.restore()
-        with self.learn.no_logging(): l0 = float(self.learn.validate()[0])
+        with self.learn.no_logging(): l0 = rank_mean(float(self.learn.validate()[0]))
         dls = self.learn.dls
         n_valid, bs = max(1, len(dls.valid_ds)), getattr(dls.train, 'bs', 1) or 1
         # the sweep's noise of one batch's loss, scaled to the size of the validation set, and 1% of L0

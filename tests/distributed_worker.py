@@ -116,6 +116,7 @@ def learner(rank=None, world=1, n_acc=0):
     from fastai.data.load import DataLoader
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
+    import fastai.callback.progress, fastai.callback.schedule, fastopts.lr_finder  # noqa: F401 (no_bar, fit_one_cycle, find_lr)
     from fastai.callback.training import GradientAccumulation
     from fastopts.data import XYDataset
     from fastopts.optimizer import Adam
@@ -145,4 +146,59 @@ def learner_job(rank, world, init_file, out_file, n_acc):
     try:
         learn, m = learner(rank, world, n_acc)
         torch.save(fit_record(learn, m), f'{out_file}.{rank}')
+    finally: dist.destroy_process_group()
+
+def lr_learner(rank, world, n_batches=6):
+    """A Learner per rank on its own data (different seeds: the ranks' losses differ on purpose), model in DDP."""
+    from fastai.data.load import DataLoader
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    import fastai.callback.progress, fastai.callback.schedule, fastopts.lr_finder  # noqa: F401 (no_bar, fit_one_cycle, find_lr)
+    from fastopts.data import XYDataset
+    from fastopts.optimizer import Adam
+    g = torch.Generator().manual_seed(10 + rank)
+    n = 8 * n_batches
+    x, y = torch.randn(n, N_IN, generator=g) * (1 + 29 * rank), torch.randint(0, N_OUT, (n,), generator=g)   # rank 1 diverges first
+    dls = DataLoaders(DataLoader(XYDataset(x, y), bs=8, shuffle=True, drop_last=True),
+                      DataLoader(XYDataset(x[:16], y[:16]), bs=8, shuffle=False))
+    net = torch.nn.parallel.DistributedDataParallel(model())
+    return Learner(dls, net, opt_func=Adam)
+
+def _state(learn):
+    w = [p.detach().clone() for p in learn.model.parameters()]
+    st = {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in learn.opt.state[p].items()}
+          for i, p in enumerate(learn.model.parameters()) if p in learn.opt.state}
+    return w, st, [dict(h) for h in learn.opt.hypers]
+
+def find_lr_job(rank, world, init_file, out_file, epochs):
+    """find_lr (with trials if `epochs`) under DDP on ranks whose losses differ; then fit_one_cycle. Also the same
+    fit without find_lr, and a rank with one batch fewer (which must fail on both ranks, not hang)."""
+    import warnings
+    from fastai.torch_core import set_seed
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        def fit(find):
+            set_seed(0, reproducible=True)
+            learn = lr_learner(rank, world)
+            with learn.no_bar(), learn.no_logging():
+                learn.fit(1, 1e-3)                         # a warm optimizer: state to restore
+                if find:
+                    before = _state(learn)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter('ignore')
+                        res = learn.find_lr(epochs=epochs, show_plot=False)
+                    after = _state(learn)
+                    out.update(suggested=res.suggested, n_sweep=len(res.lrs), restored=all(
+                        torch.equal(a, b) for a, b in zip(before[0], after[0])) and before[2] == after[2] and all(
+                        all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(before[1][i].values(), after[1][i].values()))
+                        for i in before[1]))
+                learn.fit_one_cycle(1, 1e-2)
+            return [p.detach().clone() for p in learn.model.parameters()]
+        out['with_find'], out['without'] = fit(True), fit(False)
+        learn = lr_learner(rank, world, n_batches=6 - rank)   # rank 1 has one batch fewer
+        try: learn.find_lr(show_plot=False); out['mismatch'] = 'no error'
+        except ValueError as e: out['mismatch'] = str(e)
+        torch.save(out, f'{out_file}.{rank}')
     finally: dist.destroy_process_group()

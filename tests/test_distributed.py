@@ -56,3 +56,17 @@ def test_learner_schedules_in_lockstep(n_acc, tmp_path):
     for a, b, c in zip(r0['weights'], r1['weights'], ref['weights']):
         assert torch.equal(a, b)
         assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+@pytest.mark.parametrize('epochs', [None, 2], ids=['sweep', 'trials'])
+def test_find_lr_under_ddp(epochs, tmp_path):
+    """find_lr under DDP with deliberately different per-rank losses: no hang, one suggestion on all ranks, every rank
+    restored bit for bit, and fit_one_cycle after it equal to a fit without it. A rank with fewer batches: a clear
+    error on every rank instead of a hang."""
+    out = tmp_path / 'out'
+    run_ranks(w.find_lr_job, (str(out), epochs), tmp_path)
+    r0, r1 = (torch.load(f'{out}.{r}', weights_only=True) for r in (0, 1))
+    assert r0['suggested'] is not None and r0['suggested'] == r1['suggested'] and r0['n_sweep'] == r1['n_sweep']
+    assert r0['restored'] and r1['restored']
+    for r in (r0, r1):
+        for a, b in zip(r['with_find'], r['without']): assert torch.equal(a, b)
+        assert '`len(dls.train)` differs between ranks' in r['mismatch']
