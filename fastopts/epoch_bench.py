@@ -12,6 +12,7 @@ import numpy as np, torch
 from torch import nn
 import torch.nn.functional as F
 import fastai.optimizer as fai
+from fastai.callback.core import Callback
 from fastai.learner import Learner
 import fastai.callback.progress   # adds `Learner.no_bar`
 from fastai.metrics import accuracy
@@ -22,8 +23,8 @@ from .data import load_xy, tabular_dls
 from .step_bench import check_device
 
 # %% auto #0
-__all__ = ['digits_cnn', 'digits_dls', 'epoch_contenders', 'epoch_benchmark', 'format_epoch_table', 'plot_epoch_times',
-           'add_epoch_bench_args', 'epoch_bench_main']
+__all__ = ['digits_cnn', 'digits_dls', 'epoch_contenders', 'StepTimer', 'epoch_benchmark', 'format_epoch_table',
+           'plot_epoch_times', 'add_epoch_bench_args', 'epoch_bench_main']
 
 # %% ../nbs/10_epoch_bench.ipynb #e005
 def digits_cnn(channels=(32, 64, 128), n_out:int=10) -> nn.Sequential:
@@ -48,6 +49,14 @@ def epoch_contenders() -> dict:
             'fastai Adam': partial(fai.Adam, wd=0., **kw),
             'torch Adam fused (OptimWrapper)': partial(fai.OptimWrapper, opt=partial(torch.optim.Adam, fused=True, betas=(0.9, 0.999), eps=1e-8))}
 
+class StepTimer(Callback):
+    "Adds up the seconds spent in the optimizer's `step` (between fastai's `before_step` and `after_step`) per epoch."
+    order = 100
+    def __init__(self, sync=None): self.sync, self.secs = sync or (lambda: None), []
+    def before_epoch(self): self.secs.append(0.)
+    def before_step(self): self.sync(); self.t0 = time.perf_counter()
+    def after_step(self): self.sync(); self.secs[-1] += time.perf_counter() - self.t0
+
 def epoch_benchmark(epochs:int=6, warmup:int=1, lr:float=1e-3, bs:int=64, channels=(32, 64, 128), seed:int=0,
                     device='cpu', contenders:dict|None=None) -> dict:
     "Seconds per epoch (training and validation) of `digits_cnn` with each optimizer, epochs interleaved across them."
@@ -57,12 +66,14 @@ def epoch_benchmark(epochs:int=6, warmup:int=1, lr:float=1e-3, bs:int=64, channe
     contenders = epoch_contenders() if contenders is None else contenders
     set_seed(seed)
     model0, dls = digits_cnn(channels), digits_dls(bs, seed, device)
-    learners = {}
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    learners, timers = {}, {}
     for name, opt_func in contenders.items():
         m = digits_cnn(channels); m.load_state_dict(model0.state_dict())   # the same start for all
-        learners[name] = Learner(dls, m.to(device), loss_func=F.cross_entropy, metrics=accuracy, opt_func=opt_func, lr=lr)
+        timers[name] = StepTimer(sync)
+        learners[name] = Learner(dls, m.to(device), loss_func=F.cross_entropy, metrics=accuracy, opt_func=opt_func,
+                                 lr=lr, cbs=timers[name])
     times, order = {name: [] for name in learners}, list(learners)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     for i in range(warmup + epochs):
         for name in order[i % len(order):] + order[:i % len(order)]:
             learn = learners[name]
@@ -73,7 +84,9 @@ def epoch_benchmark(epochs:int=6, warmup:int=1, lr:float=1e-3, bs:int=64, channe
     out = {}
     for name, learn in learners.items():
         vals = learn.recorder.values[-1]
-        out[name] = dict(seconds=times[name], median=float(np.median(times[name])), valid_loss=float(vals[1]),
+        step_secs = timers[name].secs[warmup:]
+        out[name] = dict(seconds=times[name], median=float(np.median(times[name])), step_seconds=step_secs,
+                         step_median=float(np.median(step_secs)), valid_loss=float(vals[1]),
                          accuracy=float(vals[2]), steps_per_epoch=len(dls.train))
     ref = out[order[-1]]['median']
     for r in out.values(): r['ratio'] = r['median'] / ref
@@ -81,12 +94,13 @@ def epoch_benchmark(epochs:int=6, warmup:int=1, lr:float=1e-3, bs:int=64, channe
 
 # %% ../nbs/10_epoch_bench.ipynb #e011
 def format_epoch_table(res:dict) -> str:
-    "Markdown: median seconds per epoch, its ratio to the last contender's, and the final validation loss and accuracy."
+    "Markdown: median seconds per epoch, its ratio to the last contender's, the optimizer steps' share, the final validation loss and accuracy."
     ref = list(res)[-1]
-    lines = [f'| optimizer | s / epoch (median) | vs {ref} | min–max s | valid loss | accuracy |', '|---|---:|---:|---:|---:|---:|']
+    lines = [f'| optimizer | s / epoch (median) | vs {ref} | min–max s | of which optimizer steps, s | valid loss | accuracy |',
+             '|---|---:|---:|---:|---:|---:|---:|']
     for name, r in res.items():
         lines.append(f"| {name} | {r['median']:.3f} | {r['ratio']:.2f} | {min(r['seconds']):.3f}–{max(r['seconds']):.3f} "
-                     f"| {r['valid_loss']:.4f} | {r['accuracy']:.2%} |")
+                     f"| {r['step_median']:.4f} | {r['valid_loss']:.4f} | {r['accuracy']:.2%} |")
     return '\n'.join(lines)
 
 def plot_epoch_times(res:dict, fname, title:str='') -> Path:
@@ -130,7 +144,7 @@ def epoch_bench_main(args) -> dict:
     n_par = sum(p.numel() for p in digits_cnn(tuple(args.channels)).parameters())
     steps = next(iter(res.values()))['steps_per_epoch']
     head = (f"digits CNN ({n_par/1e3:.0f}k parameters), bs {args.bs}, {steps} steps per epoch; torch {torch.__version__}, "
-            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}; "
+            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU, torch threads: {torch.get_num_threads()}'}; "
             f"median of {args.epochs} interleaved epochs")
     table = format_epoch_table(res)
     print(head + '\n\n' + table)

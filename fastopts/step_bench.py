@@ -312,7 +312,7 @@ def add_step_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help='parameter sets (default: resnet18 gpt2 small)')
     p.add_argument('--rules', nargs='+', default=list(RULES), choices=list(RULES), help='optimizers (default: all)')
     p.add_argument('--contenders', nargs='+', default=None, choices=list(COLUMNS), help='columns (default: all)')
-    p.add_argument('--n', type=int, default=10, help='timed steps per contender, interleaved (median reported; default 10)')
+    p.add_argument('--n', type=int, default=5, help='timed steps per contender, interleaved (median reported; default 5)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps first (default 2)')
     p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1; see above)')
