@@ -217,9 +217,10 @@ def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names
     for name, o in list(opts.items()):   # warm-up: allocates state (and compiles, where a contender compiles)
         try:
             sync(); t = time.perf_counter(); o.step(); sync()
-        except RuntimeError as e:        # a torch implementation that refuses this device only at its first step
-            if not name.startswith('torch'): raise
-            rows[name]['note'] = f'{name}: {e}'; del opts[name], params[name]; continue
+        except Exception as e:           # torch refusing this device at its first step; a compile that failed
+            if not (name.startswith('torch') or name == 'fastopts compiled'): raise
+            rows[name]['note'] = f'{name} failed: {type(e).__name__}: {str(e)[:300]}'
+            del opts[name], params[name]; continue
         rows[name]['first_step_ms'] = (time.perf_counter() - t) * 1e3
         for k in range(1, warmup): rescale(name, k); o.step()
     times, order = {name: [] for name in opts}, list(opts)
@@ -290,7 +291,8 @@ def format_step_table(rows) -> str:
         lines.append(f"| {prob} | {RULE_NAMES.get(rule, rule)} | {ref} | {rs[ref]['us_per_step']:.0f} | " +
                      ' | '.join(_cell(rs.get(c)) for c in cols) + ' |')
     notes = sorted({r['note'] for r in rows if r['check'] == 'unchecked'})
-    return '\n'.join(lines + [''] + [f'† not checked: {n}' for n in notes])
+    failed = [f"n/a: {r['problem']} / {r['rule']} / {r['note']}" for r in rows if ' failed: ' in r['note']]
+    return '\n'.join(lines + [''] + [f'† not checked: {n}' for n in notes] + failed)
 
 def format_state_table(rows) -> str:
     "Markdown: optimizer-state bytes per parameter of each contender and rule (on the first problem in `rows`)."
