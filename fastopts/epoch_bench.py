@@ -104,7 +104,7 @@ def format_epoch_table(res:dict) -> str:
     return '\n'.join(lines)
 
 def plot_epoch_times(res:dict, fname, title:str='') -> Path:
-    "Bars: median seconds per epoch (whiskers: min and max); beside them every epoch's time, in the order run."
+    "Bars: median seconds per epoch (whiskers: min and max; dark: inside the optimizer's step); beside them every epoch's time."
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -114,7 +114,8 @@ def plot_epoch_times(res:dict, fname, title:str='') -> Path:
     lo = [m - min(res[n]['seconds']) for m, n in zip(med, names)]
     hi = [max(res[n]['seconds']) - m for m, n in zip(med, names)]
     ax1.barh(names, med, xerr=[lo, hi], color=['C0', 'C1', 'C2', 'C3', 'C4'][:len(names)], capsize=4)
-    ax1.invert_yaxis()
+    ax1.barh(names, [res[n]['step_median'] for n in names], color='k', alpha=0.35, label="in the optimizer's step")
+    ax1.invert_yaxis(); ax1.legend(fontsize=8, loc='lower right')
     ax1.set(xlabel='seconds per epoch (median; whiskers min–max)', title='time per epoch')
     for y, m in enumerate(med): ax1.text(m, y, f' {m:.3f}s', va='bottom', fontsize=8)
     for i, n in enumerate(names): ax2.plot(range(1, len(res[n]['seconds'])+1), res[n]['seconds'], marker='o', color=f'C{i}', label=n)
