@@ -63,6 +63,7 @@ def epoch_benchmark(epochs:int=6, warmup:int=1, lr:float=1e-3, bs:int=64, channe
     device = check_device(device)
     epochs, warmup, bs = check_int('epochs', epochs, 1), check_int('warmup', warmup, 0), check_int('bs', bs, 1)
     lr = check_range('lr', lr, 0, lo_open=True)
+    channels = tuple(check_int('channels', c, 1) for c in channels)
     contenders = epoch_contenders() if contenders is None else contenders
     set_seed(seed)
     model0, dls = digits_cnn(channels), digits_dls(bs, seed, device)
