@@ -10,12 +10,13 @@ import argparse, csv, sys, time, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 from functools import partial
 from pathlib import Path
-import torch
 import torch.nn.functional as F
 from fastai.learner import Learner
-from fastai.callback.schedule import fit_one_cycle
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (puts `fit_one_cycle` on Learner)
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
+from matplotlib.figure import Figure
+from .core import check_int
 from .optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
 from .data import sklearn_dls, dls_mlp
 
@@ -40,6 +41,7 @@ DEMO_OPTIMIZERS = {
 # %% ../nbs/07_cli.ipynb #c006
 def train_one(opt_func, lr:float, data:str='digits', epochs:int=5, seed:int=0, show_progress:bool=False) -> dict:
     "Train an MLP on `data` with `fit_one_cycle(epochs, lr)`; return its results and per-batch/per-epoch losses."
+    epochs = check_int('epochs', epochs, 1)
     set_seed(seed, reproducible=True)
     dls = sklearn_dls(data, seed=seed)
     learn = Learner(dls, dls_mlp(dls), loss_func=F.cross_entropy, metrics=accuracy, opt_func=opt_func)
@@ -64,10 +66,8 @@ def format_table(rows:list[dict]) -> str:
 
 def plot_losses(rows:list[dict], fname):
     "Training loss (per batch, EMA-smoothed by fastai's recorder) and validation loss (per epoch) of each run."
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig = Figure(figsize=(13, 5))   # not pyplot's: no backend is chosen or switched (a Jupyter session keeps its own)
+    ax1, ax2 = fig.subplots(1, 2)
     for r in rows:
         ax1.plot(r['train_losses'], label=r['optimizer'])
         ax2.plot(range(1, len(r['valid_losses'])+1), r['valid_losses'], marker='o', label=r['optimizer'])
@@ -76,13 +76,13 @@ def plot_losses(rows:list[dict], fname):
     ax2.set_xticks(range(1, max(len(r['valid_losses']) for r in rows) + 1))
     ax2.legend(fontsize=8)
     fig.suptitle('fastopts optimizers on digits, fit_one_cycle')
-    fig.tight_layout(); fig.savefig(fname, dpi=100); plt.close(fig)
+    fig.tight_layout(); fig.savefig(fname, dpi=100)
     return fname
 
 # %% ../nbs/07_cli.ipynb #c010
 def demo(out='fastopts-demo', epochs:int=5, seed:int=0, optimizers=None, show_progress:bool=True) -> list[dict]:
     "Train each optimizer on digits under `fit_one_cycle`; print a table; write `results.md`, `results.csv`, `losses.png` to `out`."
-    if epochs < 1: raise ValueError(f"`epochs` must be >= 1, got {epochs!r}")
+    epochs = check_int('epochs', epochs, 1)
     names = list(DEMO_OPTIMIZERS) if optimizers is None else list(optimizers)
     unknown = [n for n in names if n not in DEMO_OPTIMIZERS]
     if unknown: raise ValueError(f"`optimizers` must be among {list(DEMO_OPTIMIZERS)}, got {unknown!r}")
@@ -131,11 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_parsers(sub)
     return p
 
-def main(argv=None):
-    "Entry point of the `fastopts` console script."
-    args = build_parser().parse_args(argv)
+def main(argv=None) -> int:
+    "Entry point of the `fastopts` console script: a setting that cannot work is one line on stderr and exit status 2."
+    args = build_parser().parse_args(argv)   # (argparse itself reports a malformed command line the same way)
     try: args.run(args)
-    except ValueError as e:
-        print(f'fastopts {args.cmd}: error: {e}', file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as e:   # bad settings, a device torch refuses, an unwritable --out
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f'fastopts: error: {msg}', file=sys.stderr)
         return 2
     return 0

@@ -9,7 +9,7 @@ import math, numbers
 import numpy as np
 
 # %% auto #0
-__all__ = ['as_float', 'check_range', 'check_choice', 'check_int', 'ema', 'spread_slice', 'per_group']
+__all__ = ['as_float', 'check_range', 'check_choice', 'check_int', 'ema', 'spread_slice', 'per_group', 'new_axes']
 
 # %% ../nbs/00_core.ipynb #c005
 def as_float(name:str, v) -> float:
@@ -82,3 +82,11 @@ def per_group(name:str, v, n:int) -> list:
     if len(v) == 1: v = v * n
     if len(v) != n: raise ValueError(f"`{name}` got {len(v)} values {v!r} for {n} parameter groups")
     return v
+
+# %% ../nbs/00_core.ipynb #c020
+def new_axes(axes=None, n:int=1, figsize=None, **kwargs) -> list:
+    "`axes` (one or several) as a flat list, or `n` new axes side by side on a new pyplot figure when `axes` is None."
+    if axes is None:
+        import matplotlib.pyplot as plt   # only when drawing: importing fastopts chooses no backend
+        _, axes = plt.subplots(1, check_int('n', n, 1), figsize=figsize or (5 * n, 3.5), squeeze=False, **kwargs)
+    return list(np.asarray(axes, dtype=object).reshape(-1))

@@ -9,9 +9,11 @@ from torch import nn
 from sklearn import datasets as skd
 from sklearn.model_selection import train_test_split
 from fastai.data.core import DataLoaders
+from fastai.losses import CrossEntropyLossFlat
+from .core import check_range, check_int
 
 # %% auto #0
-__all__ = ['standardise', 'load_xy', 'tabular_dls', 'sklearn_dls', 'mlp', 'dls_mlp']
+__all__ = ['standardise', 'load_xy', 'XYDataset', 'tabular_dls', 'sklearn_dls', 'mlp', 'dls_mlp']
 
 # %% ../nbs/06_data.ipynb #c005
 def standardise(x_train:np.ndarray, *others:np.ndarray):
@@ -26,20 +28,30 @@ _LOADERS = dict(digits=skd.load_digits, iris=skd.load_iris, wine=skd.load_wine, 
 def load_xy(name:str='digits', seed:int=0, n_samples:int=2000):
     "Features and integer labels of a bundled scikit-learn data set, or `synthetic` (`make_classification`)."
     if name == 'synthetic':
-        return skd.make_classification(n_samples=n_samples, n_features=20, n_informative=10, n_redundant=4,
-                                       n_classes=4, n_clusters_per_class=2, class_sep=1.0, random_state=seed)
+        return skd.make_classification(n_samples=check_int('n_samples', n_samples, 1), n_features=20, n_informative=10,
+                                       n_redundant=4, n_classes=4, n_clusters_per_class=2, class_sep=1.0,
+                                       random_state=check_int('seed', seed, 0))
     if name not in _LOADERS:
         raise ValueError(f"`name` must be one of {[*_LOADERS, 'synthetic']}, got {name!r}")
     return _LOADERS[name](return_X_y=True)
 
 # %% ../nbs/06_data.ipynb #c010
+class XYDataset:
+    "`(x[i], y[i])` tensor pairs, with the `loss_func` fastai's `Learner` infers and the `new_empty` `learn.export()` calls."
+    def __init__(self, x:torch.Tensor, y:torch.Tensor, loss_func=None):
+        if len(x) != len(y): raise ValueError(f"`x` and `y` must have the same length, got {len(x)} and {len(y)}")
+        self.x, self.y = x, y
+        self.loss_func = CrossEntropyLossFlat() if loss_func is None else loss_func
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return self.x[i], self.y[i]
+    def new_empty(self): return type(self)(self.x[:0], self.y[:0], self.loss_func)
+
 def tabular_dls(X:np.ndarray, y:np.ndarray, valid_pct:float=0.25, bs:int=64, seed:int=0, device='cpu') -> DataLoaders:
     "fastai `DataLoaders` from arrays: stratified split, standardised features, float32 inputs, int64 targets."
-    if not 0 < valid_pct < 1: raise ValueError(f"`valid_pct` must be in (0, 1), got {valid_pct!r}")
-    if bs < 1: raise ValueError(f"`bs` must be >= 1, got {bs!r}")
-    xt, xv, yt, yv = train_test_split(X, y, test_size=valid_pct, stratify=y, random_state=seed)
+    valid_pct, bs = check_range('valid_pct', valid_pct, 0, 1, lo_open=True, hi_open=True), check_int('bs', bs, 1)
+    xt, xv, yt, yv = train_test_split(X, y, test_size=valid_pct, stratify=y, random_state=check_int('seed', seed, 0))
     xt, xv = standardise(xt, xv)
-    ds = lambda x, t: list(zip(torch.tensor(x, dtype=torch.float32), torch.tensor(t, dtype=torch.int64)))
+    ds = lambda x, t: XYDataset(torch.tensor(x, dtype=torch.float32), torch.tensor(t, dtype=torch.int64))
     return DataLoaders.from_dsets(ds(xt, yt), ds(xv, yv), bs=bs, device=device, num_workers=0)
 
 def sklearn_dls(name:str='digits', bs:int=64, seed:int=0, valid_pct:float=0.25, **kwargs) -> DataLoaders:

@@ -5,37 +5,41 @@ foreach ops. Every optimizer is a drop-in `opt_func` for a fastai `Learner` and 
 
 # %% ../nbs/01_optimizer.ipynb #c002
 from __future__ import annotations
-import math, numbers, reprlib, warnings
-from collections import OrderedDict
+import inspect, math, numbers, reprlib, warnings
 from collections.abc import MutableMapping
-from functools import partial
+from functools import partial, wraps
 import numpy as np
 import torch
 from torch import Tensor
-from .core import as_float, check_range, check_int, spread_slice
+from .core import as_float, check_range, check_int, per_group
 
 # %% auto #0
-__all__ = ['HYPER_RANGES', 'ParamGroupView', 'check_hyper', 'HyperView', 'Optimizer', 'average_grad', 'average_sqr_grad',
-           'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step', 'nesterov_step', 'rms_prop_step',
-           'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam',
-           'Lamb', 'Lion', 'Lookahead']
+__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'ParamGroupView', 'group_view', 'contract', 'cb_name',
+           'cb_hypers', 'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView',
+           'check_fused', 'Optimizer', 'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg',
+           'sgd_step', 'momentum_step', 'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step',
+           'lion_step', 'fused_adam', 'fused_sgd', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam',
+           'AdamW', 'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup',
+           'Lookahead']
 
 # %% ../nbs/01_optimizer.ipynb #c005
 class ParamGroupView:
     "What a callback sees of one parameter group: params with a gradient, their grads and per-param state."
-    __slots__ = ('params', 'grads', 'states', '_decayed', '_lists')
-    def __init__(self, params:list[Tensor], grads:list[Tensor], states:list[dict]):
+    __slots__ = ('params', 'grads', 'states', '_decayed', '_lists', '_orig')
+    def __init__(self, params:list[Tensor], grads:list[Tensor], states:list[dict], orig:list[Tensor]|None=None):
         self.params, self.grads, self.states, self._decayed, self._lists = params, grads, states, None, {}
+        self._orig = orig   # the complex params when `params` are their real views
 
     def state(self, name:str, init=torch.zeros_like) -> list[Tensor]:
         "The per-parameter state tensors called `name`, made by `init(p)` where missing."
         out = self._lists.get(name)   # stats and steppers ask for the same lists: gather them once per step
         if out is None:
             out = []
-            for p, s in zip(self.params, self.states):
+            for p, s in zip(self._orig or self.params, self.states):
                 t = s.get(name)
                 if t is None: t = s[name] = init(p, memory_format=torch.preserve_format)
                 out.append(t)
+            if self._orig is not None: out = [torch.view_as_real(t) if t.is_complex() else t for t in out]
             self._lists[name] = out
         return out
 
@@ -55,18 +59,84 @@ class ParamGroupView:
         "Store a callback's output `{name: [value per param]}` in the per-param state."
         if out is None: return
         if not isinstance(out, dict):
-            raise ValueError(f"optimizer callback `{_cb_name(cb)}` must return None or a dict of per-param state, got {type(out).__name__} {reprlib.repr(out)}")
+            raise ValueError(f"optimizer callback `{cb_name(cb)}` must return None or a dict of per-param state, got {type(out).__name__} {reprlib.repr(out)}")
         for k, vs in out.items():
             if not isinstance(vs, (list, tuple)) or len(vs) != len(self.params):
-                raise ValueError(f"optimizer callback `{_cb_name(cb)}` returned `{k}` with {vs!r}; expected a list with one value per param ({len(self.params)})")
+                raise ValueError(f"optimizer callback `{cb_name(cb)}` returned `{k}` with {vs!r}; expected a list with one value per param ({len(self.params)})")
             for s, v in zip(self.states, vs): s[k] = v
             self._lists.pop(k, None)
 
-def _cb_name(cb): return getattr(cb, '__name__', None) or getattr(getattr(cb, 'func', None), '__name__', repr(cb))
-
 def _pick(xs:list, idx:list[int]|None) -> list: return xs if idx is None else [xs[i] for i in idx]
 
+def _device_dtype_groups(ps:list[Tensor]) -> list[list[int]]|None:
+    "Indices of `ps` by device and dtype, or None when all share one (torch's own grouping, in C++)."
+    groups = torch._C._group_tensors_by_device_and_dtype([ps], True)
+    return None if len(groups) <= 1 else [idx for _, idx in groups.values()]
+
+def group_view(ps:list[Tensor], states:list[dict]) -> ParamGroupView:
+    "The `ParamGroupView` of params `ps` (one device and dtype) with their grads; complex ones as real views."
+    grads = [p.grad for p in ps]
+    if not ps[0].is_complex(): return ParamGroupView(ps, grads, states)
+    real = torch.view_as_real
+    return ParamGroupView([real(p) for p in ps], [real(g) for g in grads], states, orig=ps)
+
 # %% ../nbs/01_optimizer.ipynb #c007
+_PRODUCERS = {}   # state name -> the shipped callback that writes it (for the error message)
+
+def contract(reads:str='', writes:str='', hypers='', role=None):
+    "Declare the state a callback `reads` and `writes`, the `hypers` it uses and its fast-path `role` (`hypers` and `role` may be functions of a partial's keywords)."
+    def _declare(f):
+        f.reads, f.writes, f.role = tuple(reads.split()), tuple(writes.split()), role
+        f.hypers = hypers if callable(hypers) else tuple(hypers.split())
+        for w in f.writes: _PRODUCERS.setdefault(w, f.__name__)
+        return f
+    return _declare
+
+def _unwrap(cb):
+    "A callback's function and the keywords its `partial`s fix."
+    kw = {}
+    while isinstance(cb, partial): kw, cb = {**cb.keywords, **kw}, cb.func
+    return cb, kw
+
+def cb_name(cb) -> str: return getattr(_unwrap(cb)[0], '__name__', repr(cb))
+
+def cb_hypers(cb) -> tuple[str, ...]:
+    "The hypers a callback uses: declared, else its signature's named parameters after `grp`."
+    f, kw = _unwrap(cb)
+    hs = getattr(f, 'hypers', None)
+    if callable(hs):
+        try: return tuple(hs(**kw).split())
+        except TypeError: hs = None
+    if hs is None:
+        try: sig = inspect.signature(f)
+        except (TypeError, ValueError): return ()
+        hs = tuple(n for n, p in list(sig.parameters.items())[1:]
+                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kw)
+    return hs
+
+def cb_role(cb):
+    "The fast-path role a callback declares (a `partial`'s keywords may choose it), or None."
+    f, kw = _unwrap(cb)
+    role = getattr(f, 'role', None)
+    if not callable(role): return None if kw.keys() - set(cb_hypers(cb)) else role
+    try: return role(**kw)
+    except TypeError: return None   # a keyword the role does not know: no fast path
+
+def check_chain(cbs) -> None:
+    "Raise a `ValueError` if a callback reads per-parameter state that no earlier callback writes."
+    written = set()
+    for i, cb in enumerate(cbs):
+        if not callable(cb): raise ValueError(f"`cbs[{i}]` must be a callable, got {cb!r}")
+        f = _unwrap(cb)[0]
+        missing = [r for r in getattr(f, 'reads', ()) if r not in written]
+        if missing:
+            fix = ', '.join(f"`{_PRODUCERS.get(r, 'a callback writing ' + repr(r))}`" for r in missing)
+            later = [cb_name(c) for c in cbs[i+1:] if set(getattr(_unwrap(c)[0], 'writes', ())) & set(missing)]
+            where = f" (it comes after, at {later}: move it before)" if later else ''
+            raise ValueError(f"callback `{cb_name(cb)}` (cbs[{i}]) reads state {missing} that no earlier callback writes: put {fix} before it{where}")
+        written.update(getattr(f, 'writes', ()))
+
+# %% ../nbs/01_optimizer.ipynb #c009
 HYPER_RANGES = dict(lr=dict(lo=0), mom=dict(lo=0, hi=1, hi_open=True), sqr_mom=dict(lo=0, hi=1, hi_open=True),
                     eps=dict(lo=0, lo_open=True), wd=dict(lo=0))
 
@@ -77,76 +147,165 @@ def check_hyper(name:str, v):
     if isinstance(v, (numbers.Real, np.generic)) or (isinstance(v, Tensor) and v.numel() == 1): return as_float(name, v)
     return v
 
-# %% ../nbs/01_optimizer.ipynb #c009
-def _as_values(v, n:int, name:str='value') -> list:
-    "Per-group values from a scalar, a per-group list/array, or a `slice` (fastai's discriminative lrs)."
-    if isinstance(v, slice): v = spread_slice(name, v, n)
-    elif isinstance(v, (np.ndarray, Tensor)): v = v.flatten().tolist() if v.ndim else [v.item()]
-    elif isinstance(v, (str, dict)) or not hasattr(v, '__iter__'): v = [v]
-    else: v = list(v)
-    if len(v) == 1: v = v * n
-    return v
-
 # %% ../nbs/01_optimizer.ipynb #c012
+TORCH_ALIASES = {'weight_decay': ('wd',), 'momentum': ('mom',), 'betas': ('mom', 'sqr_mom'), 'alpha': ('sqr_mom',)}
+TORCH_FLAGS = {'amsgrad': (False,), 'maximize': (False,), 'capturable': (False,), 'differentiable': (False,),
+               'foreach': (None, True), 'centered': (False,), 'dampening': (0,)}
+_NEUTRAL = {'mom': 0., 'wd': 0.}   # a torch name for an unused hyper is fine at this value
+
+def check_flag(name:str, v):
+    "Refuse a torch flag at a value fastopts cannot honour."
+    ok = TORCH_FLAGS[name]
+    if not any(v is None if o is None else (v is not None and not isinstance(v, str) and v == o) for o in ok):
+        raise ValueError(f"`{name}={v!r}` is not supported by fastopts optimizers (only {' or '.join(map(repr, ok))})")
+
+def alias_values(name:str, v) -> dict:
+    "The fastai hypers that torch's `name` sets to `v` (`betas` -> `mom`, `sqr_mom`)."
+    names = TORCH_ALIASES[name]
+    if len(names) == 1: return {names[0]: v}
+    if isinstance(v, (str, bytes)) or not hasattr(v, '__len__') or len(v) != len(names):
+        raise ValueError(f"`{name}` must be a pair {names}, got {v!r}")
+    return dict(zip(names, v))
+
+# %% ../nbs/01_optimizer.ipynb #c015
+class HyperDict(dict):
+    "A param-group dict storing fastai's hyper names that also answers to torch's (`betas`, `momentum`, ...)."
+    def __init__(self, data=(), live:frozenset=frozenset()):
+        self.live = live   # the fastai hypers the optimizer uses: their torch names are live
+        super().__init__()
+        for k, v in dict(data).items(): self[k] = v
+    def _names(self, k):
+        return TORCH_ALIASES.get(k) if isinstance(k, str) else None
+    def _is_live(self, names): return all(n in getattr(self, 'live', ()) for n in names)
+    def __getitem__(self, k):
+        names = self._names(k)
+        if names is None or not self._is_live(names): return super().__getitem__(k)
+        vs = tuple(super(HyperDict, self).__getitem__(n) for n in names)
+        return vs if len(vs) > 1 else vs[0]
+    def __setitem__(self, k, v):
+        names = self._names(k)
+        if names is None:
+            if isinstance(k, str) and k in TORCH_FLAGS: check_flag(k, v); return
+            return super().__setitem__(k, v)
+        for n, x in alias_values(k, v).items():
+            if n not in getattr(self, 'live', ()) and x != _NEUTRAL.get(n, object()):
+                raise ValueError(f"`{k}`={v!r} sets `{n}`, which this optimizer does not use (its hypers: {sorted(self.live)})")
+            super().__setitem__(n, check_hyper(n, x))
+    def __contains__(self, k):
+        names = self._names(k)
+        return super().__contains__(k) if names is None else self._is_live(names) and all(super(HyperDict, self).__contains__(n) for n in names)
+    def get(self, k, default=None): return self[k] if k in self else default
+    def setdefault(self, k, default=None):
+        if k in TORCH_FLAGS: check_flag(k, default); return default   # a flag at its honoured value: nothing to keep
+        if k not in self: self[k] = default
+        return self[k]
+    def update(self, *args, **kw):
+        for k, v in dict(*args, **kw).items(): self[k] = v
+    def __reduce__(self): return (HyperDict, (dict(self), self.live))
+
+# %% ../nbs/01_optimizer.ipynb #c018
 class HyperView(MutableMapping):
     "Live view of the hyper-parameters of `opt.param_groups[i]`; writes are validated and go to the group."
     def __init__(self, opt, i:int): self._opt, self._i = opt, i
     @property
     def _group(self): return self._opt.param_groups[self._i]
     def __getitem__(self, k):
-        if k not in self._opt._hyper_names: raise KeyError(k)
+        if k not in self._opt._hyper_names or k not in self._group: raise KeyError(k)
         return self._group[k]
     def __setitem__(self, k, v):
         self._group[k] = check_hyper(k, v)
         self._opt._hyper_names.add(k)
     def __delitem__(self, k): raise TypeError(f"hyper-parameter `{k}` can be changed, not deleted")
-    def __iter__(self): return (k for k in list(self._group) if k in self._opt._hyper_names)
+    def __iter__(self):
+        g = self._group
+        return (k for k in self._opt._hyper_order() if k in g)
     def __len__(self): return sum(1 for _ in self)
     def __repr__(self): return repr(dict(self))
 
-# %% ../nbs/01_optimizer.ipynb #c014
+# %% ../nbs/01_optimizer.ipynb #c020
+def _is_named(x) -> bool: return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+
 def _to_groups(params) -> list[dict]:
-    "torch-style group dicts from a tensor, a flat iterable of tensors, fastai's list of lists, or group dicts."
+    "Group dicts from a tensor, a flat iterable of tensors or `(name, tensor)` pairs, fastai's list of lists, or group dicts."
     if isinstance(params, Tensor): params = [params]
     params = list(params)
     if not params: raise ValueError("`params` is empty: the optimizer got no parameters")
     if isinstance(params[0], dict): return [dict(g) for g in params]
-    if isinstance(params[0], Tensor): return [{'params': params}]
+    if isinstance(params[0], Tensor) or _is_named(params[0]): return [{'params': params}]
     return [{'params': list(g)} for g in params]
 
 def _cb_defaults(cb) -> dict:
-    d = getattr(cb, 'defaults', None)
-    if d is None: d = getattr(getattr(cb, 'func', None), 'defaults', None)
-    return dict(d or {})
+    f, _ = _unwrap(cb)
+    return dict(getattr(cb, 'defaults', None) or getattr(f, 'defaults', None) or {})
 
-# %% ../nbs/01_optimizer.ipynb #c015
+def check_fused(fused):
+    if fused not in (None, True, False): raise ValueError(f"`fused` must be None, True or False, got {fused!r}")
+    return fused
+
+# %% ../nbs/01_optimizer.ipynb #c021
 class Optimizer(torch.optim.Optimizer):
     "Optimizer updating `params` with callbacks `cbs`, each run on a whole param group; fastai and torch API."
     _keep_on_clear = ('force_train', 'do_wd')
     def __init__(self,
-        params, # tensors, fastai's list of lists of tensors, or torch-style group dicts
+        params, # tensors, `(name, tensor)` pairs, fastai's list of lists of tensors, or torch-style group dicts
         cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order
-        **defaults # hyper-parameters for every group (overrides the callbacks' `.defaults`)
+        fused:bool|None=None, # None: a fused kernel where one computes the chain; False: always the callbacks; True: insist
+        **defaults # hyper-parameters for every group (overrides the callbacks' `.defaults`); torch's names too
     ):
-        self.cbs = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
+        self.cbs, self.fused, self._chain_key = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs], check_fused(fused), None
+        self._check_chain()
         merged = {}
         for cb in self.cbs: merged.update(_cb_defaults(cb))
         merged.update(defaults)
         if 'train_bn' in merged:
             merged.pop('train_bn')
             warnings.warn("`train_bn` has no effect on an Optimizer: set it on the Learner")
-        merged = {k: check_hyper(k, v) for k, v in merged.items()}
+        merged = self._normalize(merged)
+        for k, v in merged.items(): dict.__setitem__(merged, k, check_hyper(k, v))
         self._hyper_names = set(merged)
         self.frozen_idx = 0
         super().__init__(_to_groups(params), merged)
 
+    def _check_chain(self):
+        "Check the callback chain and derive what the step needs from it: live hypers, roles, the fast path."
+        check_chain(self.cbs)
+        self._live = frozenset(h for cb in self.cbs for h in cb_hypers(cb))
+        self._roles = tuple(cb_role(cb) for cb in self.cbs)
+        fast = None if self.fused is False else fast_path(self._roles)
+        if self.fused and fast is None:
+            raise ValueError(f"`fused=True`, but no fused kernel computes the chain {[cb_name(c) for c in self.cbs]}")
+        self._fast, self._chain_key = fast, tuple(self.cbs)
+        for g in getattr(self, 'param_groups', ()):
+            if isinstance(g, HyperDict): g.live = self._live
+
+    def _normalize(self, d:dict) -> HyperDict:
+        "A group (or defaults) dict with torch's names mapped to fastai's and torch's rule keywords checked against the chain."
+        d = dict(d)
+        wd_role = next((r for r in self._roles if r in ('wd', 'l2')), None)
+        rule = dict(nesterov='nesterov' in self._roles, decoupled_weight_decay={'wd': True, 'l2': False}.get(wd_role))
+        for k, want in rule.items():
+            if k in d and want is not None and bool(d[k]) != want:
+                raise ValueError(f"`{k}={d[k]!r}`, but this optimizer's chain has {k}={want}: build it with the rule you want")
+            d.pop(k, None)
+        if 'fused' in d:
+            v = check_fused(d.pop('fused'))
+            if v is not None and v != bool(self._fast):
+                raise ValueError(f"a param group asks for `fused={v}`, but this optimizer {'runs' if self._fast else 'has no'} fused kernels for its chain")
+        return HyperDict(d, self._live)
+
     def add_param_group(self, param_group:dict):
-        "torch's `add_param_group`, with the group's own hypers checked first."
-        for k, v in param_group.items():
+        "torch's `add_param_group`, with torch's names mapped and the group's own hypers checked first."
+        g = self._normalize(param_group)
+        for k in list(g):
             if k in self.defaults or k in HYPER_RANGES:
-                param_group[k] = check_hyper(k, v)
+                dict.__setitem__(g, k, check_hyper(k, g[k]))
                 self._hyper_names.add(k)
-        super().add_param_group(param_group)
+        super().add_param_group(g)
+
+    def _hyper_order(self):
+        "fastai's hyper names first, in fastai's order, then the others as the defaults list them."
+        known = [k for k in HYPER_RANGES if k in self._hyper_names]
+        return known + [k for k in self.defaults if k in self._hyper_names and k not in HYPER_RANGES] + sorted(self._hyper_names - set(self.defaults) - set(known))
 
     # -- fastai's face --------------------------------------------------------------------------------------
     @property
@@ -158,10 +317,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def set_hyper(self, k:str, v):
         "Set hyper `k` to `v`: a scalar, one value per group (list/array) or a `slice` spread over the groups."
-        vs = _as_values(v, len(self.param_groups), k)
-        if len(vs) != len(self.param_groups):
-            raise ValueError(f"`{k}` got {len(vs)} values {vs!r} for {len(self.param_groups)} parameter groups")
-        vs = [check_hyper(k, x) for x in vs]
+        vs = [check_hyper(k, x) for x in per_group(k, v, len(self.param_groups))]
         self._hyper_names.add(k)
         for g, x in zip(self.param_groups, vs): g[k] = x
 
@@ -214,18 +370,37 @@ class Optimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        "Run every callback on each param group that has gradients; return the closure's loss, if any."
+        "Run the chain (or its fused kernel) on each param group that has gradients; return the closure's loss, if any."
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
+        if tuple(self.cbs) != self._chain_key: self._check_chain()   # someone changed `cbs`
         for g in self.param_groups:
             ps = [p for p in g['params'] if p.grad is not None]
             if not ps: continue
             hyper = self._group_hypers(g)
             if any(p.grad.is_sparse for p in ps): raise ValueError("fastopts optimizers do not support sparse gradients")
-            grp = ParamGroupView(ps, [p.grad for p in ps], [self.state[p] for p in ps])
-            for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
+            for idx in _device_dtype_groups(ps) or [None]:
+                sub = _pick(ps, idx)
+                grp = group_view(sub, [self.state[p] for p in sub])
+                if self._fast is not None and self._fast(grp, **hyper): continue
+                for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
         return loss
+
+    # -- checkpoints: our own format, and torch.optim's -----------------------------------------------------
+    def state_dict(self) -> dict:
+        "torch's `state_dict`, without the empty per-param dicts that a rule with no state (plain SGD) leaves."
+        sd = super().state_dict()
+        sd['state'] = {k: v for k, v in sd['state'].items() if v}
+        return sd
+
+    def load_state_dict(self, state_dict:dict):
+        "torch's `load_state_dict`; a `torch.optim` state dict of the same rule (Adam, AdamW, SGD, RMSprop, RAdam) is translated first."
+        super().load_state_dict(from_torch_state_dict(self, state_dict))
+
+    def torch_state_dict(self) -> dict:
+        "This optimizer's state dict in the format of the `torch.optim` optimizer that computes the same rule (`torch_rule`)."
+        return to_torch_state_dict(self)
 
     # -- pickling keeps the callbacks ------------------------------------------------------------------------
     def __getstate__(self):
@@ -233,13 +408,15 @@ class Optimizer(torch.optim.Optimizer):
         return {k: v for k, v in self.__dict__.items() if not k.startswith('_optimizer_') and k not in ('step', 'zero_grad')}
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.defaults.pop('differentiable', None)   # torch adds it; it is not one of our hypers
+        if 'param_groups' in state:   # torch's load_state_dict hands us plain dicts: make them HyperDicts again
+            self.param_groups = [g if isinstance(g, HyperDict) else self._normalize(g) for g in self.param_groups]
 
     def __repr__(self):
-        cbs = ', '.join(_cb_name(cb) for cb in self.cbs)
-        return f"{type(self).__name__}(groups={len(self.param_groups)}, cbs=[{cbs}], hypers={[dict(h) for h in self.hypers]})"
+        cbs = ', '.join(cb_name(cb) for cb in self.cbs)
+        return f"{type(self).__name__}(groups={len(self.param_groups)}, cbs=[{cbs}], fused={bool(self._fast)}, hypers={[dict(h) for h in self.hypers]})"
 
-# %% ../nbs/01_optimizer.ipynb #c019
+# %% ../nbs/01_optimizer.ipynb #c023
+@contract(writes='grad_avg', hypers='mom', role=lambda dampening=False: 'ema' if dampening else 'buf')
 def average_grad(grp, mom, dampening=False, **_):
     "Moving average of the gradients in state `grad_avg`: EMA `mom*V + (1-mom)*g` with `dampening`, else `mom*V + g`."
     avg = grp.state('grad_avg')
@@ -249,6 +426,7 @@ def average_grad(grp, mom, dampening=False, **_):
         torch._foreach_add_(avg, grp.grads)
 average_grad.defaults = dict(mom=0.9)
 
+@contract(writes='sqr_avg', hypers='sqr_mom', role=lambda dampening=True: 'sqr_ema' if dampening else None)
 def average_sqr_grad(grp, sqr_mom, dampening=True, **_):
     "Moving average of the squared gradients in state `sqr_avg`: `sqr_mom*S + (1-sqr_mom)*g²` (or `+ g²`)."
     avg = grp.state('sqr_avg')
@@ -256,11 +434,13 @@ def average_sqr_grad(grp, sqr_mom, dampening=True, **_):
     torch._foreach_addcmul_(avg, grp.grads, grp.grads, value=1 - sqr_mom if dampening else 1.)
 average_sqr_grad.defaults = dict(sqr_mom=0.99)
 
+@contract(writes='step', role='count')
 def step_stat(grp, **_):
     "Count the steps each parameter has taken, in state `step` (t in the bias corrections)."
     for s in grp.states: s['step'] = s.get('step', 0) + 1
 
-# %% ../nbs/01_optimizer.ipynb #c022
+# %% ../nbs/01_optimizer.ipynb #c026
+@contract(hypers='lr wd', role='wd')
 def weight_decay(grp, lr, wd, **_):
     "Decoupled weight decay: `p *= 1 - lr*wd` for params with `do_wd`."
     ps = _pick(grp.params, grp.decayed())
@@ -268,6 +448,7 @@ def weight_decay(grp, lr, wd, **_):
     torch._foreach_mul_(ps, 1 - lr*wd)
 weight_decay.defaults = dict(wd=0.)
 
+@contract(hypers='wd', role='l2')
 def l2_reg(grp, wd, **_):
     "L2 regularisation: the gradient seen by later callbacks becomes `g + wd*p` for params with `do_wd`."
     idx = grp.decayed()
@@ -279,19 +460,24 @@ def l2_reg(grp, wd, **_):
         grp.grads = grads
 l2_reg.defaults = dict(wd=0.)
 
-# %% ../nbs/01_optimizer.ipynb #c025
+# %% ../nbs/01_optimizer.ipynb #c029
+@contract(hypers='lr', role='sgd')
 def sgd_step(grp, lr, **_):
     "Plain gradient descent: `p -= lr*g`."
     torch._foreach_add_(grp.params, grp.grads, alpha=-lr)
 
+@contract(reads='grad_avg', hypers='lr', role='momentum')
 def momentum_step(grp, lr, **_):
     "Step along the averaged gradient: `p -= lr*grad_avg`."
     torch._foreach_add_(grp.params, grp.state('grad_avg'), alpha=-lr)
 
+@contract(reads='grad_avg', hypers='lr mom', role='nesterov')
 def nesterov_step(grp, lr, mom, **_):
     "Nesterov momentum as torch writes it: `p -= lr*(g + mom*grad_avg)`."
     torch._foreach_add_(grp.params, torch._foreach_add(grp.grads, grp.state('grad_avg'), alpha=mom), alpha=-lr)
 
+@contract(reads='sqr_avg', writes='rms_buf', hypers=lambda with_mom=False: 'lr eps mom' if with_mom else 'lr eps',
+          role=lambda with_mom=False: 'rms_mom' if with_mom else 'rms')
 def rms_prop_step(grp, lr, eps, mom=0., with_mom=False, **_):
     "RMSProp: `p -= lr*g/(sqrt(S)+eps)`; `with_mom`, torch's momentum buffer `B = mom*B + g/(sqrt(S)+eps)`, `p -= lr*B`."
     denom = torch._foreach_sqrt(grp.state('sqr_avg'))
@@ -307,6 +493,7 @@ rms_prop_step.defaults = dict(eps=1e-8)
 
 def _bias_corrections(beta, steps): return [1 - beta**t for t in steps]
 
+@contract(reads='grad_avg sqr_avg step', hypers='lr mom sqr_mom eps', role='adam')
 def adam_step(grp, lr, mom, sqr_mom, eps, **_):
     "Adam's bias-corrected step, `eps` outside the root: `p -= lr*(V/(1-mom^t)) / (sqrt(S/(1-sqr_mom^t)) + eps)`."
     steps = grp.steps
@@ -324,11 +511,12 @@ def _radam_rect(sqr_mom, t):
     if rho_t <= 5: return None
     return math.sqrt((rho_t - 4)*(rho_t - 2)*rho_inf/((rho_inf - 4)*(rho_inf - 2)*rho_t))
 
+@contract(reads='grad_avg sqr_avg step', hypers='lr mom sqr_mom eps', role='radam')
 def radam_step(grp, lr, mom, sqr_mom, eps, **_):
     "RAdam (Liu et al. 2019) as torch computes it: rectified adaptive step once rho_t > 5, momentum SGD before."
-    avgs, sqrs, ps = grp.state('grad_avg'), grp.state('sqr_avg'), grp.params
-    for t in sorted(set(grp.steps)):   # almost always a single step count for the whole group
-        idx = [i for i, s in enumerate(grp.steps) if s == t]
+    avgs, sqrs, ps, steps = grp.state('grad_avg'), grp.state('sqr_avg'), grp.params, grp.steps
+    for t in sorted(set(steps)):   # almost always a single step count for the whole group
+        idx = None if len(set(steps)) == 1 else [i for i, s in enumerate(steps) if s == t]
         p_, a_ = _pick(ps, idx), _pick(avgs, idx)
         bc1, bc2, rect = 1 - mom**t, 1 - sqr_mom**t, _radam_rect(sqr_mom, t)
         if rect is None:
@@ -339,6 +527,7 @@ def radam_step(grp, lr, mom, sqr_mom, eps, **_):
         torch._foreach_addcdiv_(p_, a_, denom, value=-lr*rect*math.sqrt(bc2)/bc1)
 radam_step.defaults = dict(eps=1e-8)
 
+@contract(reads='grad_avg sqr_avg step', hypers='lr mom sqr_mom eps', role='lamb')
 def lamb_step(grp, lr, mom, sqr_mom, eps, **_):
     "LAMB: Adam's step `u` (eps outside the root), scaled per tensor by `min(rms(p)/rms(u), 10)` (1 if either is 0)."
     steps = grp.steps
@@ -347,14 +536,14 @@ def lamb_step(grp, lr, mom, sqr_mom, eps, **_):
     torch._foreach_add_(denom, eps)
     upd = torch._foreach_div(grp.state('grad_avg'), denom)
     torch._foreach_div_(upd, _bias_corrections(mom, steps))
-    sizes = torch.tensor([math.sqrt(p.numel()) for p in grp.params], dtype=torch.float32)
-    r1 = torch.stack([n.float() for n in torch._foreach_norm(grp.params)]) / sizes
-    r2 = torch.stack([n.float() for n in torch._foreach_norm(upd)]) / sizes
-    q = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1/r2).clamp(max=10))
+    r1 = torch.stack(torch._foreach_norm(grp.params)).float()   # the norms stay on the device: no sync per tensor
+    r2 = torch.stack(torch._foreach_norm(upd)).float()
+    q = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1/r2).clamp(max=10))   # rms ratio = norm ratio
     torch._foreach_mul_(upd, [-lr*float(x) for x in q.tolist()])
     torch._foreach_add_(grp.params, upd)
 lamb_step.defaults = dict(eps=1e-6)
 
+@contract(writes='grad_avg', hypers='lr mom sqr_mom', role='lion')
 def lion_step(grp, lr, mom, sqr_mom, **_):
     "Lion (Chen et al. 2023): `p -= lr*sign(mom*V + (1-mom)*g)`, then `V = sqr_mom*V + (1-sqr_mom)*g`."
     avg = grp.state('grad_avg')
@@ -363,105 +552,385 @@ def lion_step(grp, lr, mom, sqr_mom, **_):
     torch._foreach_add_(grp.params, upd, alpha=-lr)
     torch._foreach_lerp_(avg, grp.grads, 1 - sqr_mom)
 
-# %% ../nbs/01_optimizer.ipynb #c027
+# %% ../nbs/01_optimizer.ipynb #c031
+_FUSED_DEVICES = set(torch.utils._foreach_utils._get_fused_kernels_supported_devices())
+
+def _fusable(grp) -> bool:
+    p = grp.params[0]
+    return p.device.type in _FUSED_DEVICES and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+def _wd_parts(grp, wd:float) -> list:
+    "Index lists (None: all) with their weight decay: the params with `do_wd` get `wd`, the others 0."
+    idx = grp.decayed()
+    if wd == 0 or idx is None: return [(None, wd)]
+    rest = [i for i in range(len(grp.params)) if i not in set(idx)]
+    return [(i, w) for i, w in ((idx, wd), (rest, 0.)) if i]
+
+def _step_tensors(grp) -> list[Tensor]:
+    "0-d float32 step counts on the params' device for the kernel: one tensor per distinct count."
+    dev, made, out = grp.params[0].device, {}, []
+    for t in grp.steps:
+        x = made.get(t)
+        if x is None: x = made[t] = torch.tensor(float(t), dtype=torch.float32, device=dev)
+        out.append(x)
+    return out
+
+def fused_adam(grp, lr, mom, sqr_mom, eps, wd=0., wd_role=None, **_) -> bool:
+    "The chain `[wd_role] ema sqr_ema count adam` in one `torch._fused_adam(w)_` pass; False if it cannot run here."
+    if not _fusable(grp): return False
+    step_stat(grp)
+    avgs, sqrs, steps = grp.state('grad_avg'), grp.state('sqr_avg'), _step_tensors(grp)
+    kernel = torch._fused_adamw_ if wd_role == 'wd' else torch._fused_adam_
+    for idx, w in _wd_parts(grp, wd if wd_role else 0.):
+        kernel(_pick(grp.params, idx), _pick(grp.grads, idx), _pick(avgs, idx), _pick(sqrs, idx), [], _pick(steps, idx),
+               lr=lr, beta1=mom, beta2=sqr_mom, weight_decay=w, eps=eps, amsgrad=False, maximize=False)
+    return True
+
+def fused_sgd(grp, lr, mom=0., wd=0., wd_role=None, momentum=None, **_) -> bool:
+    "The SGD chains (`momentum`: None, 'buf', 'nesterov' or the lecture's 'ema') in one `torch._fused_sgd_` pass."
+    if not _fusable(grp) or (momentum is not None and mom == 0): return False
+    if wd_role == 'wd': weight_decay(grp, lr=lr, wd=wd)
+    bufs = [] if momentum is None else grp.state('grad_avg')
+    for idx, w in _wd_parts(grp, wd if wd_role == 'l2' else 0.):
+        torch._fused_sgd_(_pick(grp.params, idx), _pick(grp.grads, idx), _pick(bufs, idx) if bufs else [],
+                          weight_decay=w, momentum=0. if momentum is None else mom, lr=lr,
+                          dampening=mom if momentum == 'ema' else 0., nesterov=momentum == 'nesterov',
+                          maximize=False, is_first_step=False)
+    return True
+
+FUSED_CHAINS = {('ema', 'sqr_ema', 'count', 'adam'): fused_adam, ('sgd',): fused_sgd,
+                ('buf', 'momentum'): partial(fused_sgd, momentum='buf'),
+                ('buf', 'nesterov'): partial(fused_sgd, momentum='nesterov'),
+                ('ema', 'momentum'): partial(fused_sgd, momentum='ema')}
+
+def fast_path(roles:tuple):
+    "The fused implementation of a chain with these roles, or None (the callbacks run)."
+    wd_role, core = (roles[0], roles[1:]) if roles and roles[0] in ('wd', 'l2') else (None, roles)
+    f = FUSED_CHAINS.get(tuple(core))
+    return None if f is None else partial(f, wd_role=wd_role)
+
+# %% ../nbs/01_optimizer.ipynb #c038
 def _wd_cb(decouple_wd): return weight_decay if decouple_wd else l2_reg
 
-def _momentum_wanted(groups:list[dict], mom:float) -> bool:
-    "Whether the default `mom` or any torch-style group dict asks for momentum (then the momentum callbacks are needed)."
-    return mom != 0 or any(check_range('mom', g.get('mom', 0), 0, 1, hi_open=True) != 0 for g in groups)
+def _group_mom(g:dict):
+    if 'mom' in g: return g['mom']
+    return g.get('momentum', 0.)
 
-def SGD(params, lr, mom=0., wd=0., nesterov=False, decouple_wd=True) -> Optimizer:
+def _momentum_wanted(groups:list[dict], mom:float) -> bool:
+    "Whether the default `mom` or any group dict asks for momentum (then the momentum callbacks are needed)."
+    return mom != 0 or any(check_range('mom', _group_mom(g), 0, 1, hi_open=True) != 0 for g in groups)
+
+def _group_flag(groups:list[dict], name:str, default:bool) -> bool:
+    "A rule flag that torch allows per group (`nesterov`): every group must agree, since the chain is the optimizer's."
+    vals = {bool(g.get(name, default)) for g in groups}
+    if len(vals) > 1: raise ValueError(f"param groups ask for `{name}` both True and False: fastopts builds one chain per optimizer")
+    return vals.pop()
+
+def _torch_wd_in_groups(params) -> bool:
+    return isinstance(params, (list, tuple)) and any(isinstance(g, dict) and 'weight_decay' in g for g in params)
+
+def torch_names(f):
+    "Let optimizer factory `f` take torch.optim's keywords: aliases mapped to fastai's names, flags checked, the rest refused by name."
+    sig = inspect.signature(f)
+    @wraps(f)
+    def _f(*args, **kw):
+        given = set(sig.bind_partial(*args).arguments) | (kw.keys() & sig.parameters.keys())
+        out = {k: v for k, v in kw.items() if k in sig.parameters}
+        torch_wd = 'weight_decay' in kw or (args and _torch_wd_in_groups(args[0])) or _torch_wd_in_groups(kw.get('params'))
+        for k, v in kw.items():
+            if k in sig.parameters: continue
+            if k in TORCH_ALIASES: new = alias_values(k, v)
+            elif k == 'decoupled_weight_decay':
+                if 'decouple_wd' not in sig.parameters:
+                    if not v: raise ValueError(f"`decoupled_weight_decay=False`: {f.__name__}'s weight decay is always decoupled")
+                    continue
+                new = {'decouple_wd': bool(v)}
+            elif k in TORCH_FLAGS: check_flag(k, v); continue
+            elif k == 'nesterov':
+                if v: raise ValueError(f"`nesterov={v!r}`: {f.__name__} has no Nesterov form (SGD has)")
+                continue
+            else: raise ValueError(f"`{k}` is not a keyword of {f.__name__} (it takes {list(sig.parameters)[1:]} and torch's names for them)")
+            for n, x in new.items():
+                if n not in sig.parameters: raise ValueError(f"`{k}`={v!r} sets `{n}`, which {f.__name__} does not have")
+                if n in given: raise ValueError(f"both `{k}` and `{n}` given to {f.__name__}: pass one")
+                out[n] = x; given.add(n)
+        if torch_wd and 'decouple_wd' in sig.parameters and 'decouple_wd' not in given: out['decouple_wd'] = False
+        return f(*args, **out)
+    return _f
+
+# %% ../nbs/01_optimizer.ipynb #c039
+@torch_names
+def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=None) -> Optimizer:
     "SGD with torch-style momentum (`V = mom*V + g`), optional Nesterov, decoupled or L2 weight decay."
-    mom, groups = check_range('mom', mom, 0, 1, hi_open=True), _to_groups(params)
-    if nesterov and mom == 0: raise ValueError(f"`nesterov=True` needs `mom` > 0, got mom={mom!r}")
+    groups = _to_groups(params)
+    mom, nesterov = check_range('mom', mom, 0, 1, hi_open=True), _group_flag(groups, 'nesterov', nesterov)
+    if nesterov and not _momentum_wanted(groups, mom): raise ValueError(f"`nesterov=True` needs `mom` > 0, got mom={mom!r}")
     cbs = [_wd_cb(decouple_wd)]
     if _momentum_wanted(groups, mom): cbs += [average_grad, nesterov_step if nesterov else momentum_step]
     else: cbs.append(sgd_step)
-    return Optimizer(groups, cbs, lr=lr, mom=mom, wd=wd)
+    return Optimizer(groups, cbs, fused=fused, lr=lr, mom=mom, wd=wd)
 
-def Momentum(params, lr, mom=0.9, wd=0.) -> Optimizer:
+@torch_names
+def Momentum(params, lr, mom=0.9, wd=0., fused=None) -> Optimizer:
     "The lecture's momentum: `V = mom*V + (1-mom)*g` (an EMA from `V=0`), `p -= lr*V`; decoupled weight decay."
-    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], lr=lr, mom=mom, wd=wd)
+    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], fused=fused, lr=lr, mom=mom, wd=wd)
 
-def RMSProp(params, lr, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
+@torch_names
+def RMSProp(params, lr=1e-2, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True, fused=None) -> Optimizer:
     "RMSProp (Hinton 2012): `S = sqr_mom*S + (1-sqr_mom)*g²`, `p -= lr*g/(sqrt(S)+eps)`; torch-style momentum if `mom`>0."
-    mom, groups = check_range('mom', mom, 0, 1, hi_open=True), _to_groups(params)
+    groups = _to_groups(params)
+    mom = check_range('mom', mom, 0, 1, hi_open=True)
     step = partial(rms_prop_step, with_mom=True) if _momentum_wanted(groups, mom) else rms_prop_step
-    return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step], lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step], fused=fused,
+                     lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 def _adam_cbs(decouple_wd, stepper):
     return [_wd_cb(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad, step_stat, stepper]
 
-def Adam(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
+@torch_names
+def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None) -> Optimizer:
     "Adam (Kingma & Ba 2015) with bias correction; `wd` is decoupled (AdamW) unless `decouple_wd=False` (L2)."
-    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-def AdamW(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01) -> Optimizer:
+@torch_names
+def AdamW(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01, fused=None) -> Optimizer:
     "AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay, `wd=0.01` by default."
-    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True)
+    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True, fused=fused)
 
-def RAdam(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
+@torch_names
+def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None) -> Optimizer:
     "RAdam (Liu et al. 2019), as torch's `RAdam` (`decoupled_weight_decay=decouple_wd`)."
-    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-def Lamb(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.) -> Optimizer:
+@torch_names
+def Lamb(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0., fused=None) -> Optimizer:
     "LAMB (You et al. 2019): Adam's step with a per-tensor trust ratio; decoupled weight decay, as fastai's `Lamb`."
-    return Optimizer(params, _adam_cbs(True, lamb_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(True, lamb_step), fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-def Lion(params, lr, mom=0.9, sqr_mom=0.99, wd=0.) -> Optimizer:
+@torch_names
+def Lion(params, lr, mom=0.9, sqr_mom=0.99, wd=0., fused=None) -> Optimizer:
     "Lion (Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'): sign of an interpolated momentum; `mom`=beta1, `sqr_mom`=beta2."
-    return Optimizer(params, [weight_decay, lion_step], lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
+    return Optimizer(params, [weight_decay, lion_step], fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
 
-# %% ../nbs/01_optimizer.ipynb #c033
+# %% ../nbs/01_optimizer.ipynb #c047
+_TORCH_STATE = {'exp_avg': 'grad_avg', 'exp_avg_sq': 'sqr_avg', 'square_avg': 'sqr_avg'}
+_TORCH_ONLY_STATE = ('max_exp_avg_sq', 'mu_product', 'sum', 'acc_delta', 'square_avg_centered', 'eta', 'mu', 'ax', 'prev', 'step_size')
+_RULE_KEYS = set(TORCH_ALIASES) | set(TORCH_FLAGS) | {'nesterov', 'fused', 'decoupled_weight_decay'}
+
+def torch_rule(roles:tuple) -> tuple[str, str|None]|None:
+    "`(torch.optim class name, weight decay role)` of the rule a chain with `roles` computes, or None if torch has none."
+    wd_role, core = (roles[0], roles[1:]) if roles and roles[0] in ('wd', 'l2') else (None, roles)
+    rule = {('ema', 'sqr_ema', 'count', 'adam'): 'Adam', ('ema', 'sqr_ema', 'count', 'radam'): 'RAdam',
+            ('sgd',): 'SGD', ('buf', 'momentum'): 'SGD', ('buf', 'nesterov'): 'SGD',
+            ('sqr_ema', 'rms'): 'RMSprop', ('sqr_ema', 'rms_mom'): 'RMSprop'}.get(tuple(core))
+    if rule == 'Adam' and wd_role == 'wd': rule = 'AdamW'
+    return None if rule is None else (rule, wd_role)
+
+def _torch_family(g:dict) -> str:
+    "Which torch.optim class a saved param group comes from, by the keys torch writes."
+    if 'momentum_decay' in g: return 'NAdam'
+    if 'betas' in g: return ('AdamW' if g.get('decoupled_weight_decay') else 'Adam') if 'amsgrad' in g else 'RAdam'
+    if 'alpha' in g: return 'RMSprop'
+    if 'nesterov' in g or 'dampening' in g: return 'SGD'
+    return 'another torch optimizer'
+
+def _is_torch_format(sd:dict) -> bool:
+    return (any(k in _RULE_KEYS for g in sd.get('param_groups', ()) for k in g)
+            or any(k in _TORCH_STATE or k == 'momentum_buffer' for s in sd.get('state', {}).values() for k in s))
+
+# %% ../nbs/01_optimizer.ipynb #c048
+def _check_torch_group(i, g, rule, wd_role, roles):
+    fam = _torch_family(g)
+    same = fam == rule or {fam, rule} <= {'Adam', 'AdamW'}   # these two differ in weight decay only: checked next
+    if not same: raise ValueError(f"param_groups[{i}] of the state dict is torch.optim.{fam}'s, but this optimizer computes {rule}")
+    decoupled = bool(g.get('decoupled_weight_decay', False))
+    if g.get('weight_decay') and decoupled != (wd_role == 'wd'):
+        raise ValueError(f"param_groups[{i}] has {'decoupled' if decoupled else 'L2'} weight decay {g['weight_decay']}, this optimizer's is "
+                         f"{ {'wd': 'decoupled', 'l2': 'L2'}.get(wd_role, 'absent') }: build it with decouple_wd={decoupled}")
+    if rule == 'SGD':
+        if bool(g.get('nesterov')) != ('nesterov' in roles): raise ValueError(f"param_groups[{i}] has nesterov={g.get('nesterov')}, this SGD has not")
+        if g.get('momentum') and 'sgd' in roles: raise ValueError(f"param_groups[{i}] has momentum={g['momentum']}, this SGD was built without momentum")
+    if rule == 'RMSprop' and g.get('momentum') and 'rms' in roles:
+        raise ValueError(f"param_groups[{i}] has momentum={g['momentum']}, this RMSProp was built without momentum")
+    if g.get('centered'): raise ValueError(f"param_groups[{i}] has centered=True, which fastopts' RMSProp does not compute")
+
+def from_torch_state_dict(opt, sd:dict) -> dict:
+    "`sd` in fastopts' format: unchanged if it is, translated if it is a `torch.optim` state dict of `opt`'s rule."
+    if not _is_torch_format(sd): return sd
+    rule = torch_rule(opt._roles)
+    if rule is None: raise ValueError(f"a torch.optim state dict cannot be loaded: no torch.optim optimizer computes the chain {[cb_name(c) for c in opt.cbs]}")
+    rule, wd_role = rule
+    groups = []
+    for i, (g, cur) in enumerate(zip(sd['param_groups'], opt.param_groups)):
+        _check_torch_group(i, g, rule, wd_role, opt._roles)
+        new = {k: v for k, v in g.items() if k not in _RULE_KEYS or k in TORCH_ALIASES or k in TORCH_FLAGS}
+        new.pop('dampening', None); new.pop('centered', None)
+        out = {}
+        for k, v in new.items():
+            if k in TORCH_ALIASES:
+                for n, x in alias_values(k, v).items():
+                    if n in opt._live or x != _NEUTRAL.get(n, object()): out[n] = x
+            elif k in TORCH_FLAGS: check_flag(k, v)
+            else: out[k] = v
+        for k in opt._hyper_names:   # hypers torch does not save (e.g. SGD's eps) keep their current values
+            if k not in out and k in cur: out[k] = cur[k]
+        groups.append(out)
+    buf_name = 'grad_avg' if rule == 'SGD' else 'rms_buf'
+    state = {}
+    for k, s in sd['state'].items():
+        new = {}
+        for n, v in s.items():
+            if n in _TORCH_ONLY_STATE: raise ValueError(f"state of param {k} has `{n}`, which fastopts' {rule} does not compute")
+            if n == 'step':
+                if rule in ('Adam', 'AdamW', 'RAdam'): new['step'] = int(v.item() if isinstance(v, Tensor) else v)
+            elif n == 'momentum_buffer':
+                if v is not None: new[buf_name] = v
+            else: new[_TORCH_STATE.get(n, n)] = v
+        state[k] = new
+    return {**{k: v for k, v in sd.items() if k not in ('state', 'param_groups')}, 'state': state, 'param_groups': groups}
+
+def _torch_flags(rule:str, wd_role) -> dict:
+    common = dict(foreach=None, maximize=False, differentiable=False)
+    if rule in ('Adam', 'AdamW'): return {**common, 'amsgrad': False, 'capturable': False, 'fused': None, 'decoupled_weight_decay': wd_role == 'wd'}
+    if rule == 'RAdam': return {**common, 'capturable': False, 'decoupled_weight_decay': wd_role == 'wd'}
+    if rule == 'RMSprop': return {**common, 'capturable': False, 'centered': False}
+    return {**common, 'fused': None, 'dampening': 0}
+
+def to_torch_state_dict(opt) -> dict:
+    "`opt`'s state dict in the format of the torch.optim optimizer `torch_rule(opt._roles)` names."
+    rule = torch_rule(opt._roles)
+    if rule is None: raise ValueError(f"no torch.optim optimizer computes the chain {[cb_name(c) for c in opt.cbs]}")
+    rule, wd_role = rule
+    sd = opt.state_dict()
+    groups = []
+    for g, live in zip(sd['param_groups'], opt.param_groups):
+        out = {k: v for k, v in g.items() if k not in opt._hyper_names}
+        out.update(lr=g['lr'], weight_decay=g.get('wd', 0.) if wd_role else 0., **_torch_flags(rule, wd_role))
+        if rule == 'SGD': out.update(momentum=g.get('mom', 0.) if 'sgd' not in opt._roles else 0., nesterov='nesterov' in opt._roles)
+        elif rule == 'RMSprop': out.update(alpha=g['sqr_mom'], eps=g['eps'], momentum=g.get('mom', 0.) if 'rms_mom' in opt._roles else 0.)
+        else: out.update(betas=(g['mom'], g['sqr_mom']), eps=g['eps'])
+        if out['weight_decay'] and any(not opt.state[p].get('do_wd', True) for p in live['params']):
+            raise ValueError("params with do_wd=False share a group with weight decay: torch.optim would decay them")
+        groups.append(out)
+    back = {'grad_avg': 'momentum_buffer' if rule == 'SGD' else 'exp_avg', 'sqr_avg': 'square_avg' if rule == 'RMSprop' else 'exp_avg_sq',
+            'rms_buf': 'momentum_buffer'}
+    state = {}
+    for k, s in sd['state'].items():
+        new = {back.get(n, n): (torch.tensor(float(v)) if n == 'step' else v) for n, v in s.items() if n not in ('do_wd', 'force_train')}
+        if rule == 'RMSprop': new['step'] = torch.tensor(0.)
+        state[k] = new
+    return {'state': state, 'param_groups': groups}
+
+# %% ../nbs/01_optimizer.ipynb #c051
+_FASTAI_TO_TORCH = {'mom': (('betas', 0), ('momentum', None)), 'sqr_mom': (('betas', 1), ('alpha', None)),
+                    'wd': (('weight_decay', None),)}
+
+class TorchGroup(dict):
+    "A torch.optim param group that also answers to fastai's hyper names (`mom` -> `betas[0]` or `momentum`, ...)."
+    def _slot(self, k):
+        for key, i in _FASTAI_TO_TORCH.get(k, ()):
+            if dict.__contains__(self, key): return key, i
+        return None
+    def __getitem__(self, k):
+        s = self._slot(k) if isinstance(k, str) else None
+        if s is None: return super().__getitem__(k)
+        v = super().__getitem__(s[0])
+        return v if s[1] is None else v[s[1]]
+    def __setitem__(self, k, v):
+        s = self._slot(k) if isinstance(k, str) else None
+        if s is None: return super().__setitem__(k, v)
+        if s[1] is None: return super().__setitem__(s[0], v)
+        old = list(super().__getitem__(s[0])); old[s[1]] = v
+        super().__setitem__(s[0], tuple(old))
+    def __contains__(self, k): return (self._slot(k) is not None) if isinstance(k, str) and k in _FASTAI_TO_TORCH else super().__contains__(k)
+    def get(self, k, default=None): return self[k] if k in self else default
+    def __reduce__(self): return (TorchGroup, (dict(self),))
+
+# %% ../nbs/01_optimizer.ipynb #c052
 class Lookahead(Optimizer):
-    "Wrap `opt`: every `k` steps, slow weights move `alpha` towards the fast ones, which restart from them."
-    def __init__(self, opt:Optimizer, k:int=6, alpha:float=0.5):
-        if not isinstance(opt, Optimizer): raise ValueError(f"`opt` must be a fastopts Optimizer, got {type(opt).__name__}")
-        self.opt, self.k, self.alpha, self.count = opt, check_int('k', k, 1), check_range('alpha', alpha, 0, 1, lo_open=True), 0
-        for k_ in [k_ for k_ in opt.__dict__ if k_.startswith('_optimizer_')]: setattr(self, k_, OrderedDict())  # own hooks
+    "Wrap `opt` (fastopts' or torch's): every `k` steps, slow weights move `alpha` towards the fast ones, which restart from them."
+    def __init__(self, opt:torch.optim.Optimizer, k:int=6, alpha:float=0.5):
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ValueError(f"`opt` must be a torch.optim.Optimizer (fastopts' or torch's), got {type(opt).__name__}"
+                             + (": wrap the torch optimizer inside the OptimWrapper instead" if hasattr(opt, 'opt') else ''))
+        self.opt, self.k, self.alpha = opt, check_int('k', k, 1), check_range('alpha', alpha, 0, 1, lo_open=True)
+        self.count, self.slow_weights = 0, None
+        if not isinstance(opt, Optimizer): self._wrap_torch_groups()
+        for k_ in [k_ for k_ in opt.__dict__ if k_.startswith('_optimizer_')]: setattr(self, k_, type(opt.__dict__[k_])())  # own hooks
         self._patch_step_function()
 
+    def _wrap_torch_groups(self):
+        self.opt.param_groups[:] = [g if isinstance(g, TorchGroup) else TorchGroup(g) for g in self.opt.param_groups]
+
     # everything an optimizer is, is the inner optimizer's
-    cbs = property(lambda self: self.opt.cbs)
-    defaults = property(lambda self: self.opt.defaults)
-    _hyper_names = property(lambda self: self.opt._hyper_names)
-    frozen_idx = property(lambda self: self.opt.frozen_idx, lambda self, v: setattr(self.opt, 'frozen_idx', v))
+    cbs = property(lambda self: getattr(self.opt, 'cbs', []))
     param_groups = property(lambda self: self.opt.param_groups, lambda self, v: setattr(self.opt, 'param_groups', v))
     state = property(lambda self: self.opt.state, lambda self, v: setattr(self.opt, 'state', v))
+    defaults = property(lambda self: self.opt.defaults, lambda self, v: None)
+    frozen_idx = property(lambda self: getattr(self.opt, 'frozen_idx', 0), lambda self, v: setattr(self.opt, 'frozen_idx', v))
+    @property
+    def _hyper_names(self):
+        if isinstance(self.opt, Optimizer): return self.opt._hyper_names
+        return {k for k in ('lr', 'mom', 'sqr_mom', 'eps', 'wd') if k in self.opt.param_groups[0]}
+    def _hyper_order(self):
+        return self.opt._hyper_order() if isinstance(self.opt, Optimizer) else [k for k in ('lr', 'mom', 'sqr_mom', 'eps', 'wd') if k in self._hyper_names]
+    _live = property(lambda self: getattr(self.opt, '_live', frozenset()))
+    _roles = property(lambda self: getattr(self.opt, '_roles', ()))
+    _fast = property(lambda self: getattr(self.opt, '_fast', None))
+
+    def _inner_step(self, closure):
+        step = getattr(type(self.opt).step, '__wrapped__', None)   # torch's hook wrapper: run the hooks once, on us
+        return self.opt.step(closure) if step is None else step(self.opt, closure)
 
     @torch.no_grad()
     def step(self, closure=None):
         "One step of the inner optimizer; every `k`-th, the lookahead update on all params."
-        if self.count == 0: self._copy_slow()
-        loss = self.opt.step(closure)
+        if self.count == 0: self.slow_weights = [[p.detach().clone() for p in g['params']] for g in self.param_groups]
+        loss = self._inner_step(closure)
         self.count += 1
         if self.count % self.k: return loss
-        for g in self.param_groups:
-            fast = g['params']
-            slow = [self.state[p]['slow_p'] for p in fast]
-            torch._foreach_lerp_(slow, fast, self.alpha)
-            torch._foreach_copy_(fast, slow)
+        for g, slow in zip(self.param_groups, self.slow_weights):
+            if not slow: continue
+            for idx in _device_dtype_groups(g['params']) or [None]:
+                fast_, slow_ = _pick(g['params'], idx), _pick(slow, idx)
+                torch._foreach_lerp_(slow_, fast_, self.alpha)
+                torch._foreach_copy_(fast_, slow_)
         return loss
 
-    def _copy_slow(self):
-        for g in self.param_groups:
-            for p in g['params']: self.state[p]['slow_p'] = p.detach().clone()
-
     def clear_state(self):
-        self.opt.clear_state()
-        self.count = 0
+        if hasattr(self.opt, 'clear_state'): self.opt.clear_state()
+        else: self.opt.state.clear()
+        self.count, self.slow_weights = 0, None
+
+    def zero_grad(self, set_to_none:bool=True): self.opt.zero_grad(set_to_none)
 
     def state_dict(self):
+        for hook in self._optimizer_state_dict_pre_hooks.values(): hook(self)
         sd = self.opt.state_dict()
-        sd['lookahead'] = dict(count=self.count, k=self.k, alpha=self.alpha)
+        sd['lookahead'] = dict(count=self.count, k=self.k, alpha=self.alpha, slow=self.slow_weights)
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None: sd = out
         return sd
 
     def load_state_dict(self, sd):
         sd = dict(sd)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, sd)
+            if out is not None: sd = out
         la = sd.pop('lookahead', None)
         self.opt.load_state_dict(sd)
+        if not isinstance(self.opt, Optimizer): self._wrap_torch_groups()
         self.count = la['count'] if la else 0
+        slow = la.get('slow') if la else None
+        self.slow_weights = None if slow is None else [[s.to(p.device, p.dtype) for s, p in zip(ss, g['params'])]
+                                               for ss, g in zip(slow, self.param_groups)]
+        if self.slow_weights is None: self.count = 0   # an old checkpoint without slow weights: start a new cycle
+        for hook in self._optimizer_load_state_dict_post_hooks.values(): hook(self)
 
-    def add_param_group(self, param_group): self.opt.add_param_group(param_group)
+    def add_param_group(self, param_group):
+        self.opt.add_param_group(param_group)
+        if not isinstance(self.opt, Optimizer): self._wrap_torch_groups()
+        if self.slow_weights is not None: self.slow_weights.append([p.detach().clone() for p in self.param_groups[-1]['params']])
 
     def __repr__(self): return f"Lookahead({self.opt!r}, k={self.k}, alpha={self.alpha})"

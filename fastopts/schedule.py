@@ -7,16 +7,14 @@ square-root decay, warm-up, and `HyperSchedule` for everything else."""
 from __future__ import annotations
 import bisect, math, warnings
 import numpy as np
-import matplotlib.pyplot as plt
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
-from fastai.optimizer import _BaseOptimizer
-from .core import as_float, check_range, check_choice, check_int, spread_slice
+from .core import as_float, check_range, check_choice, check_int, per_group, new_axes
 
 # %% auto #0
 __all__ = ['lin_anneal', 'cos_anneal', 'exp_anneal', 'const_sched', 'join_scheds', 'time_decay', 'sqrt_decay', 'step_decay',
-           'cos_restarts', 'HyperSchedule', 'schedule_values', 'OneCycle', 'StepDecay', 'TimeDecay', 'SqrtDecay',
-           'plot_schedule']
+           'cos_restarts', 'SchedulePlan', 'batch_steps', 'HyperSchedule', 'schedule_values', 'OneCycle', 'StepDecay',
+           'TimeDecay', 'SqrtDecay', 'plot_schedule']
 
 # %% ../nbs/02_schedule.ipynb #c005
 def _clip01(p): return 0. if p < 0 else 1. if p > 1 else float(p)
@@ -58,29 +56,38 @@ def join_scheds(pcts, scheds):
     keep = [i for i, w in enumerate(pcts) if w > 0]   # empty phases never run
     starts, widths, scheds = [bounds[i] for i in keep], [pcts[i] for i in keep], [scheds[i] for i in keep]
     starts[0] = 0.
-    bisect_right = bisect.bisect_right
     def f(p):
-        p = 0. if p < 0 else 1. if p > 1 else p
-        i = bisect_right(starts, p) - 1
+        p = _clip01(p)
+        i = bisect.bisect_right(starts, p) - 1
         return scheds[i]((p - starts[i]) / widths[i])
     return f
 
 # %% ../nbs/02_schedule.ipynb #c011
 def time_decay(lr0, decay_rate):
     "lr0 / (1 + decay_rate·t)"
-    lr0 = _val(lr0)
+    lr0, decay_rate = _val(lr0), check_range('decay_rate', decay_rate, 0)
     def f(t): return lr0 / (1 + decay_rate * t)
     return f
 
 def sqrt_decay(lr0, k=1.):
     "k·lr0 / √(t+1)"
-    lr0 = _val(lr0)
+    lr0, k = _val(lr0), check_range('k', k, 0, lo_open=True)
     def f(t): return k * lr0 / math.sqrt(t + 1)
     return f
 
+def _step_args(gamma, step_size, milestones):
+    "`gamma` > 0 and exactly one of `step_size` >= 1 or strictly increasing `milestones` >= 0, checked."
+    gamma = check_range('gamma', gamma, 0, lo_open=True)
+    if (step_size is None) == (milestones is None):
+        raise ValueError(f"give one of `step_size` or `milestones`, got neither or both ({step_size!r}, {milestones!r})")
+    if step_size is not None: return gamma, check_int('step_size', step_size, 1), None
+    ms = [check_int('milestones', m, 0) for m in milestones]
+    if any(b <= a for a, b in zip(ms, ms[1:])): raise ValueError(f"`milestones` must be strictly increasing, got {milestones!r}")
+    return gamma, None, ms
+
 def step_decay(lr0, gamma=0.1, step_size=None, milestones=None):
     "lr0·gamma^n with n = t // step_size, or the number of `milestones` <= t."
-    lr0 = _val(lr0)
+    lr0, (gamma, step_size, milestones) = _val(lr0), _step_args(gamma, step_size, milestones)
     def f(t):
         n = t // step_size if milestones is None else bisect.bisect_right(milestones, t)
         if n > 1000: return lr0 * gamma ** n
@@ -91,25 +98,93 @@ def step_decay(lr0, gamma=0.1, step_size=None, milestones=None):
 
 def cos_restarts(lr_max, lr_min=0., period=100, mult=1.):
     "SGDR (Loshchilov & Hutter 2017): cosine from `lr_max` to `lr_min` over `period` steps, restarting with periods ×`mult`."
+    period = check_range('period', period, 0, lo_open=True)
+    mult = check_range('mult', mult, 1)   # shrinking periods would restart infinitely often before a finite step
+    cos = cos_anneal(lr_max, lr_min)
     def f(t):
+        if mult == 1: return cos((t % period) / period)
         start, T = 0, period
         while t >= start + T: start, T = start + T, T * mult
-        return cos_anneal(lr_max, lr_min)((t - start) / T)
+        return cos((t - start) / T)
     return f
 
 # %% ../nbs/02_schedule.ipynb #c014
 _PER = ('pct', 'batch', 'epoch')
 
-def _expand(name, v, n):
-    "A hyper value (number, per-group list, or fastai-style `slice`) as `n` floats."
-    if isinstance(v, slice): v = spread_slice(name, v, n)
-    v = np.asarray(v, dtype=float).reshape(-1)
-    if len(v) == 1: v = np.repeat(v, n)
-    if len(v) != n: raise ValueError(f"`{name}` has {len(v)} values for {n} parameter groups")
-    return v
+def _as_sched(name, f):
+    "A schedule function, a list of them (one per parameter group), or a number to hold constant."
+    if callable(f): return f
+    if isinstance(f, (list, tuple)) and f and all(callable(g) for g in f): return list(f)
+    return const_sched(as_float(name, f))
+
+class SchedulePlan:
+    "Hyper values at every optimizer step: `plan(s)` -> {hyper: [one float per group]}. Pure: no Learner, no state."
+    def __init__(self,
+                 scheds:dict,                   # hyper name -> schedule function, list of them (one per group), or number
+                 n_steps:int,                   # optimizer steps planned; past the last one its values hold
+                 n_groups:int=1,                # parameter groups
+                 per:str='pct',                 # the schedules' position: 'pct' (s/N), 'batch' (s) or 'epoch'
+                 warmup:int=0,                  # steps of linear lr warm-up; the position counts from its end
+                 steps_per_epoch:int|None=None, # for per='epoch' (default: all steps in one epoch) ...
+                 step_epochs=None):             # ... or the epoch of each step (under gradient accumulation)
+        self.n_steps, self.n_groups = check_int('n_steps', n_steps, 1), check_int('n_groups', n_groups, 1)
+        self.per, self.warmup = check_choice('per', per, _PER), check_int('warmup', warmup, 0)
+        if step_epochs is None:
+            spe = n_steps if steps_per_epoch is None else check_int('steps_per_epoch', steps_per_epoch, 1)
+            step_epochs = [s // spe for s in range(n_steps)]
+        self.step_epochs = [check_int('step_epochs', e, 0) for e in step_epochs]
+        if len(self.step_epochs) != n_steps:
+            raise ValueError(f"`step_epochs` needs one epoch per step ({n_steps}), got {len(self.step_epochs)}")
+        self.scheds = {k: _as_sched(k, f) for k, f in scheds.items()}
+        self._lr0 = self._eval('lr', 0) if 'lr' in self.scheds else None   # also refuses a bad schedule now
+
+    def _eval(self, k, pos) -> list[float]:
+        f = self.scheds[k]
+        return [float(v) for v in per_group(k, [g(pos) for g in f] if isinstance(f, list) else f(pos), self.n_groups)]
+
+    def position(self, s:int):
+        "What the schedules are called with at step `s` (>= warm-up)."
+        w = min(self.warmup, self.n_steps)
+        if self.per == 'pct': return (s - w) / max(self.n_steps - w, 1)
+        return s - w if self.per == 'batch' else self.step_epochs[s] - self.step_epochs[w]
+
+    def __call__(self, step:int) -> dict:
+        s = min(check_int('step', step, 0), self.n_steps - 1)   # past the planned end the last values hold
+        if s < self.warmup:   # the lr climbs to its first scheduled value; the other hypers start where they start
+            out = {k: self._eval(k, 0) for k in self.scheds}
+            if 'lr' in out: out['lr'] = [v * (s + 1) / self.warmup for v in self._lr0]
+            return out
+        pos = self.position(s)
+        return {k: self._eval(k, pos) for k in self.scheds}
+
+    def values(self) -> dict:
+        "{hyper: array (n_steps, n_groups)}: the whole plan."
+        rows = [self(s) for s in range(self.n_steps)]
+        return {k: np.array([r[k] for r in rows]) for k in self.scheds}
+
+# %% ../nbs/02_schedule.ipynb #c014c
+def batch_steps(n_epoch:int, n_iter:int, batch_sizes=None, n_acc=None) -> list[int]:
+    "Optimizer steps done before each of `n_epoch·n_iter` batches and after the last: one per batch, or counted as fastai's `GradientAccumulation(n_acc)` counts items (`batch_sizes`, default 1 per batch)."
+    n = check_int('n_epoch', n_epoch, 1) * check_int('n_iter', n_iter, 1)
+    if n_acc is None: return list(range(n + 1))
+    n_acc = check_range('n_acc', n_acc, 0, lo_open=True)
+    sizes = [1] * n_iter if batch_sizes is None else list(batch_sizes)
+    if len(sizes) != n_iter: raise ValueError(f"`batch_sizes` needs {n_iter} sizes, got {len(sizes)}")
+    out, count = [0], 0
+    for b in sizes * n_epoch:   # GradientAccumulation steps once the items counted reach n_acc, then restarts
+        count += b
+        out.append(out[-1] + (count >= n_acc))
+        if count >= n_acc: count = 0
+    return out
+
+def _batch_sizes(dl) -> list[int]:
+    "The sizes of the batches `dl` yields (the last may be short)."
+    n, bs = len(dl.dataset), dl.bs
+    sizes = [bs] * (n // bs) + ([n % bs] if n % bs and not dl.drop_last else [])
+    return sizes if len(sizes) == len(dl) else [bs] * len(dl)
 
 class HyperSchedule(Callback):
-    "Set hypers before each training batch from schedule functions of progress (`per='pct'`), step or epoch."
+    "Before each training batch, set the hypers the fit's `SchedulePlan` gives for the step that batch leads to."
     order, run_valid = 60, False
     def __init__(self,
                  per:str='pct',     # position passed to the schedules: 'pct' (s/N), 'batch' (step s) or 'epoch'
@@ -118,137 +193,52 @@ class HyperSchedule(Callback):
                  **scheds):         # hyper name -> schedule function, list of them (one per group) or constant
         self.per, self.warmup = check_choice('per', per, _PER), check_int('warmup', warmup, 0)
         self.n_epoch = None if n_epoch is None else check_int('n_epoch', n_epoch, 1)
-        for k, f in scheds.items():
-            ok = callable(f) or isinstance(f, (list, tuple)) and all(callable(g) for g in f)
-            if not ok: as_float(k, f)   # a constant: must be a number
+        for k, f in scheds.items(): _as_sched(k, f)   # a bad schedule is refused here, not at the fit
         self.scheds = scheds
 
-    def _build(self, base:dict) -> dict:
-        "Schedules for this fit (subclasses build theirs from the hypers at the start of the fit, `base`)."
-        return {k: f if callable(f) or isinstance(f, (list, tuple)) else const_sched(f) for k, f in self.scheds.items()}
+    def schedules(self, base:dict) -> dict:
+        "The schedules for a fit whose hypers start at `base` ({name: one value per group}); subclasses derive theirs."
+        return self.scheds
 
-    # --- the plan, independent of any Learner (used by `before_fit` and `schedule_values`)
-    def _setup(self, base:dict, n_epoch:int, n_iter:int, sizes=None, n_acc=None):
-        self._n_groups = len(base['lr'])
-        self._n_iter, self._n_epoch = n_iter, self.n_epoch or n_epoch
-        self._scheds = self._build(base)
-        if n_acc is None: self._steps_before, self._N = None, self._n_epoch * n_iter
-        else:   # replay GradientAccumulation: a step when the items counted reach n_acc, then the count restarts
-            sizes = list(sizes) if sizes is not None else [1] * n_iter
-            before, count, s = [], 0, 0
-            for _ in range(self._n_epoch):
-                for b in sizes:
-                    before.append(s); count += b
-                    if count >= n_acc: s, count = s + 1, 0
-            self._steps_before, self._N = np.array(before), max(s, 1)
-        w = min(self.warmup, self._N)
-        self._warm_epoch = self._epoch_of_step(w) if w else 0
-        self._lr0 = self._eval('lr', 0) if 'lr' in self._scheds else None
-
-    def _step_of(self, j):
-        if self._steps_before is None: return j
-        return int(self._steps_before[j]) if j < len(self._steps_before) else self._N
-
-    def _epoch_of_step(self, s):
-        j = s if self._steps_before is None else int(np.searchsorted(self._steps_before, s))
-        return j // self._n_iter
-
-    def _eval(self, k, pos):
-        f = self._scheds[k]
-        return self._groups([g(pos) for g in f] if isinstance(f, (list, tuple)) else f(pos))
-
-    def _groups(self, v):
-        if v.__class__ is float: return [v] * self._n_groups   # the common case, kept cheap
-        return np.broadcast_to(np.asarray(v, dtype=float), (self._n_groups,)).tolist()
-
-    def _at(self, epoch:int, it:int) -> dict:
-        "Hyper values (one list per hyper, one float per group) for training batch `it` of `epoch`."
-        j = epoch * self._n_iter + it
-        s = j if self._steps_before is None else self._step_of(j)
-        if s >= self._N: s = self._N - 1                      # hold the last value past the end
-        w = self.warmup
-        if s < w:
-            out = {k: self._eval(k, 0) for k in self._scheds}
-            if 'lr' in out: out['lr'] = [v * (s + 1) / w for v in self._lr0]
-            return out
-        if self.per == 'pct': pos = (s - w) / max(self._N - w, 1)
-        elif self.per == 'batch': pos = s - w
-        else: pos = min(epoch, self._n_epoch - 1) - self._warm_epoch
-        out, groups = {}, self._groups
-        for k, f in self._scheds.items():
-            out[k] = groups([g(pos) for g in f] if f.__class__ in (list, tuple) else f(pos))
-        return out
-
-    # --- the callback. Its per-fit state lives in `_`-names set without fastai's `Callback.__setattr__` check,
-    # and the hooks reach the Learner through `self.learn`, not fastai's attribute forwarding: both cost more
-    # than computing the schedule.
-    def __setattr__(self, k, v):
-        if k.startswith('_') or k == 'hps': object.__setattr__(self, k, v)
-        else: super().__setattr__(k, v)
+    def plan(self, base:dict, n_epoch:int, n_iter:int, batch_sizes=None, n_acc=None) -> SchedulePlan:
+        "The plan for `n_epoch` epochs (this callback's own `n_epoch` if set) of `n_iter` batches, hypers from `base`."
+        n_iter, before = check_int('n_iter', n_iter, 1), batch_steps(self.n_epoch or n_epoch, n_iter, batch_sizes, n_acc)
+        step_epochs = [j // n_iter for j in range(len(before) - 1) if before[j + 1] > before[j]] or [0]
+        return SchedulePlan(self.schedules(base), len(step_epochs), len(base['lr']), self.per, self.warmup,
+                            step_epochs=step_epochs)
 
     def before_fit(self):
-        learn = self.learn
-        opt, dl = learn.opt, learn.dls.train
-        hyp = opt.hypers
-        base = {k: [h[k] for h in hyp] for k in hyp[0].keys()}
-        ga = next((cb for cb in learn.cbs if isinstance(cb, GradientAccumulation)), None)
-        sizes = None
-        if ga is not None:
-            n, bs = len(dl.dataset), dl.bs
-            sizes = [bs] * (n // bs) + ([n % bs] if n % bs and not dl.drop_last else [])
-            if len(sizes) != len(dl): sizes = [bs] * len(dl)
-        self._setup(base, learn.n_epoch, len(dl), sizes, None if ga is None else ga.n_acc)
-        for k in [k for k in self._scheds if k not in hyp[0]]:
+        hyp, dl, n_epoch = self.opt.hypers, self.dls.train, self.learn.n_epoch
+        ga = next((cb for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)), None)
+        sizes, n_acc = (_batch_sizes(dl), ga.n_acc) if ga else (None, None)
+        self.fit_plan = self.plan({k: [h[k] for h in hyp] for k in hyp[0]}, n_epoch, len(dl), sizes, n_acc)
+        for k in [k for k in self.fit_plan.scheds if k not in hyp[0]]:
             warnings.warn(f"{type(self).__name__}: the optimizer has no hyper-parameter {k!r}; its schedule is skipped")
-            del self._scheds[k]
-        self.hps, self._rec = {k: [] for k in self._scheds}, []
-        if hasattr(learn, 'recorder'): learn.recorder.hps = {}
-        # we always hand over exactly one float per group, so on fastai's optimizers (and `OptimWrapper`) the
-        # public `set_hyper`'s slice/broadcast handling is skipped: it costs more than computing the schedule
-        fast = isinstance(opt, _BaseOptimizer) and type(opt).set_hyper is _BaseOptimizer.set_hyper
-        self._set_hyper = opt._set_hyper if fast else opt.set_hyper
+            del self.fit_plan.scheds[k]
+        self.n_iter_, self.steps_ = len(dl), batch_steps(max(n_epoch, self.n_epoch or 0), len(dl), sizes, n_acc)
+        self.hps = {k: [] for k in self.fit_plan.scheds}
+        if hasattr(self.learn, 'recorder'): self.learn.recorder.hps = {}
 
-    def before_train(self):
-        # one epoch's values in one tight loop (far cheaper than one call per batch), each with the last group's
-        # values to record, or None for a micro-batch that only accumulates gradients
-        ep, at, step_of, ga = self.learn.epoch, self._at, self._step_of, self._steps_before is not None
-        self._epoch_vals = vals = []
-        for i in range(self._n_iter):
-            cur, j = at(ep, i), ep * self._n_iter + i
-            steps = not ga or step_of(j + 1) > step_of(j)
-            vals.append((tuple(cur.items()), tuple(v[-1] for v in cur.values()) if steps else None))
-
-    def before_batch(self):   # the only per-batch hook: set the hypers, note the values the step will use
-        i = self.learn.iter
-        vals = self._epoch_vals
-        if i < len(vals): items, rec = vals[i]
-        else:
-            cur = self._at(self.learn.epoch, i); items, rec = tuple(cur.items()), tuple(v[-1] for v in cur.values())
-        set_hyper = self._set_hyper
-        for k, v in items: set_hyper(k, v)
-        if rec is not None: self._rec.append(rec)
+    def before_batch(self):
+        learn = self.learn   # (fastai's attribute forwarding, `self.epoch`, costs more than the rest of this hook)
+        j = learn.epoch * self.n_iter_ + learn.iter
+        vals = self.fit_plan(self.steps_[j])
+        for k, v in vals.items(): learn.opt.set_hyper(k, v)
+        if self.steps_[j + 1] > self.steps_[j]:   # this batch ends in an optimizer step: record what it uses
+            for k, v in vals.items(): self.hps[k].append(v[-1])
 
     def after_fit(self):
-        self.hps = {k: [r[n] for r in self._rec] for n, k in enumerate(self._scheds)}
         rec = getattr(self.learn, 'recorder', None)
         if rec is not None: rec.hps = {**getattr(rec, 'hps', {}), **self.hps}
 
 # %% ../nbs/02_schedule.ipynb #c016
-def schedule_values(cb:HyperSchedule, n_epoch:int, n_batch:int, lr=1e-3, n_acc_batches:int=None, **hypers) -> dict:
-    "{hyper: array (steps, groups)} that `cb` sets over `n_epoch` epochs of `n_batch` batches with base `lr`, `hypers`."
-    if not isinstance(cb, HyperSchedule): cb = HyperSchedule(lr=cb)
-    n = len(np.atleast_1d(lr)) if not isinstance(lr, slice) else hypers.pop('n_groups', 1)
-    base = {'lr': _expand('lr', lr, n).tolist(), **{k: _expand(k, v, n).tolist() for k, v in hypers.items()}}
-    cb._setup(base, n_epoch, n_batch, None if n_acc_batches is None else [1] * n_batch, n_acc_batches)
-    vals = {k: [] for k in cb._scheds}
-    last = None
-    for e in range(cb._n_epoch if cb.n_epoch else n_epoch):
-        for i in range(n_batch):
-            s = cb._step_of(e * n_batch + i)
-            if n_acc_batches is not None and s == last: continue   # micro-batches of the same step
-            last = s
-            for k, v in cb._at(e, i).items(): vals[k].append(v)
-    return {k: np.array(v) for k, v in vals.items()}
+def schedule_values(cb:HyperSchedule, n_epoch:int, n_batch:int, lr=1e-3, n_acc_batches:int=None, n_groups:int=None,
+                    **hypers) -> dict:
+    "{hyper: array (steps, groups)} of the plan `cb` makes for `n_epoch` epochs of `n_batch` batches, base `lr`, `hypers`."
+    if not isinstance(cb, HyperSchedule): cb = HyperSchedule(lr=cb)   # a plain schedule function for the lr
+    if n_groups is None: n_groups = 1 if isinstance(lr, slice) else len(np.atleast_1d(lr))
+    base = {k: per_group(k, v, n_groups) for k, v in dict(hypers, lr=lr).items()}
+    return cb.plan(base, n_epoch, n_batch, n_acc=n_acc_batches).values()
 
 # %% ../nbs/02_schedule.ipynb #c019
 _ANNEAL = dict(cos=cos_anneal, linear=lin_anneal, exp=exp_anneal)
@@ -268,10 +258,8 @@ class OneCycle(HyperSchedule):
         self.moms, self.anneal, self.three_phase = moms, check_choice('anneal', anneal, list(_ANNEAL)), three_phase
         super().__init__(per='pct', n_epoch=n_epoch)
 
-    def _build(self, base):
-        n = len(base['lr'])
-        hi = _expand('lr_max', base['lr'] if self.lr_max is None else self.lr_max, n)
-        if np.all(hi == hi[0]): hi = float(hi[0])   # one rate for all groups: plain floats are cheaper
+    def schedules(self, base):
+        hi = np.array(per_group('lr_max', base['lr'] if self.lr_max is None else self.lr_max, len(base['lr'])), dtype=float)
         lo, end, a, p = hi / self.div, hi / self.div_final, _ANNEAL[self.anneal], self.pct_start
         if self.three_phase:
             pcts, lr = [p, p, 1 - 2 * p], [a(lo, hi), a(hi, lo), a(lo, end)]
@@ -286,21 +274,12 @@ class OneCycle(HyperSchedule):
 class _Decay(HyperSchedule):
     def __init__(self, per, warmup, n_epoch):
         super().__init__(per=check_choice('per', per, ['epoch', 'batch']), warmup=warmup, n_epoch=n_epoch)
-    def _build(self, base):
-        lr0 = np.asarray(base['lr'], dtype=float)
-        return dict(lr=self._decay(float(lr0[0]) if np.all(lr0 == lr0[0]) else lr0))
+    def schedules(self, base): return dict(lr=self._decay(np.array(base['lr'], dtype=float)))
 
 class StepDecay(_Decay):
     "lr = lr0·gamma^n, n = `milestones` passed or t // `step_size` (torch's `MultiStepLR` / `StepLR`)."
     def __init__(self, gamma:float=0.1, step_size:int=None, milestones=None, per:str='epoch', warmup:int=0, n_epoch:int=None):
-        self.gamma = check_range('gamma', gamma, 0, lo_open=True)
-        if (step_size is None) == (milestones is None): raise ValueError("give one of `step_size` or `milestones`, got neither or both")
-        self.step_size = None if step_size is None else check_int('step_size', step_size, 1)
-        if milestones is not None:
-            milestones = [check_int('milestones', m, 0) for m in milestones]
-            if any(b <= a for a, b in zip(milestones, milestones[1:])):
-                raise ValueError(f"`milestones` must be strictly increasing, got {milestones!r}")
-        self.milestones = milestones
+        self.gamma, self.step_size, self.milestones = _step_args(gamma, step_size, milestones)
         super().__init__(per, warmup, n_epoch)
     def _decay(self, lr0): return step_decay(lr0, self.gamma, self.step_size, self.milestones)
 
@@ -320,11 +299,10 @@ class SqrtDecay(_Decay):
 
 # %% ../nbs/02_schedule.ipynb #c025
 def plot_schedule(sched_or_callback, n_epoch:int=30, n_batch:int=1, lr=1e-3, ax=None, label=None, **hypers):
-    "Plot lr (and mom) set by `sched_or_callback` over `n_epoch` epochs of `n_batch` batches; returns the axes."
+    "Plot lr (and mom) set by `sched_or_callback` over `n_epoch` epochs of `n_batch` batches; returns the axes (a list)."
     v = schedule_values(sched_or_callback, n_epoch, n_batch, lr=lr, **hypers)
     keys = [k for k in ('lr', 'mom') if k in v] or list(v)[:1]
-    if ax is None: _, ax = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
-    axs = np.atleast_1d(ax).reshape(-1)
+    axs = new_axes(ax, len(keys), figsize=(5 * len(keys), 3.2))
     for k, a in zip(keys, axs):
         a.plot(v[k][:, -1], label=label); a.set_xlabel('optimizer step'); a.set_ylabel(k)
         if label: a.legend()

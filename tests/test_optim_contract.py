@@ -8,6 +8,7 @@ import numpy as np, pytest, torch
 from functools import partial
 from torch.testing import assert_close
 import fastai.optimizer as fo
+from registry import OPTIMIZERS, DOCUMENTED_DEFAULTS
 from fastopts.optimizer import (Optimizer, SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead,
                                 average_grad, average_sqr_grad, step_stat, sgd_step, momentum_step, rms_prop_step,
                                 adam_step, weight_decay, l2_reg)
@@ -34,21 +35,8 @@ def groups_of(ps): return [ps[:2], ps[2:]]
 def dict_groups(ps, **kw): return [{'params': ps[:2], **kw}, {'params': ps[2:], **kw}]
 def opt_params(opt): return [p for g in opt.param_groups for p in g['params']]
 
-OPTS = {
-    'sgd': partial(SGD, lr=0.1), 'sgd_mom': partial(SGD, lr=0.1, mom=0.9, wd=0.01),
-    'sgd_nesterov_l2': partial(SGD, lr=0.1, mom=0.9, nesterov=True, wd=0.01, decouple_wd=False),
-    'momentum': partial(Momentum, lr=0.1), 'rmsprop': partial(RMSProp, lr=1e-2),
-    'rmsprop_mom': partial(RMSProp, lr=1e-2, mom=0.9), 'adam': partial(Adam, lr=1e-2, wd=0.01),
-    'adamw': partial(AdamW, lr=1e-2), 'radam': partial(RAdam, lr=1e-2), 'lamb': partial(Lamb, lr=1e-2, wd=0.01),
-    'lion': partial(Lion, lr=1e-3, wd=0.1), 'lookahead_adam': lambda ps: Lookahead(Adam(ps, lr=1e-2), k=5, alpha=0.5),
-}
-# the optimizers that ship, with their documented defaults (GUIDE section 2)
-DEFAULTS = {
-    SGD: dict(mom=0., wd=0.), Momentum: dict(mom=0.9, wd=0.), RMSProp: dict(sqr_mom=0.99, mom=0., eps=1e-8, wd=0.),
-    Adam: dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.), AdamW: dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01),
-    RAdam: dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.), Lamb: dict(mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.),
-    Lion: dict(mom=0.9, sqr_mom=0.99, wd=0.),
-}
+OPTS = {o.name: o.make for o in OPTIMIZERS}
+DEFAULTS = DOCUMENTED_DEFAULTS
 
 @pytest.mark.parametrize('fn', list(DEFAULTS), ids=lambda f: f.__name__)
 def test_documented_defaults(fn):
@@ -460,14 +448,8 @@ def test_clear_state_keeps_learner_flags():
     run(opt, ps, 5, 10); run(topt, ref, 5, 10)
     for p, r in zip(ps, ref): assert_close(p, r)
 
-WD_OPTS = {
-    'sgd': partial(SGD, lr=0.1, mom=0.9, wd=0.1), 'sgd_l2': partial(SGD, lr=0.1, mom=0.9, wd=0.1, decouple_wd=False),
-    'momentum': partial(Momentum, lr=0.1, wd=0.1), 'rmsprop': partial(RMSProp, lr=1e-2, wd=0.1),
-    'adam': partial(Adam, lr=1e-2, wd=0.1), 'adam_l2': partial(Adam, lr=1e-2, wd=0.1, decouple_wd=False),
-    'adamw': partial(AdamW, lr=1e-2, wd=0.1), 'radam': partial(RAdam, lr=1e-2, wd=0.1),
-    'radam_l2': partial(RAdam, lr=1e-2, wd=0.1, decouple_wd=False), 'lamb': partial(Lamb, lr=1e-2, wd=0.1),
-    'lion': partial(Lion, lr=1e-3, wd=0.5),
-}
+# every optimizer but the wrapper, with weight decay on (Lion's lr is small: it needs a larger wd to show)
+WD_OPTS = {o.name: partial(o.make, wd=0.5 if o.name == 'lion' else 0.1) for o in OPTIMIZERS if o.name != 'lookahead_adam'}
 
 @pytest.mark.parametrize('off', [(0,), (0, 2)], ids=['some_of_a_group', 'whole_group'])
 @pytest.mark.parametrize('name', list(WD_OPTS))
@@ -477,7 +459,7 @@ def test_do_wd_false_gets_no_weight_decay(name, off):
     solo = [[p] for p in clone_params(ps)]
     opt = WD_OPTS[name](groups_of(ps))
     for i in off: opt.state[ps[i]]['do_wd'] = False
-    refs = [WD_OPTS[name](q, wd=0. if i in off else 0.1 if name != 'lion' else 0.5) for i, q in enumerate(solo)]
+    refs = [WD_OPTS[name](q, wd=0.) if i in off else WD_OPTS[name](q) for i, q in enumerate(solo)]
     for t in range(15):
         set_grads(ps, t); opt.step()
         set_grads([q[0] for q in solo], t)      # the same gradients as the grouped params get

@@ -201,7 +201,9 @@ CASES = {
 # construction by fastai's list of lists + `set_hyper`, in both dtypes; by torch-style group dicts in float64 only
 # (that path differs in construction, not in the arithmetic, and the suite has a time budget)
 MODES = [pytest.param('lists', torch.float64, id='lists-f64'), pytest.param('lists', torch.float32, id='lists-f32'),
-         pytest.param('dicts', torch.float64, id='dicts-f64')]
+         pytest.param('dicts', torch.float64, id='dicts-f64'), pytest.param('callbacks', torch.float32, id='callbacks-f32')]
+# 'callbacks': the list-of-lists build with `fused=False`, so chains that have a fused kernel are checked on both paths
+FUSED_MODE = {'lists': {}, 'dicts': {}, 'callbacks': {'fused': False}}
 
 @pytest.mark.parametrize('mode,dtype', MODES)
 @pytest.mark.parametrize('case', list(CASES))

@@ -2,7 +2,8 @@
 from functools import partial
 import math, pytest, torch
 from hypothesis import given, settings, strategies as st, HealthCheck
-from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+from fastopts.optimizer import Adam, Momentum
+from registry import OPTIMIZERS
 
 finite = dict(allow_nan=False, allow_infinity=False)
 unit = st.floats(0, 0.999, **finite)
@@ -33,8 +34,7 @@ def test_momentum_with_constant_gradient_is_a_geometric_sum(lr, mom, g, steps):
     moved = sum(1 - mom**t for t in range(1, steps + 1))
     torch.testing.assert_close(p.detach(), -lr * moved * g, rtol=1e-9, atol=1e-9)
 
-OPTS = dict(SGD=partial(SGD, mom=0.9), Momentum=Momentum, RMSProp=RMSProp, Adam=Adam, AdamW=AdamW, RAdam=RAdam,
-            Lamb=Lamb, Lion=Lion, Lookahead=lambda ps, lr, **kw: Lookahead(RAdam(ps, lr, **kw), k=2))
+OPTS = {o.name: o.make for o in OPTIMIZERS}
 
 @pytest.mark.parametrize('name', list(OPTS))
 @SETTINGS

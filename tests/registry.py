@@ -1,0 +1,61 @@
+"""The one registry of fastopts' optimizers that the parameterised tests read: a new optimizer is one entry here.
+
+Each entry says how to build the optimizer (`make(params, **overrides)`), its `torch.optim` counterpart with the same
+numbers where torch has the rule (`torch_make(params)`), and which properties apply: `fused` (the default step runs
+a torch fused kernel), `checkpoint` (a `torch.optim` state dict of the rule loads), `complex_ref` ('torch' when torch
+steps complex params of this rule, 'real' when the reference is the same params stepped as real pairs).
+"""
+from dataclasses import dataclass, field
+from functools import partial
+import torch
+from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+
+@dataclass
+class OptSpec:
+    name: str
+    factory: object                 # the fastopts factory
+    kwargs: dict                    # hypers in fastai's names
+    torch_cls: object = None        # torch.optim class computing the same rule, or None
+    torch_kwargs: dict = field(default_factory=dict)
+    fused: bool = False             # dispatched to a torch fused kernel by default
+    checkpoint: bool = False        # a torch.optim state dict of this rule loads (issue: checkpoint migration)
+    complex_ref: str = 'real'
+    def make(self, params, **kw): return self.factory(params, **{**self.kwargs, **kw})
+    def torch_make(self, params): return self.torch_cls(params, **self.torch_kwargs)
+
+def _lookahead_adam(params, **kw): return Lookahead(Adam(params, **{'lr': 1e-2, **kw}), k=3, alpha=0.5)
+
+OPTIMIZERS = [
+    OptSpec('sgd', SGD, dict(lr=0.1), torch.optim.SGD, dict(lr=0.1), fused=True, checkpoint=True, complex_ref='torch'),
+    OptSpec('sgd_mom', SGD, dict(lr=0.1, mom=0.9), torch.optim.SGD, dict(lr=0.1, momentum=0.9), fused=True,
+            checkpoint=True, complex_ref='torch'),
+    OptSpec('sgd_nesterov_l2', SGD, dict(lr=0.1, mom=0.9, nesterov=True, wd=0.01, decouple_wd=False), torch.optim.SGD,
+            dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01), fused=True, checkpoint=True, complex_ref='torch'),
+    OptSpec('momentum', Momentum, dict(lr=0.1, mom=0.9), fused=True),
+    OptSpec('momentum_wd', Momentum, dict(lr=0.1, mom=0.9, wd=0.1), fused=True),
+    OptSpec('rmsprop', RMSProp, dict(lr=1e-2), torch.optim.RMSprop, dict(lr=1e-2, alpha=0.99, eps=1e-8),
+            checkpoint=True, complex_ref='torch'),
+    OptSpec('rmsprop_mom', RMSProp, dict(lr=1e-2, mom=0.9), torch.optim.RMSprop, dict(lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.9),
+            checkpoint=True, complex_ref='torch'),
+    OptSpec('adam', Adam, dict(lr=1e-2), torch.optim.Adam, dict(lr=1e-2), fused=True, checkpoint=True, complex_ref='torch'),
+    OptSpec('adam_l2', Adam, dict(lr=1e-2, wd=0.01, decouple_wd=False), torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01),
+            fused=True, checkpoint=True, complex_ref='torch'),
+    OptSpec('adamw', AdamW, dict(lr=1e-2), torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.01), fused=True,
+            checkpoint=True, complex_ref='torch'),
+    OptSpec('radam', RAdam, dict(lr=1e-2), torch.optim.RAdam, dict(lr=1e-2), checkpoint=True, complex_ref='torch'),
+    OptSpec('lamb', Lamb, dict(lr=1e-2, wd=0.01)),
+    OptSpec('lion', Lion, dict(lr=1e-3, wd=0.1)),
+    OptSpec('lookahead_adam', _lookahead_adam, {}),
+]
+BY_NAME = {o.name: o for o in OPTIMIZERS}
+# each factory's documented defaults (README "Using it", and the factories' signatures)
+DOCUMENTED_DEFAULTS = {
+    SGD: dict(mom=0., wd=0.), Momentum: dict(mom=0.9, wd=0.), RMSProp: dict(sqr_mom=0.99, mom=0., eps=1e-8, wd=0.),
+    Adam: dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.), AdamW: dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01),
+    RAdam: dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.), Lamb: dict(mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.),
+    Lion: dict(mom=0.9, sqr_mom=0.99, wd=0.),
+}
+FUSED = [o for o in OPTIMIZERS if o.fused]
+WITH_TORCH = [o for o in OPTIMIZERS if o.torch_cls is not None]
+CHECKPOINT = [o for o in OPTIMIZERS if o.checkpoint]
+ids = lambda o: o.name
