@@ -106,11 +106,10 @@ def format_epoch_table(res:dict) -> str:
 
 def plot_epoch_times(res:dict, fname, title:str='') -> Path:
     "Bars: median seconds per epoch (whiskers: min and max; dark: inside the optimizer's step); beside them every epoch's time."
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     names = list(res)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw=dict(width_ratios=[1, 1.3]))
+    fig = Figure(figsize=(12, 4.5))   # not pyplot's: no backend is chosen or switched
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1, 1.3]))
     med = [res[n]['median'] for n in names]
     lo = [m - min(res[n]['seconds']) for m, n in zip(med, names)]
     hi = [max(res[n]['seconds']) - m for m, n in zip(med, names)]
@@ -123,7 +122,7 @@ def plot_epoch_times(res:dict, fname, title:str='') -> Path:
     ax2.set(xlabel='timed epoch', ylabel='seconds', title='each epoch (interleaved across optimizers)')
     ax2.legend(fontsize=8)
     fig.suptitle(title or 'digits CNN: seconds per epoch by optimizer')
-    fig.tight_layout(); fig.savefig(fname, dpi=100); plt.close(fig)
+    fig.tight_layout(); fig.savefig(fname, dpi=100)
     return Path(fname)
 
 # %% ../nbs/10_epoch_bench.ipynb #e014

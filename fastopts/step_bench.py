@@ -178,10 +178,10 @@ class _Unavailable(Exception): "This library or version has no such implementati
 def _build(name:str, make, ps):
     "`make(ps)`; `_Unavailable` when a fastopts keyword (`fused`, `compiled`) or a torch implementation does not exist."
     try: return make(ps)
-    except TypeError as e:
-        if 'keyword' in str(e): raise _Unavailable(f'{name}: {e}') from None
+    except (TypeError, ValueError) as e:   # python's TypeError, or fastopts' ValueError naming the unknown keyword
+        if 'keyword' in str(e) or name.startswith('torch'): raise _Unavailable(f'{name}: {e}') from None
         raise
-    except (RuntimeError, ValueError) as e:
+    except RuntimeError as e:
         if name.startswith('torch'): raise _Unavailable(f'{name}: {e}') from None
         raise
 
