@@ -6,7 +6,7 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #c002
-from . import core, optimizer, schedule, lr_finder, surfaces, viz, data
+from . import core, optimizer, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape
 from .core import *
 from .optimizer import *
 from .schedule import *
@@ -14,6 +14,8 @@ from .lr_finder import *
 from .surfaces import *
 from .viz import *
 from .data import *
+from .fit_viz import *
+from .landscape import *
 
 # every module's public names, so that `import *` brings them all
-__all__ = [n for m in (core, optimizer, schedule, lr_finder, surfaces, viz, data) for n in m.__all__]
+__all__ = [n for m in (core, optimizer, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape) for n in m.__all__]

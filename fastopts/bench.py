@@ -8,33 +8,106 @@ import argparse, math, tempfile, time, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from fastai.basics import Learner, set_seed, CrossEntropyLossFlat, noop
+from torch import nn
+from sklearn import datasets as skd
+from sklearn.model_selection import train_test_split
+from fastai.basics import Learner, set_seed, CrossEntropyLossFlat, MSELossFlat, noop
+from fastai.data.core import DataLoaders
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import valley, slide, minimum, steep
-from .core import check_choice
-from .data import sklearn_dls, dls_mlp, load_xy
+from .core import check_choice, check_int
+from .data import sklearn_dls, dls_mlp, mlp, standardise
 from .optimizer import Adam, SGD
 from .lr_finder import *
 
 # %% auto #0
-__all__ = ['OPT_FUNCS', 'GRID', 'DATASETS', 'FASTAI_METHODS', 'METHODS', 'bench_learner', 'lr_find_benchmark', 'summarise',
-           'write_table', 'add_lr_bench_args', 'lr_bench_main']
+__all__ = ['FAMILIES', 'OPT_FUNCS', 'GRID', 'DATASETS', 'NEW_FAMILIES', 'ALL_FAMILIES', 'FASTAI_METHODS', 'METHODS',
+           'digits_images', 'diabetes_dls', 'sequence_dls', 'small_cnn', 'ResBlock', 'res_cnn', 'GRUClassifier',
+           'bench_learner', 'lr_find_benchmark', 'summarise', 'write_table', 'add_lr_bench_args', 'lr_bench_main']
+
+# %% ../nbs/08_bench.ipynb #b001
+def _dls(xt, yt, xv, yv, bs:int, ydtype) -> DataLoaders:
+    ds = lambda x, t: list(zip(torch.tensor(x, dtype=torch.float32), torch.tensor(t, dtype=ydtype)))
+    return DataLoaders.from_dsets(ds(xt, yt), ds(xv, yv), bs=bs, device='cpu', num_workers=0)
+
+def digits_images(seed:int=0, bs:int=64) -> DataLoaders:
+    "scikit-learn's digits as 1x8x8 images (pixels standardised with the training set's mean and std), 75/25 stratified."
+    X, y = skd.load_digits(return_X_y=True)
+    xt, xv, yt, yv = train_test_split(X, y, test_size=.25, stratify=y, random_state=seed)
+    m, s = xt.mean(), xt.std()
+    img = lambda x: ((x - m) / s).reshape(-1, 1, 8, 8)
+    return _dls(img(xt), yt, img(xv), yv, bs, torch.int64)
+
+def diabetes_dls(seed:int=0, bs:int=64) -> DataLoaders:
+    "scikit-learn's diabetes regression, features and target standardised on the training part (75/25 split)."
+    X, y = skd.load_diabetes(return_X_y=True)
+    xt, xv, yt, yv = train_test_split(X, y, test_size=.25, random_state=seed)
+    xt, xv = standardise(xt, xv); m, s = yt.mean(), yt.std()
+    return _dls(xt, (yt - m) / s, xv, (yv - m) / s, bs, torch.float32)
+
+def sequence_dls(seed:int=0, bs:int=64, n:int=2000, length:int=20, k:int=20) -> DataLoaders:
+    "A generated sequence task: is the sum of the first `k` of `length` Gaussian inputs positive? (fixed data; `seed` picks the split)."
+    rng = np.random.default_rng(1234)
+    X = rng.standard_normal((n, length, 1)).astype(np.float32)
+    y = (X[:, :k, 0].sum(1) > 0).astype(np.int64)
+    xt, xv, yt, yv = train_test_split(X, y, test_size=.25, stratify=y, random_state=seed)
+    return _dls(xt, yt, xv, yv, bs, torch.int64)
+
+# %% ../nbs/08_bench.ipynb #b002
+def small_cnn(n_out:int=10) -> nn.Sequential:
+    "Two 3x3 convolutions (the second with stride 2) and a linear head, for 1x8x8 inputs."
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(32 * 4 * 4, n_out))
+
+class ResBlock(nn.Module):
+    "conv-BN-ReLU-conv-BN plus the identity, then ReLU."
+    def __init__(self, c:int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+    def forward(self, x): return torch.relu(x + self.body(x))
+
+def res_cnn(n_out:int=10, c:int=16) -> nn.Sequential:
+    "A stem convolution with batch norm, two residual blocks, global average pooling and a linear head."
+    return nn.Sequential(nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                         ResBlock(c), ResBlock(c), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, n_out))
+
+class GRUClassifier(nn.Module):
+    "A one-layer GRU read to the end, and a linear head on its last hidden state."
+    def __init__(self, n_in:int=1, hidden:int=32, n_out:int=2):
+        super().__init__()
+        self.gru, self.head = nn.GRU(n_in, hidden, batch_first=True), nn.Linear(hidden, n_out)
+    def forward(self, x): return self.head(self.gru(x)[0][:, -1])
+
+# %% ../nbs/08_bench.ipynb #b003
+# name -> (DataLoaders from (seed, bs), model from (dls, hidden), loss function); the MLP families are `load_xy`'s sets
+FAMILIES = dict(
+    cnn=(digits_images, lambda dls, hidden: small_cnn(), CrossEntropyLossFlat),
+    rescnn=(digits_images, lambda dls, hidden: res_cnn(), CrossEntropyLossFlat),
+    diabetes=(diabetes_dls, lambda dls, hidden: mlp(10, 1, hidden), MSELossFlat),
+    gru=(sequence_dls, lambda dls, hidden: GRUClassifier(), CrossEntropyLossFlat),
+    gru_memory=(partial(sequence_dls, length=12, k=1), lambda dls, hidden: GRUClassifier(), CrossEntropyLossFlat),
+)
+for _n in ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic'):
+    FAMILIES[_n] = (lambda seed, bs, _n=_n: sklearn_dls(_n, bs=bs, seed=seed), dls_mlp, CrossEntropyLossFlat)
 
 # %% ../nbs/08_bench.ipynb #c006
 OPT_FUNCS = dict(adam=Adam, sgd=partial(SGD, mom=0.9))
 GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 2))          # 1e-4, 3.2e-4, ..., 1, 3.2
-DATASETS = ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic')
+DATASETS = ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic')   # the MLP families
+NEW_FAMILIES = ('cnn', 'rescnn', 'diabetes', 'gru', 'gru_memory')
+ALL_FAMILIES = DATASETS + NEW_FAMILIES
 FASTAI_METHODS = dict(valley=valley, slide=slide, minimum=minimum, steep=steep)
 METHODS = ('find_lr', 'find_lr_epochs', *FASTAI_METHODS)
 
 def bench_learner(name:str, seed:int, opt:str, bs:int=64, hidden=(64, 64), path=None) -> Learner:
-    "The benchmark's learner: seeded, fresh `DataLoaders` (no worker processes), MLP, cross-entropy, quiet."
+    "The benchmark's learner for family `name`: seeded, fresh `DataLoaders` (no worker processes), quiet."
     opt_func = OPT_FUNCS[check_choice('opt', opt, OPT_FUNCS)]
+    make_dls, make_model, loss = FAMILIES[check_choice('name', name, FAMILIES)]
     set_seed(seed, reproducible=True)
-    dls = sklearn_dls(name, bs=bs, seed=seed)
+    dls = make_dls(seed, bs)
     for dl in dls.loaders: dl.fake_l.num_workers = 0   # processes cost more than they save on data this small
-    learn = Learner(dls, dls_mlp(dls, hidden), loss_func=CrossEntropyLossFlat(), opt_func=opt_func,
-                    path=path or tempfile.gettempdir())
+    learn = Learner(dls, make_model(dls, hidden), loss_func=loss(), opt_func=opt_func, path=path or tempfile.gettempdir())
     if hasattr(learn, 'progress'): learn.remove_cb(ProgressCallback)
     learn.logger = noop
     return learn
@@ -72,54 +145,64 @@ def _fastai_suggestions(learn:Learner, num_it:int) -> dict:
         except Exception: out[k] = math.nan
     return out, len(learn.recorder.losses)
 
-def _suggest(method, name, seed, opt, epochs, bs, hidden, num_it, tmp, cache) -> tuple[float, int]:
-    "A method's suggested lr for one seed, and what it cost in training iterations."
+def _suggest(method, name, seed, opt, epochs, bs, hidden, num_it, tmp, cache) -> tuple[float, int, str]:
+    "A method's suggested lr for one seed, what it cost in training iterations, and the finder's message."
     if method in FASTAI_METHODS:
         key = ('fastai', name, seed, opt)
         if key not in cache: cache[key] = _fastai_suggestions(bench_learner(name, seed, opt, bs, hidden, path=tmp), num_it)
         sugg, cost = cache[key]
-        return sugg[method], cost
-    res = bench_learner(name, seed, opt, bs, hidden).find_lr(num_it=num_it, show_plot=False,
-                                                          epochs=epochs if method == 'find_lr_epochs' else None)
-    return (math.nan if res.suggested is None else float(res.suggested)), int(res.cost['total'])
+        return sugg[method], cost, ''
+    kw = dict(epochs=epochs) if method == 'find_lr_epochs' else dict(num_it=num_it)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        res = bench_learner(name, seed, opt, bs, hidden).find_lr(show_plot=False, **kw)
+    lr = math.nan if res.suggested is None else float(res.suggested)
+    return lr, int(res.cost['total']), getattr(res, 'message', '')
 
 # %% ../nbs/08_bench.ipynb #c009
 def lr_find_benchmark(
-    datasets=DATASETS,           # data set names for `fastopts.data.load_xy`
+    datasets=ALL_FAMILIES,       # family names (keys of `FAMILIES`)
     opt_names=tuple(OPT_FUNCS),  # keys of `OPT_FUNCS`
-    seeds=(0, 1),
+    seeds=(0, 1),                # seeds the suggestions are found with
+    score_seeds=None,            # seeds their lrs are scored with, pairwise (None: each seed + len(seeds): held out)
     methods=METHODS,             # 'find_lr' (the sweep), 'find_lr_epochs' (with trials), and fastai's four
     epochs:int=5,                # the plan: `fit_one_cycle(epochs, lr)`
     grid=GRID,                   # lrs whose best sets L_best
     bs:int=64,
     hidden=(64, 64),
-    num_it:int=100,              # sweep length, for every finder
+    num_it:int=100,              # sweep length of `find_lr()` and fastai's `lr_find` (`find_lr(epochs)` sizes its own)
     out=None,                    # write the table here (.csv, or .md for a markdown table)
     verbose:bool=True,
 ) -> pd.DataFrame:
-    "Regret and cost of each lr suggestion method per data set and optimizer, as one table (rows `best_grid` too)."
+    "Regret and cost of each lr suggestion method per family and optimizer, as one table (rows `best_grid` too)."
+    for d in datasets: check_choice('datasets', d, FAMILIES)
     for o in opt_names: check_choice('opt_names', o, OPT_FUNCS)
     for m in methods: check_choice('methods', m, METHODS)
+    check_int('epochs', epochs, 1); check_int('num_it', num_it, 5)
     if not seeds: raise ValueError(f"`seeds` must not be empty, got {seeds!r}")
+    score_seeds = tuple(s + len(seeds) for s in seeds) if score_seeds is None else tuple(score_seeds)
+    if len(score_seeds) != len(seeds):
+        raise ValueError(f"`score_seeds` must pair with `seeds` {tuple(seeds)!r}, got {score_seeds!r}")
     runs, rows, t0, fa_cache = _Runs(epochs, bs, hidden), [], time.time(), {}
     tmp = tempfile.mkdtemp(prefix='fastopts-bench-')    # fastai's lr_find writes its temp model here
     for name in datasets:
         for opt in opt_names:
-            l0 = float(np.mean([_final_loss(bench_learner(name, s, opt, bs, hidden)) for s in seeds]))
-            full = epochs * len(bench_learner(name, seeds[0], opt, bs, hidden).dls.train)
-            lg = [float(np.mean([runs(name, s, opt, lr) for s in seeds])) for lr in grid]
+            l0 = float(np.mean([_final_loss(bench_learner(name, s, opt, bs, hidden)) for s in score_seeds]))
+            full = epochs * len(bench_learner(name, score_seeds[0], opt, bs, hidden).dls.train)
+            lg = [float(np.mean([runs(name, s, opt, lr) for s in score_seeds])) for lr in grid]
             ib = int(np.argmin(lg)); lbest = lg[ib]
-            def row(method, lr, loss, cost):
+            def row(method, lr, loss, cost, message=''):
                 rows.append(dict(dataset=name, opt=opt, method=method, lr=lr, loss=loss,
                                  regret=(loss - lbest) / (l0 - lbest) if l0 > lbest else math.nan,
-                                 cost_iters=cost, cost_runs=cost / full, L0=l0, L_best=lbest))
+                                 cost_iters=cost, cost_runs=cost / full, L0=l0, L_best=lbest, full_iters=full,
+                                 message=message))
             row('best_grid', grid[ib], lbest, len(grid) * full)
             for m in methods:
                 got = [_suggest(m, name, s, opt, epochs, bs, hidden, num_it, tmp, fa_cache) for s in seeds]
-                losses = [runs(name, s, opt, lr) if math.isfinite(lr) else l0 for s, (lr, _) in zip(seeds, got)]
-                lrs = [lr for lr, _ in got if math.isfinite(lr)]
+                losses = [runs(name, s, opt, lr) if math.isfinite(lr) else l0 for s, (lr, _, _) in zip(score_seeds, got)]
+                lrs = [lr for lr, _, _ in got if math.isfinite(lr)]
                 row(m, float(np.exp(np.mean(np.log(lrs)))) if lrs else math.nan, float(np.mean(losses)),
-                    float(np.mean([c for _, c in got])))
+                    float(np.mean([c for _, c, _ in got])), ' | '.join(sorted({g for _, _, g in got if g})))
             if verbose:
                 done = [r for r in rows if r['dataset'] == name and r['opt'] == opt and r['method'] != 'best_grid']
                 print(f"[{time.time()-t0:6.0f}s] {name}/{opt}: " +
@@ -130,13 +213,15 @@ def lr_find_benchmark(
 
 # %% ../nbs/08_bench.ipynb #c011
 def summarise(df:pd.DataFrame) -> pd.DataFrame:
-    "Regret (%) per data set/optimizer and method, plus mean (clipped at 0), max and mean cost in full runs."
+    "Regret (%) per family/optimizer and method, plus mean (clipped at 0), max, and the cost in full runs and iterations."
     d = df[df.method != 'best_grid']
     piv = d.pivot_table(index=['dataset', 'opt'], columns='method', values='regret', sort=False) * 100
     piv = piv[[m for m in d.method.unique()]]
     piv.loc[('mean', ''), :] = piv.clip(lower=0).mean()
     piv.loc[('max', ''), :] = piv.iloc[:-1].max()
     piv.loc[('cost (runs, median)', ''), :] = d.groupby('method', sort=False).cost_runs.median()
+    if 'full_iters' in d and (d.full_iters >= 100).any():
+        piv.loc[('cost (runs, max, plans >= 100 it)', ''), :] = d[d.full_iters >= 100].groupby('method', sort=False).cost_runs.max()
     piv.loc[('cost (iterations, mean)', ''), :] = d.groupby('method', sort=False).cost_iters.mean()
     return piv.round(1)
 
@@ -158,9 +243,12 @@ def write_table(df:pd.DataFrame, out):
 # %% ../nbs/08_bench.ipynb #c013
 def add_lr_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Options of `fastopts bench lr-find`."
-    p.add_argument('--datasets', nargs='+', default=list(DATASETS), help='data sets (fastopts.data.load_xy names)')
+    p.add_argument('--datasets', nargs='+', default=list(ALL_FAMILIES), choices=list(FAMILIES),
+                   help=f'model families: MLPs on {list(DATASETS)}, or {list(NEW_FAMILIES)}')
     p.add_argument('--opts', nargs='+', default=list(OPT_FUNCS), choices=list(OPT_FUNCS), help='optimizers')
-    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1], help='seeds the suggestions are found with')
+    p.add_argument('--score-seeds', nargs='+', type=int, default=None,
+                   help='seeds the suggestions are scored with, one per --seeds (default: each seed + the number of seeds)')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     p.add_argument('--epochs', type=int, default=5, help='the plan: fit_one_cycle(EPOCHS, lr)')
     p.add_argument('--num-it', type=int, default=100, help='sweep length')
@@ -170,7 +258,7 @@ def add_lr_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
 def lr_bench_main(args:argparse.Namespace) -> pd.DataFrame:
     "Run the benchmark as `args` say, write the table, print the summary."
     torch.set_num_threads(1)   # tiny models: one thread is fastest and leaves the other cores alone
-    df = lr_find_benchmark(args.datasets, args.opts, tuple(args.seeds), tuple(args.methods), epochs=args.epochs,
-                           num_it=args.num_it, out=args.out)
+    df = lr_find_benchmark(args.datasets, args.opts, tuple(args.seeds), args.score_seeds and tuple(args.score_seeds),
+                           tuple(args.methods), epochs=args.epochs, num_it=args.num_it, out=args.out)
     print(_markdown(summarise(df)))
     return df

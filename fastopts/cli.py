@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--optimizers', nargs='+', default=None, help=f'subset of {list(DEMO_OPTIMIZERS)}')
     d.add_argument('--no-progress', action='store_true', help="hide fastai's progress bars")
     d.set_defaults(run=lambda a: demo(a.out, a.epochs, a.seed, a.optimizers, show_progress=not a.no_progress))
-    v = sub.add_parser('viz', help="draw the lecture's figures (EMA, optimizer paths, saddle escape, a GIF) from real runs")
-    from fastopts.viz import add_viz_args, viz_main
+    v = sub.add_parser('viz', help="draw the lecture's figures from real runs (PNGs, GIFs and an index.html gallery)")
+    from fastopts.gallery import add_viz_args, viz_main
     add_viz_args(v); v.set_defaults(run=viz_main)
     _bench_parsers(sub)
     return p

@@ -11,16 +11,17 @@ from functools import partial, wraps
 import numpy as np
 import torch
 from torch import Tensor
+try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
+except ImportError: DTensor = ()
 from .core import as_float, check_range, check_int, per_group
 
 # %% auto #0
-__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'ParamGroupView', 'group_view', 'contract', 'cb_name',
-           'cb_hypers', 'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView',
-           'check_fused', 'Optimizer', 'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg',
-           'sgd_step', 'momentum_step', 'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step',
-           'lion_step', 'fused_adam', 'fused_sgd', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam',
-           'AdamW', 'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup',
-           'Lookahead']
+__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers',
+           'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView', 'Optimizer',
+           'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step',
+           'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'fused_adam',
+           'fused_sgd', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb',
+           'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup', 'Lookahead']
 
 # %% ../nbs/01_optimizer.ipynb #c005
 class ParamGroupView:
@@ -68,12 +69,16 @@ class ParamGroupView:
 
 def _pick(xs:list, idx:list[int]|None) -> list: return xs if idx is None else [xs[i] for i in idx]
 
+def _local(xs:list) -> list:
+    "The local shards of DTensors (FSDP2's params), for elementwise kernels that have no DTensor rule; other lists as they are."
+    return [x.to_local() for x in xs] if xs and isinstance(xs[0], DTensor) else xs
+
 def _device_dtype_groups(ps:list[Tensor]) -> list[list[int]]|None:
     "Indices of `ps` by device and dtype, or None when all share one (torch's own grouping, in C++)."
     groups = torch._C._group_tensors_by_device_and_dtype([ps], True)
     return None if len(groups) <= 1 else [idx for _, idx in groups.values()]
 
-def group_view(ps:list[Tensor], states:list[dict]) -> ParamGroupView:
+def _group_view(ps:list[Tensor], states:list[dict]) -> ParamGroupView:
     "The `ParamGroupView` of params `ps` (one device and dtype) with their grads; complex ones as real views."
     grads = [p.grad for p in ps]
     if not ps[0].is_complex(): return ParamGroupView(ps, grads, states)
@@ -238,7 +243,7 @@ def _cb_defaults(cb) -> dict:
     f, _ = _unwrap(cb)
     return dict(getattr(cb, 'defaults', None) or getattr(f, 'defaults', None) or {})
 
-def check_fused(fused):
+def _check_fused(fused):
     if fused not in (None, True, False): raise ValueError(f"`fused` must be None, True or False, got {fused!r}")
     return fused
 
@@ -252,7 +257,7 @@ class Optimizer(torch.optim.Optimizer):
         fused:bool|None=None, # None: a fused kernel where one computes the chain; False: always the callbacks; True: insist
         **defaults # hyper-parameters for every group (overrides the callbacks' `.defaults`); torch's names too
     ):
-        self.cbs, self.fused, self._chain_key = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs], check_fused(fused), None
+        self.cbs, self.fused, self._chain_key = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs], _check_fused(fused), None
         self._check_chain()
         merged = {}
         for cb in self.cbs: merged.update(_cb_defaults(cb))
@@ -288,7 +293,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"`{k}={d[k]!r}`, but this optimizer's chain has {k}={want}: build it with the rule you want")
             d.pop(k, None)
         if 'fused' in d:
-            v = check_fused(d.pop('fused'))
+            v = _check_fused(d.pop('fused'))
             if v is not None and v != bool(self._fast):
                 raise ValueError(f"a param group asks for `fused={v}`, but this optimizer {'runs' if self._fast else 'has no'} fused kernels for its chain")
         return HyperDict(d, self._live)
@@ -382,7 +387,7 @@ class Optimizer(torch.optim.Optimizer):
             if any(p.grad.is_sparse for p in ps): raise ValueError("fastopts optimizers do not support sparse gradients")
             for idx in _device_dtype_groups(ps) or [None]:
                 sub = _pick(ps, idx)
-                grp = group_view(sub, [self.state[p] for p in sub])
+                grp = _group_view(sub, [self.state[p] for p in sub])
                 if self._fast is not None and self._fast(grp, **hyper): continue
                 for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
         return loss
@@ -527,6 +532,11 @@ def radam_step(grp, lr, mom, sqr_mom, eps, **_):
         torch._foreach_addcdiv_(p_, a_, denom, value=-lr*rect*math.sqrt(bc2)/bc1)
 radam_step.defaults = dict(eps=1e-8)
 
+def _full_norms(xs:list[Tensor]) -> Tensor:
+    "Each tensor's norm as one float tensor; a sharded DTensor's norm is the whole tensor's (reduced over its shards)."
+    ns = torch._foreach_norm(xs)
+    return torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in ns]).float()
+
 @contract(reads='grad_avg sqr_avg step', hypers='lr mom sqr_mom eps', role='lamb')
 def lamb_step(grp, lr, mom, sqr_mom, eps, **_):
     "LAMB: Adam's step `u` (eps outside the root), scaled per tensor by `min(rms(p)/rms(u), 10)` (1 if either is 0)."
@@ -536,8 +546,7 @@ def lamb_step(grp, lr, mom, sqr_mom, eps, **_):
     torch._foreach_add_(denom, eps)
     upd = torch._foreach_div(grp.state('grad_avg'), denom)
     torch._foreach_div_(upd, _bias_corrections(mom, steps))
-    r1 = torch.stack(torch._foreach_norm(grp.params)).float()   # the norms stay on the device: no sync per tensor
-    r2 = torch.stack(torch._foreach_norm(upd)).float()
+    r1, r2 = _full_norms(grp.params), _full_norms(upd)   # on the device: no sync per tensor
     q = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1/r2).clamp(max=10))   # rms ratio = norm ratio
     torch._foreach_mul_(upd, [-lr*float(x) for x in q.tolist()])
     torch._foreach_add_(grp.params, upd)
@@ -581,8 +590,9 @@ def fused_adam(grp, lr, mom, sqr_mom, eps, wd=0., wd_role=None, **_) -> bool:
     step_stat(grp)
     avgs, sqrs, steps = grp.state('grad_avg'), grp.state('sqr_avg'), _step_tensors(grp)
     kernel = torch._fused_adamw_ if wd_role == 'wd' else torch._fused_adam_
+    ps, gs, avgs, sqrs = _local(grp.params), _local(grp.grads), _local(avgs), _local(sqrs)   # elementwise: shards are fine
     for idx, w in _wd_parts(grp, wd if wd_role else 0.):
-        kernel(_pick(grp.params, idx), _pick(grp.grads, idx), _pick(avgs, idx), _pick(sqrs, idx), [], _pick(steps, idx),
+        kernel(_pick(ps, idx), _pick(gs, idx), _pick(avgs, idx), _pick(sqrs, idx), [], _pick(steps, idx),
                lr=lr, beta1=mom, beta2=sqr_mom, weight_decay=w, eps=eps, amsgrad=False, maximize=False)
     return True
 
@@ -590,9 +600,10 @@ def fused_sgd(grp, lr, mom=0., wd=0., wd_role=None, momentum=None, **_) -> bool:
     "The SGD chains (`momentum`: None, 'buf', 'nesterov' or the lecture's 'ema') in one `torch._fused_sgd_` pass."
     if not _fusable(grp) or (momentum is not None and mom == 0): return False
     if wd_role == 'wd': weight_decay(grp, lr=lr, wd=wd)
-    bufs = [] if momentum is None else grp.state('grad_avg')
+    bufs = [] if momentum is None else _local(grp.state('grad_avg'))
+    ps, gs = _local(grp.params), _local(grp.grads)   # elementwise: a DTensor's local shard is all the kernel needs
     for idx, w in _wd_parts(grp, wd if wd_role == 'l2' else 0.):
-        torch._fused_sgd_(_pick(grp.params, idx), _pick(grp.grads, idx), _pick(bufs, idx) if bufs else [],
+        torch._fused_sgd_(_pick(ps, idx), _pick(gs, idx), _pick(bufs, idx) if bufs else [],
                           weight_decay=w, momentum=0. if momentum is None else mom, lr=lr,
                           dampening=mom if momentum == 'ema' else 0., nesterov=momentum == 'nesterov',
                           maximize=False, is_first_step=False)
@@ -892,7 +903,7 @@ class Lookahead(Optimizer):
         for g, slow in zip(self.param_groups, self.slow_weights):
             if not slow: continue
             for idx in _device_dtype_groups(g['params']) or [None]:
-                fast_, slow_ = _pick(g['params'], idx), _pick(slow, idx)
+                fast_, slow_ = _local(_pick(g['params'], idx)), _local(_pick(slow, idx))   # FSDP2: shard by shard
                 torch._foreach_lerp_(slow_, fast_, self.alpha)
                 torch._foreach_copy_(fast_, slow_)
         return loss
@@ -905,27 +916,39 @@ class Lookahead(Optimizer):
     def zero_grad(self, set_to_none:bool=True): self.opt.zero_grad(set_to_none)
 
     def state_dict(self):
+        "The inner optimizer's state dict, with the slow weights in the per-param state and the count in the groups."
         for hook in self._optimizer_state_dict_pre_hooks.values(): hook(self)
         sd = self.opt.state_dict()
-        sd['lookahead'] = dict(count=self.count, k=self.k, alpha=self.alpha, slow=self.slow_weights)
+        state = dict(sd['state'])   # new per-param dicts: the live state must not get the slow weights
+        for sg, slow in zip(sd['param_groups'], self.slow_weights or [[] for _ in sd['param_groups']]):
+            for idx, s in zip(sg['params'], slow): state[idx] = {**state.get(idx, {}), 'lookahead_slow': s}
+        sd['state'] = state
+        sd['param_groups'] = [{**sg, 'lookahead_count': self.count} for sg in sd['param_groups']]
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, sd)
             if out is not None: sd = out
         return sd
 
-    def load_state_dict(self, sd):
-        sd = dict(sd)
+    def load_state_dict(self, state_dict):
+        "Split off the slow weights and count (torch's distributed-checkpoint helpers carry them as state and group keys)."
+        sd = dict(state_dict)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, sd)
             if out is not None: sd = out
-        la = sd.pop('lookahead', None)
+        state = {k: dict(v) for k, v in sd['state'].items()}
+        slow = {k: v.pop('lookahead_slow') for k, v in state.items() if 'lookahead_slow' in v}
+        groups = [dict(g) for g in sd['param_groups']]
+        counts = {g.pop('lookahead_count', None) for g in groups}
+        sd.update(state={k: v for k, v in state.items() if v}, param_groups=groups)
+        sd.pop('lookahead', None)
         self.opt.load_state_dict(sd)
         if not isinstance(self.opt, Optimizer): self._wrap_torch_groups()
-        self.count = la['count'] if la else 0
-        slow = la.get('slow') if la else None
-        self.slow_weights = None if slow is None else [[s.to(p.device, p.dtype) for s, p in zip(ss, g['params'])]
-                                               for ss, g in zip(slow, self.param_groups)]
-        if self.slow_weights is None: self.count = 0   # an old checkpoint without slow weights: start a new cycle
+        count = counts.pop() if len(counts) == 1 else None
+        if count is None or not slow: self.count, self.slow_weights = 0, None   # no slow weights saved: a new cycle
+        else:
+            self.count = count
+            self.slow_weights = [[slow[i].to(p.device, p.dtype) if i in slow else p.detach().clone() for i, p in zip(sg['params'], g['params'])]
+                                 for sg, g in zip(groups, self.param_groups)]
         for hook in self._optimizer_load_state_dict_post_hooks.values(): hook(self)
 
     def add_param_group(self, param_group):

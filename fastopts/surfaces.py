@@ -10,7 +10,7 @@ import torch
 from .core import as_float, check_range, check_int
 
 # %% auto #0
-__all__ = ['bowl', 'rosenbrock', 'beale', 'himmelblau', 'saddle', 'SURFACES', 'Surface', 'trajectory']
+__all__ = ['bowl', 'rosenbrock', 'beale', 'himmelblau', 'saddle', 'wells', 'SURFACES', 'Surface', 'trajectory']
 
 # %% ../nbs/04_surfaces.ipynb #c005
 def _as_xy(xy) -> torch.Tensor:
@@ -79,7 +79,23 @@ saddle = Surface(lambda x, y: x**2 + y**4 / 4 - y**2 / 2, 'saddle', minima=[(0, 
                  doc="Bounded saddle x² + y⁴/4 - y²/2: saddle point at (0, 0), minima (0, ±1) of value -1/4.")
 saddle.saddle_points = [(0., 0.)]
 
-SURFACES = {s.name: s for s in (bowl, rosenbrock, beale, himmelblau, saddle)}
+def _well_points(a:float) -> np.ndarray:
+    "Stationary points of (u²-1)² + a·u, sorted: the roots of 4u³ - 4u + a (min, max, min for |a| < 1.5), Newton-polished."
+    r = np.roots([4., 0., -4., a])
+    r = np.sort(r[np.abs(r.imag) < 1e-9].real)
+    for _ in range(3): r = r - (4 * r**3 - 4 * r + a) / (12 * r**2 - 4)
+    return r
+
+_wx, _wy = _well_points(0.3), _well_points(0.2)
+_wells = lambda x, y: (x**2 - 1)**2 + 0.3 * x + (y**2 - 1)**2 + 0.2 * y
+wells = Surface(_wells, 'wells', minima=[(_wx[0], _wy[0])], min_value=float(_wells(_wx[0], _wy[0])),
+                xlim=(-2, 2), ylim=(-2, 2), start=(0.3, -0.2),
+                doc="Two tilted double wells (x²-1)² + 0.3x + (y²-1)² + 0.2y: one global and three local minima.")
+wells.local_minima = [(_wx[0], _wy[2]), (_wx[2], _wy[0]), (_wx[2], _wy[2])]
+wells.saddle_points = [(_wx[1], _wy[0]), (_wx[1], _wy[2]), (_wx[0], _wy[1]), (_wx[2], _wy[1])]
+wells.maxima = [(_wx[1], _wy[1])]
+
+SURFACES = {s.name: s for s in (bowl, rosenbrock, beale, himmelblau, saddle, wells)}
 
 # %% ../nbs/04_surfaces.ipynb #c013
 def _check_start(start) -> list[float]:

@@ -3,13 +3,14 @@ import math, warnings
 from functools import partial
 import numpy as np, pytest, torch
 from hypothesis import given, settings, strategies as st
-from fastai.basics import Learner, set_seed, CrossEntropyLossFlat, noop
+from fastai.basics import Learner, set_seed, CrossEntropyLossFlat, noop, Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.optimizer import Adam as FastaiAdam
 from fastai.torch_core import even_mults
 import fastopts.optimizer as fo
 from fastopts.data import sklearn_dls, dls_mlp
-from fastopts.lr_finder import LRFinder, LearnerState, sugg_half_min, _lr_groups, _as_lr
+from fastopts.lr_finder import LRFinder, LearnerState, sugg_half_min
+from fastopts.lr_sweep import _as_lr
 from fastopts.core import ema
 
 torch.set_num_threads(1)
@@ -33,11 +34,33 @@ def test_ema_closed_form(ys, beta):
     want = v / (1 - beta ** t)
     assert math.isclose(ema(ys, beta, bias_correction=True)[-1], want, rel_tol=1e-9, abs_tol=1e-9)
 
-@pytest.mark.parametrize('n', [1, 2, 3, 5])
-def test_lr_groups_as_fastai(n):
-    "A slice spreads over groups as fastai's `even_mults` does (and `slice(None, hi)` as `Learner.lr_range`)."
-    np.testing.assert_allclose(_lr_groups(slice(1e-4, 1e-1), n, 'lr'), even_mults(1e-4, 1e-1, n) if n > 1 else [1e-1])
-    np.testing.assert_allclose(_lr_groups(slice(None, 1.), n, 'lr'), [0.1] * (n - 1) + [1.])
+class _GroupLrs(Callback):
+    order = 61
+    def before_fit(self): self.lrs = []
+    def before_step(self): self.lrs.append([h['lr'] for h in self.opt.hypers])   # the lrs the step uses
+
+@pytest.mark.parametrize('n', [1, 2, 3])
+def test_sweep_spreads_groups_as_fastai(n):
+    "Every step of a sweep spreads a slice over the groups as fastai's `even_mults` does (`slice(None, hi)`: hi/10 before the last)."
+    splits = {1: lambda m: [list(m.parameters())], 2: lambda m: [list(m[0].parameters()), list(m[2:].parameters())],
+              3: lambda m: [list(m[0].parameters()), list(m[2].parameters()), list(m[4].parameters())]}
+    for start, end, want in [(slice(1e-7, 1e-4), slice(1e-2, 10.), even_mults(1e-3, 1., n) if n > 1 else [1.]),
+                             (slice(None, 1e-4), slice(None, 10.), [0.1] * (n - 1) + [1.])]:
+        learn = _learner('iris', splitter=splits[n])
+        rec = _GroupLrs(); learn.add_cb(rec)
+        res = learn.find_lr(start_lr=start, end_lr=end, num_it=10, stop_div=False, show_plot=False)
+        lrs = np.array(rec.lrs)
+        np.testing.assert_allclose(lrs / lrs[:, -1:], np.tile(want, (10, 1)), rtol=1e-6)
+        np.testing.assert_allclose(lrs[:, -1], res.lrs, rtol=1e-9)
+
+def test_find_lr_rejects_a_falling_slice_at_the_call():
+    "A slice must rise to its stop; the error names `start_lr` and quotes the value given, before anything runs."
+    learn = _learner('iris')
+    w0 = _weights(learn)
+    with pytest.raises(ValueError, match=r'start_lr.*slice\(1e-05, 1e-06'): learn.find_lr(start_lr=slice(1e-5, 1e-6), show_plot=False)
+    with pytest.raises(ValueError, match=r'end_lr.*slice\(1e-05, 1e-06'): learn.find_lr(end_lr=slice(1e-5, 1e-6), show_plot=False)
+    for a, b in zip(w0, learn.model.parameters()): assert torch.equal(a, b)
+    assert learn.opt is None
 
 def test_as_lr_keeps_spread():
     s = _as_lr(0.3, slice(1e-5, 1e-3))
@@ -96,15 +119,16 @@ def test_lr_finder_stops_on_divergence():
     learn = _learner('iris', opt_func=partial(fo.SGD, mom=0.9))
     res = learn.find_lr(end_lr=1e4, num_it=100, show_plot=False)
     assert res.stop_reason in ('diverged', 'non-finite') and len(res.lrs) < 100
-    sm = res.smoothed[np.isfinite(res.smoothed)]
-    if res.stop_reason == 'diverged': assert sm[-1] > 4 * sm.min()
+    # each way of stopping is checked against its own definition, on the curve the sweep recorded
+    if res.stop_reason == 'diverged': assert res.smoothed[-1] > 4 * res.smoothed.min() and np.isfinite(res.smoothed).all()
+    else: assert not np.isfinite(res.smoothed[-1]) and np.isfinite(res.smoothed[:-1]).all()
+    assert (res.smoothed[:-1] <= 4 * np.minimum.accumulate(res.smoothed[:-1])).all()   # it did not stop late
 
 def test_trials_grow_the_ladder_past_its_edge():
-    "A one-step plan on iris wants a far larger lr than the sweep's: the ladder grows upwards, and the winner is exact."
+    "A one-step plan on iris wants a larger lr than the sweep's edge: the ladder grows upwards, and the winner is exact."
     learn = _learner('iris', seed=0, opt_func=fo.Adam)
     res = learn.find_lr(epochs=1, show_plot=False)
-    guess = res.suggestions['half_min']
-    assert max(t['lr'] for t in res.trials) > guess * 10 * 1.01      # beyond the five-rung ladder's top
+    assert max(t['lr'] for t in res.trials) > res.reading['lr_edge'] * 1.01   # beyond the ladder's top rung, the edge
     assert all(t['iters'] == 1 for t in res.trials)                  # every trial is the whole plan
     assert min(t['loss'] for t in res.trials) == [t['loss'] for t in res.trials if t['lr'] == res.suggested][0]
     learn.fit_one_cycle(1, res.suggested)

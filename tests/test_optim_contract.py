@@ -108,16 +108,11 @@ def test_bad_hyper_written_into_param_groups_fails_at_step(name, value):
 
 @pytest.mark.parametrize('name,value', BAD, ids=bad_id)
 def test_bad_hyper_written_into_hypers(name, value):
-    "fastai callbacks write `hypers[i][k]` directly: refused at once, or at the latest by the next step."
+    "fastai callbacks write `hypers[i][k]` directly: `HyperView` checks the value at once, naming hyper and value."
     ps = make_params()
     opt = Adam(groups_of(ps), lr=1e-3)
     run(opt, ps, 0, 2)
-    try: opt.hypers[0][name] = value
-    except ValueError as e:
-        assert name in str(e) and str(value) in str(e)
-        return
-    set_grads(ps, 3)
-    with pytest.raises(ValueError) as err: opt.step()
+    with pytest.raises(ValueError) as err: opt.hypers[0][name] = value
     assert_names(err, name, value)
 
 def test_good_direct_writes_step_fine():
@@ -332,7 +327,7 @@ def test_load_state_dict_refuses_a_mismatch():
     opt = Adam(groups_of(ps), lr=1e-3)
     run(opt, ps, 0, 2)
     other = Adam([ps], lr=1e-3)
-    with pytest.raises((ValueError, KeyError, AssertionError, RuntimeError)): other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match='different number of parameter groups'): other.load_state_dict(opt.state_dict())
 
 def test_add_param_group():
     ps = make_params()
