@@ -67,7 +67,7 @@ def test_every_module_comes_from_a_notebook():
 
 # ---------------------------------------------------------------------------------------------- library apart from tools
 # The tools: the command line and the benchmarks (modules or a package of that name). Everything else is library.
-TOOLS = {'cli', 'bench', 'step_bench', 'gallery'}
+TOOLS = {'cli', 'bench', 'step_bench', 'gallery', 'epoch_bench'}
 def _modules():
     for py in sorted((ROOT/'fastopts').rglob('*.py')):
         rel = py.relative_to(ROOT/'fastopts')
@@ -107,7 +107,7 @@ def test_all_stays_off_the_tools():
     assert not {f'fastopts.{t}' for t in TOOLS} & set(eval(mods)), mods
 
 # ---------------------------------------------------------------------------------------------- the command line
-SUBCOMMANDS = [['demo'], ['viz'], ['bench'], ['bench', 'lr-find'], ['bench', 'step']]
+SUBCOMMANDS = [['demo'], ['viz'], ['bench'], ['bench', 'lr-find'], ['bench', 'step'], ['bench', 'epoch']]
 
 def test_console_script_help():
     "The installed `fastopts` script answers --help with every subcommand, as before."
