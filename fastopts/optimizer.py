@@ -35,11 +35,10 @@ class ParamGroupView:
         "The per-parameter state tensors called `name`, made by `init(p)` where missing."
         out = self._lists.get(name)   # stats and steppers ask for the same lists: gather them once per step
         if out is None:
-            out = []
-            for p, s in zip(self._orig or self.params, self.states):
-                t = s.get(name)
-                if t is None: t = s[name] = init(p, memory_format=torch.preserve_format)
-                out.append(t)
+            out = [s.get(name) for s in self.states]
+            if any(t is None for t in out):   # first use: make the missing ones
+                for i, (p, s) in enumerate(zip(self._orig or self.params, self.states)):
+                    if out[i] is None: out[i] = s[name] = init(p, memory_format=torch.preserve_format)
             if self._orig is not None: out = [torch.view_as_real(t) if t.is_complex() else t for t in out]
             self._lists[name] = out
         return out
@@ -448,16 +447,17 @@ def step_stat(grp, **_):
 @contract(hypers='lr wd', role='wd')
 def weight_decay(grp, lr, wd, **_):
     "Decoupled weight decay: `p *= 1 - lr*wd` for params with `do_wd`."
+    if wd == 0: return
     ps = _pick(grp.params, grp.decayed())
-    if wd == 0 or not ps: return
-    torch._foreach_mul_(ps, 1 - lr*wd)
+    if ps: torch._foreach_mul_(ps, 1 - lr*wd)
 weight_decay.defaults = dict(wd=0.)
 
 @contract(hypers='wd', role='l2')
 def l2_reg(grp, wd, **_):
     "L2 regularisation: the gradient seen by later callbacks becomes `g + wd*p` for params with `do_wd`."
+    if wd == 0: return
     idx = grp.decayed()
-    if wd == 0 or idx == []: return
+    if idx == []: return
     if idx is None: grp.grads = torch._foreach_add(grp.grads, grp.params, alpha=wd)
     else:
         grads = list(grp.grads)
@@ -570,8 +570,9 @@ def _fusable(grp) -> bool:
 
 def _wd_parts(grp, wd:float) -> list:
     "Index lists (None: all) with their weight decay: the params with `do_wd` get `wd`, the others 0."
+    if wd == 0: return [(None, wd)]
     idx = grp.decayed()
-    if wd == 0 or idx is None: return [(None, wd)]
+    if idx is None: return [(None, wd)]
     rest = [i for i in range(len(grp.params)) if i not in set(idx)]
     return [(i, w) for i, w in ((idx, wd), (rest, 0.)) if i]
 
