@@ -358,6 +358,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastopts.optimizer.from_torch_state_dict': ( 'optimizer.html#from_torch_state_dict',
                                                                                   'fastopts/optimizer.py'),
                                     'fastopts.optimizer.fused_adam': ('optimizer.html#fused_adam', 'fastopts/optimizer.py'),
+                                    'fastopts.optimizer.fused_rmsprop': ('optimizer.html#fused_rmsprop', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.fused_sgd': ('optimizer.html#fused_sgd', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.l2_reg': ('optimizer.html#l2_reg', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.lamb_step': ('optimizer.html#lamb_step', 'fastopts/optimizer.py'),

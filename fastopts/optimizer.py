@@ -20,8 +20,9 @@ __all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'Para
            'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView', 'Optimizer',
            'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step',
            'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'fused_adam',
-           'fused_sgd', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb',
-           'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup', 'Lookahead']
+           'fused_sgd', 'fused_rmsprop', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW',
+           'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup',
+           'Lookahead']
 
 # %% ../nbs/01_optimizer.ipynb #c005
 class ParamGroupView:
@@ -610,7 +611,17 @@ def fused_sgd(grp, lr, mom=0., wd=0., wd_role=None, momentum=None, **_) -> bool:
                           maximize=False, is_first_step=False)
     return True
 
-FUSED_CHAINS = {('ema', 'sqr_ema', 'count', 'adam'): fused_adam, ('sgd',): fused_sgd,
+def fused_rmsprop(grp, lr, sqr_mom, eps, wd=0., wd_role=None, **_) -> bool:
+    "RMSProp without momentum in one `torch._fused_adam_` pass (see above); L2 decay steps aside (the kernel would write it into the grads)."
+    if not _fusable(grp) or wd_role == 'l2' or any(not g.is_contiguous() for g in grp.grads): return False
+    if wd_role == 'wd': weight_decay(grp, lr=lr, wd=wd)
+    ps, gs, sqrs = _local(grp.params), _local(grp.grads), _local(grp.state('sqr_avg'))
+    t = torch.tensor(1e30, dtype=torch.float32, device=ps[0].device)   # sqr_mom**t == 0: no bias correction
+    torch._fused_adam_(ps, gs, gs, sqrs, [], [t] * len(ps), lr=lr, beta1=0., beta2=sqr_mom, weight_decay=0., eps=eps,
+                       amsgrad=False, maximize=False)   # beta1=0: the first moment is the gradient, written onto itself
+    return True
+
+FUSED_CHAINS = {('ema', 'sqr_ema', 'count', 'adam'): fused_adam, ('sgd',): fused_sgd, ('sqr_ema', 'rms'): fused_rmsprop,
                 ('buf', 'momentum'): partial(fused_sgd, momentum='buf'),
                 ('buf', 'nesterov'): partial(fused_sgd, momentum='nesterov'),
                 ('ema', 'momentum'): partial(fused_sgd, momentum='ema')}

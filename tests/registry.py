@@ -33,8 +33,9 @@ OPTIMIZERS = [
             dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01), fused=True, checkpoint=True, complex_ref='torch'),
     OptSpec('momentum', Momentum, dict(lr=0.1, mom=0.9), fused=True),
     OptSpec('momentum_wd', Momentum, dict(lr=0.1, mom=0.9, wd=0.1), fused=True),
+    OptSpec('rmsprop_wd', RMSProp, dict(lr=1e-2, wd=0.01), fused=True),   # decoupled decay: torch's RMSprop has only L2
     OptSpec('rmsprop', RMSProp, dict(lr=1e-2), torch.optim.RMSprop, dict(lr=1e-2, alpha=0.99, eps=1e-8),
-            checkpoint=True, complex_ref='torch'),
+            fused=True, checkpoint=True, complex_ref='torch'),
     OptSpec('rmsprop_mom', RMSProp, dict(lr=1e-2, mom=0.9), torch.optim.RMSprop, dict(lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.9),
             checkpoint=True, complex_ref='torch'),
     OptSpec('adam', Adam, dict(lr=1e-2), torch.optim.Adam, dict(lr=1e-2), fused=True, checkpoint=True, complex_ref='torch'),

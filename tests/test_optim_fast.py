@@ -9,7 +9,7 @@ from functools import partial
 import pytest, torch
 from torch.testing import assert_close
 import fastopts.optimizer as fo
-from fastopts.optimizer import (Optimizer, SGD, Momentum, Adam, AdamW, RAdam, contract, average_grad, average_sqr_grad,
+from fastopts.optimizer import (Optimizer, SGD, Momentum, RMSProp, Adam, AdamW, RAdam, contract, average_grad, average_sqr_grad,
                                 step_stat, adam_step, momentum_step, sgd_step, weight_decay, check_chain)
 from registry import FUSED, BY_NAME, ids
 
@@ -65,10 +65,12 @@ def test_fused_equals_callbacks(spec, dtype, kernel_calls):
     assert_same(fused, chain, dtype)
     assert any(not torch.equal(p, q) for p, q in zip(fused, make_params(dtype)))
 
-WD_SPECS = [s for s in FUSED if s.torch_cls is not None]
+import inspect
+# every fused chain with a torch counterpart, against torch's fused implementation (where torch has one) and foreach
+TORCH_IMPLS = [pytest.param(spec, impl, id=f'{spec.name}-{impl}') for spec in FUSED if spec.torch_cls is not None
+               for impl in ('fused', 'foreach') if impl == 'foreach' or 'fused' in inspect.signature(spec.torch_cls).parameters]
 
-@pytest.mark.parametrize('impl', ['fused', 'foreach'])
-@pytest.mark.parametrize('spec', WD_SPECS, ids=ids)
+@pytest.mark.parametrize('spec,impl', TORCH_IMPLS)
 def test_fused_equals_torch(spec, impl):
     "fastopts' fused step against torch's fused and foreach implementations of the same rule (float32, 20 steps)."
     ours, _ = run(lambda gs: spec.make(gs), torch.float32, no_wd=False)
@@ -195,3 +197,19 @@ def test_state_dict_is_the_same_on_both_paths():
     assert sa.keys() == sb.keys()
     for k in sa:
         assert sa[k].keys() == sb[k].keys() and type(sa[k].get('step')) is type(sb[k].get('step'))
+
+def test_rmsprop_runs_on_adams_kernel_and_leaves_the_grads(kernel_calls):
+    "RMSProp without momentum is Adam's kernel with beta1=0 and no bias correction; it writes g onto g: grads unchanged."
+    p = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt, ref = RMSProp([p], lr=1e-2), torch.optim.RMSprop([q], lr=1e-2, alpha=0.99, eps=1e-8)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        p.grad = torch.randn(5, 3, generator=g, dtype=torch.float64); q.grad = p.grad.clone(); before = p.grad.clone()
+        opt.step(); ref.step()
+        assert torch.equal(p.grad, before)
+    assert kernel_calls == {'_fused_adam_': 10}
+    assert_close(p, q, **TOL[torch.float64])
+    l2 = RMSProp([p], lr=1e-2, wd=0.1, decouple_wd=False)
+    p.grad = torch.ones(5, 3, dtype=torch.float64); l2.step()
+    assert kernel_calls == {'_fused_adam_': 10}       # L2 would be written into the grads: the callbacks run
