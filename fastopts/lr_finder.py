@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_lr_finder.ipynb #c003
 from __future__ import annotations
-import math, warnings
+import warnings
 import numpy as np
 from fastcore.basics import patch, store_attr
 from fastai.learner import Learner

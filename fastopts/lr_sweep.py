@@ -4,7 +4,7 @@
 
 # %% ../nbs/03b_lr_sweep.ipynb #w003
 from __future__ import annotations
-import math, warnings
+import math
 import numpy as np, torch
 from fastcore.basics import store_attr
 from fastai.callback.core import Callback, CancelFitException, CancelValidException

@@ -4,10 +4,9 @@
 
 # %% ../nbs/04_surfaces.ipynb #c002
 from __future__ import annotations
-import math, numbers
 import numpy as np
 import torch
-from .core import as_float, check_range, check_int
+from .core import check_range, check_int
 
 # %% auto #0
 __all__ = ['bowl', 'rosenbrock', 'beale', 'himmelblau', 'saddle', 'wells', 'SURFACES', 'Surface', 'trajectory']
