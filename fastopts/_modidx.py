@@ -368,6 +368,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastopts.optimizer.radam_step': ('optimizer.html#radam_step', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.rms_prop_step': ('optimizer.html#rms_prop_step', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.sgd_step': ('optimizer.html#sgd_step', 'fastopts/optimizer.py'),
+                                    'fastopts.optimizer.split_wd': ('optimizer.html#split_wd', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.step_stat': ('optimizer.html#step_stat', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.to_torch_state_dict': ( 'optimizer.html#to_torch_state_dict',
                                                                                 'fastopts/optimizer.py'),

@@ -20,8 +20,8 @@ __all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'Para
            'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView', 'Optimizer',
            'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step',
            'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'fused_adam',
-           'fused_sgd', 'fused_rmsprop', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW',
-           'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup',
+           'fused_sgd', 'fused_rmsprop', 'split_wd', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam',
+           'AdamW', 'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup',
            'Lookahead']
 
 # %% ../nbs/01_optimizer.ipynb #c005
@@ -286,7 +286,7 @@ class Optimizer(torch.optim.Optimizer):
     def _normalize(self, d:dict) -> HyperDict:
         "A group (or defaults) dict with torch's names mapped to fastai's and torch's rule keywords checked against the chain."
         d = dict(d)
-        wd_role = next((r for r in self._roles if r in ('wd', 'l2')), None)
+        wd_role = split_wd(self._roles)[0]
         rule = dict(nesterov='nesterov' in self._roles, decoupled_weight_decay={'wd': True, 'l2': False}.get(wd_role))
         for k, want in rule.items():
             if k in d and want is not None and bool(d[k]) != want:
@@ -626,10 +626,14 @@ FUSED_CHAINS = {('ema', 'sqr_ema', 'count', 'adam'): fused_adam, ('sgd',): fused
                 ('buf', 'nesterov'): partial(fused_sgd, momentum='nesterov'),
                 ('ema', 'momentum'): partial(fused_sgd, momentum='ema')}
 
+def split_wd(roles:tuple) -> tuple:
+    "`(weight decay role or None, the rest)`: a chain's optional leading `wd`/`l2` and the rule it decays."
+    return (roles[0], tuple(roles[1:])) if roles and roles[0] in ('wd', 'l2') else (None, tuple(roles))
+
 def fast_path(roles:tuple):
     "The fused implementation of a chain with these roles, or None (the callbacks run)."
-    wd_role, core = (roles[0], roles[1:]) if roles and roles[0] in ('wd', 'l2') else (None, roles)
-    f = FUSED_CHAINS.get(tuple(core))
+    wd_role, core = split_wd(roles)
+    f = FUSED_CHAINS.get(core)
     return None if f is None else partial(f, wd_role=wd_role)
 
 # %% ../nbs/01_optimizer.ipynb #c038
@@ -742,10 +746,10 @@ _RULE_KEYS = set(TORCH_ALIASES) | set(TORCH_FLAGS) | {'nesterov', 'fused', 'deco
 
 def torch_rule(roles:tuple) -> tuple[str, str|None]|None:
     "`(torch.optim class name, weight decay role)` of the rule a chain with `roles` computes, or None if torch has none."
-    wd_role, core = (roles[0], roles[1:]) if roles and roles[0] in ('wd', 'l2') else (None, roles)
+    wd_role, core = split_wd(roles)
     rule = {('ema', 'sqr_ema', 'count', 'adam'): 'Adam', ('ema', 'sqr_ema', 'count', 'radam'): 'RAdam',
             ('sgd',): 'SGD', ('buf', 'momentum'): 'SGD', ('buf', 'nesterov'): 'SGD',
-            ('sqr_ema', 'rms'): 'RMSprop', ('sqr_ema', 'rms_mom'): 'RMSprop'}.get(tuple(core))
+            ('sqr_ema', 'rms'): 'RMSprop', ('sqr_ema', 'rms_mom'): 'RMSprop'}.get(core)
     if rule == 'Adam' and wd_role == 'wd': rule = 'AdamW'
     return None if rule is None else (rule, wd_role)
 
