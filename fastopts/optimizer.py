@@ -5,7 +5,7 @@ foreach ops. Every optimizer is a drop-in `opt_func` for a fastai `Learner` and 
 
 # %% ../nbs/01_optimizer.ipynb #c002
 from __future__ import annotations
-import inspect, math, numbers, reprlib, warnings
+import inspect, math, numbers, reprlib, types, warnings
 from collections.abc import MutableMapping
 from functools import partial, wraps
 import numpy as np
@@ -247,6 +247,21 @@ def _check_fused(fused):
     if fused not in (None, True, False): raise ValueError(f"`fused` must be None, True or False, got {fused!r}")
     return fused
 
+def _check_compiled(compiled, fused) -> dict:
+    "The `torch.compile` keywords `compiled` asks for ({} when off); a ValueError for anything else, or with `fused=True`."
+    if compiled is False or compiled is None: return {}
+    if compiled is True: kw = {}
+    elif isinstance(compiled, dict): kw = dict(compiled)
+    else: raise ValueError(f"`compiled` must be True, False or a dict of torch.compile keywords, got {compiled!r}")
+    if fused: raise ValueError(f"`compiled={compiled!r}` and `fused=True` ask for two different steps: pick one")
+    try: inspect.signature(torch.compile).bind(None, **kw)
+    except TypeError as e: raise ValueError(f"`compiled={compiled!r}` has a keyword torch.compile does not take: {e}") from None
+    return {'dynamic': True, **kw}
+
+def _check_compilable(params):
+    if any(isinstance(p, DTensor) for p in params):
+        raise ValueError("`compiled=True` does not take sharded (DTensor, FSDP2) parameters: compile the model, or pass compiled=False")
+
 # %% ../nbs/01_optimizer.ipynb #c021
 class Optimizer(torch.optim.Optimizer):
     "Optimizer updating `params` with callbacks `cbs`, each run on a whole param group; fastai and torch API."
@@ -255,9 +270,11 @@ class Optimizer(torch.optim.Optimizer):
         params, # tensors, `(name, tensor)` pairs, fastai's list of lists of tensors, or torch-style group dicts
         cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order
         fused:bool|None=None, # None: a fused kernel where one computes the chain; False: always the callbacks; True: insist
+        compiled:bool|dict=False, # True (or `torch.compile` keywords): run the chain compiled, hypers as tensors
         **defaults # hyper-parameters for every group (overrides the callbacks' `.defaults`); torch's names too
     ):
         self.cbs, self.fused, self._chain_key = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs], _check_fused(fused), None
+        self.compiled, self._compiled_fns, self._warm = _check_compiled(compiled, fused), {}, {}
         self._check_chain()
         merged = {}
         for cb in self.cbs: merged.update(_cb_defaults(cb))
@@ -276,10 +293,11 @@ class Optimizer(torch.optim.Optimizer):
         check_chain(self.cbs)
         self._live = frozenset(h for cb in self.cbs for h in cb_hypers(cb))
         self._roles = tuple(cb_role(cb) for cb in self.cbs)
-        fast = None if self.fused is False else fast_path(self._roles)
+        fast = None if (self.fused is False or self.compiled) else fast_path(self._roles)
         if self.fused and fast is None:
             raise ValueError(f"`fused=True`, but no fused kernel computes the chain {[cb_name(c) for c in self.cbs]}")
         self._fast, self._chain_key = fast, tuple(self.cbs)
+        self._compiled_fns, self._warm = {}, {}   # a new chain: compile afresh
         for g in getattr(self, 'param_groups', ()):
             if isinstance(g, HyperDict): g.live = self._live
 
@@ -301,6 +319,7 @@ class Optimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group:dict):
         "torch's `add_param_group`, with torch's names mapped and the group's own hypers checked first."
         g = self._normalize(param_group)
+        if self.compiled: _check_compilable(g['params'])
         for k in list(g):
             if k in self.defaults or k in HYPER_RANGES:
                 dict.__setitem__(g, k, check_hyper(k, g[k]))
@@ -373,6 +392,20 @@ class Optimizer(torch.optim.Optimizer):
     def _group_hypers(self, g:dict) -> dict:
         return {k: check_hyper(k, g[k]) for k in self._hyper_names if k in g}
 
+    def _compiled_group(self, i:int, grp) -> bool:
+        "Run the compiled chain on sub-group `grp` of group `i`; False while its state is not made yet (the callbacks make it)."
+        p = grp.params[0]
+        key = (i, p.device, p.dtype)
+        keys = self._warm.get(key)
+        if keys is None or not all(keys <= s.keys() for s in grp.states): return False
+        fn = self._compiled_fns.get(key)
+        if fn is None: fn = self._compiled_fns[key] = torch.compile(_fresh_copy(_chain_update), **self.compiled)
+        try: fn(tuple(self.cbs), grp.params, grp.grads, grp.states, grp._orig, _hyper_tensors(self._group_hypers(self.param_groups[i]), p.device))
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise RuntimeError(f"`compiled`: torch.compile failed on the chain {[cb_name(c) for c in self.cbs]} (in a compiled step a "
+                               f"callback gets its hypers as 0-d tensors); pass compiled=False. {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        return True
+
     @torch.no_grad()
     def step(self, closure=None):
         "Run the chain (or its fused kernel) on each param group that has gradients; return the closure's loss, if any."
@@ -380,7 +413,7 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad(): loss = closure()
         if tuple(self.cbs) != self._chain_key: self._check_chain()   # someone changed `cbs`
-        for g in self.param_groups:
+        for i, g in enumerate(self.param_groups):
             ps = [p for p in g['params'] if p.grad is not None]
             if not ps: continue
             hyper = self._group_hypers(g)
@@ -389,7 +422,9 @@ class Optimizer(torch.optim.Optimizer):
                 sub = _pick(ps, idx)
                 grp = _group_view(sub, [self.state[p] for p in sub])
                 if self._fast is not None and self._fast(grp, **hyper): continue
+                if self.compiled and self._compiled_group(i, grp): continue
                 for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
+                if self.compiled: self._warm[(i, sub[0].device, sub[0].dtype)] = frozenset.intersection(*map(frozenset, grp.states))
         return loss
 
     # -- checkpoints: our own format, and torch.optim's -----------------------------------------------------
@@ -410,22 +445,69 @@ class Optimizer(torch.optim.Optimizer):
     # -- pickling keeps the callbacks ------------------------------------------------------------------------
     def __getstate__(self):
         # everything but what torch re-creates itself: hooks, and `step` wrappers that torch schedulers patch in
-        return {k: v for k, v in self.__dict__.items() if not k.startswith('_optimizer_') and k not in ('step', 'zero_grad')}
+        return {k: ({} if k == '_compiled_fns' else v) for k, v in self.__dict__.items()
+                if not k.startswith('_optimizer_') and k not in ('step', 'zero_grad')}   # compiled code is rebuilt, not pickled
     def __setstate__(self, state):
+        state = {'compiled': False, '_compiled_fns': {}, '_warm': {}, **state}
         super().__setstate__(state)
         if 'param_groups' in state:   # torch's load_state_dict hands us plain dicts: make them HyperDicts again
             self.param_groups = [g if isinstance(g, HyperDict) else self._normalize(g) for g in self.param_groups]
 
     def __repr__(self):
         cbs = ', '.join(cb_name(cb) for cb in self.cbs)
-        return f"{type(self).__name__}(groups={len(self.param_groups)}, cbs=[{cbs}], fused={bool(self._fast)}, hypers={[dict(h) for h in self.hypers]})"
+        return (f"{type(self).__name__}(groups={len(self.param_groups)}, cbs=[{cbs}], fused={bool(self._fast)}, "
+                f"compiled={bool(self.compiled)}, hypers={[dict(h) for h in self.hypers]})")
 
 # %% ../nbs/01_optimizer.ipynb #c023
+def _is_t(a) -> bool: return isinstance(a, Tensor) or (isinstance(a, list) and bool(a) and isinstance(a[0], Tensor))
+
+def _maybe_nonzero(a) -> bool:
+    "False only for a float that is 0 (a tensor hyper's value is not looked at)."
+    return _is_t(a) or a != 0
+
+def _sqrt(a): return a.sqrt() if isinstance(a, Tensor) else math.sqrt(a)
+
+def _add_(xs, ys, a=1.):
+    "`xs += a*ys`; `a` a float, a 0-d tensor or one per tensor."
+    if _is_t(a): torch._foreach_add_(xs, torch._foreach_mul(ys, a))
+    else: torch._foreach_add_(xs, ys, alpha=a)
+
+def _added(xs, ys, a=1.) -> list[Tensor]:
+    "`xs + a*ys` as new tensors."
+    return torch._foreach_add(xs, torch._foreach_mul(ys, a)) if _is_t(a) else torch._foreach_add(xs, ys, alpha=a)
+
+def _lerped(xs, ys, w, inplace:bool=False):
+    "`xs + w*(ys - xs)`, new tensors or (`inplace`) written into `xs`."
+    if not _is_t(w): return (torch._foreach_lerp_ if inplace else torch._foreach_lerp)(xs, ys, w)
+    d = torch._foreach_mul(torch._foreach_sub(ys, xs), w)
+    if inplace: torch._foreach_add_(xs, d)
+    else: return torch._foreach_add(xs, d)
+
+def _addcmul_(xs, ys, zs, v):
+    "`xs += v*ys*zs`."
+    if _is_t(v): torch._foreach_add_(xs, torch._foreach_mul(torch._foreach_mul(ys, zs), v))
+    else: torch._foreach_addcmul_(xs, ys, zs, value=v)
+
+def _addcdiv_(xs, ys, zs, v):
+    "`xs += v*ys/zs`; `v` one value or one per tensor."
+    if _is_t(v): torch._foreach_add_(xs, torch._foreach_mul(torch._foreach_div(ys, zs), v))
+    else: torch._foreach_addcdiv_(xs, ys, zs, v)
+
+def _per_tensor(xs:list) -> list:
+    "One scalar per tensor (bias corrections, step sizes), worked out once: floats as they are; 0-d tensors through a scan."
+    if not _is_t(xs): return xs
+    # The compiler inlines small scalar expressions into the loops that use them, so `1 - mom**t` would be
+    # recomputed (a `pow`) for every 16 elements of every tensor: Adam ran 2.5x slower than torch's fused kernel.
+    # A scan is a kernel of its own: the loops then load each tensor's scalar. `cumsum([0, x])[1]` is `x` exactly.
+    c = torch.stack(xs)
+    return list(torch.cumsum(torch.stack([torch.zeros_like(c), c]), 0)[1].unbind())
+
+# %% ../nbs/01_optimizer.ipynb #c026
 @contract(writes='grad_avg', hypers='mom', role=lambda dampening=False: 'ema' if dampening else 'buf')
 def average_grad(grp, mom, dampening=False, **_):
     "Moving average of the gradients in state `grad_avg`: EMA `mom*V + (1-mom)*g` with `dampening`, else `mom*V + g`."
     avg = grp.state('grad_avg')
-    if dampening: torch._foreach_lerp_(avg, grp.grads, 1 - mom)
+    if dampening: _lerped(avg, grp.grads, 1 - mom, inplace=True)
     else:
         torch._foreach_mul_(avg, mom)
         torch._foreach_add_(avg, grp.grads)
@@ -436,7 +518,7 @@ def average_sqr_grad(grp, sqr_mom, dampening=True, **_):
     "Moving average of the squared gradients in state `sqr_avg`: `sqr_mom*S + (1-sqr_mom)*g²` (or `+ g²`)."
     avg = grp.state('sqr_avg')
     torch._foreach_mul_(avg, sqr_mom)
-    torch._foreach_addcmul_(avg, grp.grads, grp.grads, value=1 - sqr_mom if dampening else 1.)
+    _addcmul_(avg, grp.grads, grp.grads, 1 - sqr_mom if dampening else 1.)
 average_sqr_grad.defaults = dict(sqr_mom=0.99)
 
 @contract(writes='step', role='count')
@@ -444,11 +526,11 @@ def step_stat(grp, **_):
     "Count the steps each parameter has taken, in state `step` (t in the bias corrections)."
     for s in grp.states: s['step'] = s.get('step', 0) + 1
 
-# %% ../nbs/01_optimizer.ipynb #c026
+# %% ../nbs/01_optimizer.ipynb #c029
 @contract(hypers='lr wd', role='wd')
 def weight_decay(grp, lr, wd, **_):
     "Decoupled weight decay: `p *= 1 - lr*wd` for params with `do_wd`."
-    if wd == 0: return
+    if not _maybe_nonzero(wd): return
     ps = _pick(grp.params, grp.decayed())
     if ps: torch._foreach_mul_(ps, 1 - lr*wd)
 weight_decay.defaults = dict(wd=0.)
@@ -456,31 +538,31 @@ weight_decay.defaults = dict(wd=0.)
 @contract(hypers='wd', role='l2')
 def l2_reg(grp, wd, **_):
     "L2 regularisation: the gradient seen by later callbacks becomes `g + wd*p` for params with `do_wd`."
-    if wd == 0: return
+    if not _maybe_nonzero(wd): return
     idx = grp.decayed()
     if idx == []: return
-    if idx is None: grp.grads = torch._foreach_add(grp.grads, grp.params, alpha=wd)
+    if idx is None: grp.grads = _added(grp.grads, grp.params, wd)
     else:
         grads = list(grp.grads)
-        for i, gi in zip(idx, torch._foreach_add(_pick(grads, idx), _pick(grp.params, idx), alpha=wd)): grads[i] = gi
+        for i, gi in zip(idx, _added(_pick(grads, idx), _pick(grp.params, idx), wd)): grads[i] = gi
         grp.grads = grads
 l2_reg.defaults = dict(wd=0.)
 
-# %% ../nbs/01_optimizer.ipynb #c029
+# %% ../nbs/01_optimizer.ipynb #c032
 @contract(hypers='lr', role='sgd')
 def sgd_step(grp, lr, **_):
     "Plain gradient descent: `p -= lr*g`."
-    torch._foreach_add_(grp.params, grp.grads, alpha=-lr)
+    _add_(grp.params, grp.grads, -lr)
 
 @contract(reads='grad_avg', hypers='lr', role='momentum')
 def momentum_step(grp, lr, **_):
     "Step along the averaged gradient: `p -= lr*grad_avg`."
-    torch._foreach_add_(grp.params, grp.state('grad_avg'), alpha=-lr)
+    _add_(grp.params, grp.state('grad_avg'), -lr)
 
 @contract(reads='grad_avg', hypers='lr mom', role='nesterov')
 def nesterov_step(grp, lr, mom, **_):
     "Nesterov momentum as torch writes it: `p -= lr*(g + mom*grad_avg)`."
-    torch._foreach_add_(grp.params, torch._foreach_add(grp.grads, grp.state('grad_avg'), alpha=mom), alpha=-lr)
+    _add_(grp.params, _added(grp.grads, grp.state('grad_avg'), mom), -lr)
 
 @contract(reads='sqr_avg', writes='rms_buf', hypers=lambda with_mom=False: 'lr eps mom' if with_mom else 'lr eps',
           role=lambda with_mom=False: 'rms_mom' if with_mom else 'rms')
@@ -489,12 +571,12 @@ def rms_prop_step(grp, lr, eps, mom=0., with_mom=False, **_):
     denom = torch._foreach_sqrt(grp.state('sqr_avg'))
     torch._foreach_add_(denom, eps)
     if not with_mom:
-        torch._foreach_addcdiv_(grp.params, grp.grads, denom, value=-lr)
+        _addcdiv_(grp.params, grp.grads, denom, -lr)
         return
     buf = grp.state('rms_buf')
     torch._foreach_mul_(buf, mom)
     torch._foreach_addcdiv_(buf, grp.grads, denom)
-    torch._foreach_add_(grp.params, buf, alpha=-lr)
+    _add_(grp.params, buf, -lr)
 rms_prop_step.defaults = dict(eps=1e-8)
 
 def _bias_corrections(beta, steps): return [1 - beta**t for t in steps]
@@ -503,11 +585,12 @@ def _bias_corrections(beta, steps): return [1 - beta**t for t in steps]
 def adam_step(grp, lr, mom, sqr_mom, eps, **_):
     "Adam's bias-corrected step, `eps` outside the root: `p -= lr*(V/(1-mom^t)) / (sqrt(S/(1-sqr_mom^t)) + eps)`."
     steps = grp.steps
-    bc1, bc2 = _bias_corrections(mom, steps), _bias_corrections(sqr_mom, steps)
+    roots = _per_tensor([_sqrt(b) for b in _bias_corrections(sqr_mom, steps)])
+    sizes = _per_tensor([-lr/b for b in _bias_corrections(mom, steps)])
     denom = torch._foreach_sqrt(grp.state('sqr_avg'))
-    torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
+    torch._foreach_div_(denom, roots)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(grp.params, grp.state('grad_avg'), denom, [-lr/b for b in bc1])
+    _addcdiv_(grp.params, grp.state('grad_avg'), denom, sizes)
 adam_step.defaults = dict(eps=1e-8)
 
 def _radam_rect(sqr_mom, t):
@@ -520,6 +603,7 @@ def _radam_rect(sqr_mom, t):
 @contract(reads='grad_avg sqr_avg step', hypers='lr mom sqr_mom eps', role='radam')
 def radam_step(grp, lr, mom, sqr_mom, eps, **_):
     "RAdam (Liu et al. 2019) as torch computes it: rectified adaptive step once rho_t > 5, momentum SGD before."
+    if isinstance(lr, Tensor): return _radam_step_t(grp, lr, mom, sqr_mom, eps)
     avgs, sqrs, ps, steps = grp.state('grad_avg'), grp.state('sqr_avg'), grp.params, grp.steps
     for t in sorted(set(steps)):   # almost always a single step count for the whole group
         idx = None if len(set(steps)) == 1 else [i for i, s in enumerate(steps) if s == t]
@@ -533,6 +617,21 @@ def radam_step(grp, lr, mom, sqr_mom, eps, **_):
         torch._foreach_addcdiv_(p_, a_, denom, value=-lr*rect*math.sqrt(bc2)/bc1)
 radam_step.defaults = dict(eps=1e-8)
 
+def _radam_step_t(grp, lr, mom, sqr_mom, eps):
+    "`radam_step` with tensor hypers (the compiled step): each param's rule chosen by `torch.where`, not by a branch."
+    rho_inf, adapt, plain = 2/(1 - sqr_mom) - 1, [], []
+    for t in grp.steps:
+        bc1, bc2 = 1 - mom**t, 1 - sqr_mom**t
+        rho_t = rho_inf - 2*t*sqr_mom**t/bc2
+        rect = ((rho_t - 4)*(rho_t - 2)*rho_inf/((rho_inf - 4)*(rho_inf - 2)*rho_t)).clamp(min=0).sqrt()
+        ok = rho_t > 5
+        adapt.append(torch.where(ok, -lr*rect*bc2.sqrt()/bc1, 0.)); plain.append(torch.where(ok, 0., -lr/bc1))
+    adapt, plain = _per_tensor(adapt), _per_tensor(plain)
+    denom = torch._foreach_sqrt(grp.state('sqr_avg'))
+    torch._foreach_add_(denom, eps)
+    _addcdiv_(grp.params, grp.state('grad_avg'), denom, adapt)
+    _add_(grp.params, grp.state('grad_avg'), plain)
+
 def _full_norms(xs:list[Tensor]) -> Tensor:
     "Each tensor's norm as one float tensor; a sharded DTensor's norm is the whole tensor's (reduced over its shards)."
     ns = torch._foreach_norm(xs)
@@ -543,13 +642,13 @@ def lamb_step(grp, lr, mom, sqr_mom, eps, **_):
     "LAMB: Adam's step `u` (eps outside the root), scaled per tensor by `min(rms(p)/rms(u), 10)` (1 if either is 0)."
     steps = grp.steps
     denom = torch._foreach_sqrt(grp.state('sqr_avg'))
-    torch._foreach_div_(denom, [math.sqrt(b) for b in _bias_corrections(sqr_mom, steps)])
+    torch._foreach_div_(denom, _per_tensor([_sqrt(b) for b in _bias_corrections(sqr_mom, steps)]))
     torch._foreach_add_(denom, eps)
     upd = torch._foreach_div(grp.state('grad_avg'), denom)
-    torch._foreach_div_(upd, _bias_corrections(mom, steps))
+    torch._foreach_div_(upd, _per_tensor(_bias_corrections(mom, steps)))
     r1, r2 = _full_norms(grp.params), _full_norms(upd)   # on the device: no sync per tensor
     q = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), (r1/r2).clamp(max=10))   # rms ratio = norm ratio
-    torch._foreach_mul_(upd, [-lr*float(x) for x in q.tolist()])
+    torch._foreach_mul_(upd, list((-lr*q).unbind()) if isinstance(lr, Tensor) else [-lr*float(x) for x in q.tolist()])
     torch._foreach_add_(grp.params, upd)
 lamb_step.defaults = dict(eps=1e-6)
 
@@ -557,12 +656,12 @@ lamb_step.defaults = dict(eps=1e-6)
 def lion_step(grp, lr, mom, sqr_mom, **_):
     "Lion (Chen et al. 2023): `p -= lr*sign(mom*V + (1-mom)*g)`, then `V = sqr_mom*V + (1-sqr_mom)*g`."
     avg = grp.state('grad_avg')
-    upd = torch._foreach_lerp(avg, grp.grads, 1 - mom)
+    upd = _lerped(avg, grp.grads, 1 - mom)
     torch._foreach_sign_(upd)
-    torch._foreach_add_(grp.params, upd, alpha=-lr)
-    torch._foreach_lerp_(avg, grp.grads, 1 - sqr_mom)
+    _add_(grp.params, upd, -lr)
+    _lerped(avg, grp.grads, 1 - sqr_mom, inplace=True)
 
-# %% ../nbs/01_optimizer.ipynb #c031
+# %% ../nbs/01_optimizer.ipynb #c034
 _FUSED_DEVICES = set(torch.utils._foreach_utils._get_fused_kernels_supported_devices())
 
 def _fusable(grp) -> bool:
@@ -636,7 +735,7 @@ def fast_path(roles:tuple):
     f = FUSED_CHAINS.get(core)
     return None if f is None else partial(f, wd_role=wd_role)
 
-# %% ../nbs/01_optimizer.ipynb #c038
+# %% ../nbs/01_optimizer.ipynb #c041
 def _wd_cb(decouple_wd): return weight_decay if decouple_wd else l2_reg
 
 def _group_mom(g:dict):
@@ -685,9 +784,9 @@ def torch_names(f):
         return f(*args, **out)
     return _f
 
-# %% ../nbs/01_optimizer.ipynb #c039
+# %% ../nbs/01_optimizer.ipynb #c042
 @torch_names
-def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=None) -> Optimizer:
+def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=None, compiled=False) -> Optimizer:
     "SGD with torch-style momentum (`V = mom*V + g`), optional Nesterov, decoupled or L2 weight decay."
     groups = _to_groups(params)
     mom, nesterov = check_range('mom', mom, 0, 1, hi_open=True), _group_flag(groups, 'nesterov', nesterov)
@@ -695,51 +794,67 @@ def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=
     cbs = [_wd_cb(decouple_wd)]
     if _momentum_wanted(groups, mom): cbs += [average_grad, nesterov_step if nesterov else momentum_step]
     else: cbs.append(sgd_step)
-    return Optimizer(groups, cbs, fused=fused, lr=lr, mom=mom, wd=wd)
+    return Optimizer(groups, cbs, fused=fused, compiled=compiled, lr=lr, mom=mom, wd=wd)
 
 @torch_names
-def Momentum(params, lr, mom=0.9, wd=0., fused=None) -> Optimizer:
+def Momentum(params, lr, mom=0.9, wd=0., fused=None, compiled=False) -> Optimizer:
     "The lecture's momentum: `V = mom*V + (1-mom)*g` (an EMA from `V=0`), `p -= lr*V`; decoupled weight decay."
-    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], fused=fused, lr=lr, mom=mom, wd=wd)
+    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], fused=fused, compiled=compiled, lr=lr, mom=mom, wd=wd)
 
 @torch_names
-def RMSProp(params, lr=1e-2, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True, fused=None) -> Optimizer:
+def RMSProp(params, lr=1e-2, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True, fused=None, compiled=False) -> Optimizer:
     "RMSProp (Hinton 2012): `S = sqr_mom*S + (1-sqr_mom)*g²`, `p -= lr*g/(sqrt(S)+eps)`; torch-style momentum if `mom`>0."
     groups = _to_groups(params)
     mom = check_range('mom', mom, 0, 1, hi_open=True)
     step = partial(rms_prop_step, with_mom=True) if _momentum_wanted(groups, mom) else rms_prop_step
-    return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step], fused=fused,
+    return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step], fused=fused, compiled=compiled,
                      lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 def _adam_cbs(decouple_wd, stepper):
     return [_wd_cb(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad, step_stat, stepper]
 
 @torch_names
-def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None) -> Optimizer:
+def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None, compiled=False) -> Optimizer:
     "Adam (Kingma & Ba 2015) with bias correction; `wd` is decoupled (AdamW) unless `decouple_wd=False` (L2)."
-    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def AdamW(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01, fused=None) -> Optimizer:
+def AdamW(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01, fused=None, compiled=False) -> Optimizer:
     "AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay, `wd=0.01` by default."
-    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True, fused=fused)
+    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True, fused=fused, compiled=compiled)
 
 @torch_names
-def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None) -> Optimizer:
+def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None, compiled=False) -> Optimizer:
     "RAdam (Liu et al. 2019), as torch's `RAdam` (`decoupled_weight_decay=decouple_wd`)."
-    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def Lamb(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0., fused=None) -> Optimizer:
+def Lamb(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0., fused=None, compiled=False) -> Optimizer:
     "LAMB (You et al. 2019): Adam's step with a per-tensor trust ratio; decoupled weight decay, as fastai's `Lamb`."
-    return Optimizer(params, _adam_cbs(True, lamb_step), fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(True, lamb_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def Lion(params, lr, mom=0.9, sqr_mom=0.99, wd=0., fused=None) -> Optimizer:
+def Lion(params, lr, mom=0.9, sqr_mom=0.99, wd=0., fused=None, compiled=False) -> Optimizer:
     "Lion (Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'): sign of an interpolated momentum; `mom`=beta1, `sqr_mom`=beta2."
-    return Optimizer(params, [weight_decay, lion_step], fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
+    return Optimizer(params, [weight_decay, lion_step], fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
 
-# %% ../nbs/01_optimizer.ipynb #c047
+# %% ../nbs/01_optimizer.ipynb #c050
+def _chain_update(cbs, params, grads, states, orig, hyper):
+    "One sub-group's update by the callback chain: the function `compiled` compiles."
+    grp = ParamGroupView(params, grads, states, orig)
+    for cb in cbs: grp.update(cb(grp, **hyper), cb)
+
+def _fresh_copy(f):
+    "`f` with a code object of its own, so that torch.compile keeps a separate cache (and recompile limit) for it."
+    return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+
+def _hyper_tensors(hyper:dict, device) -> dict:
+    "The numeric hypers as 0-d tensors on `device` (float64 where the device has it), the rest as they are."
+    dt = torch.float64 if device.type in ('cpu', 'cuda') else torch.float32
+    return {k: torch.tensor(float(v), dtype=dt, device=device) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+            for k, v in hyper.items()}
+
+# %% ../nbs/01_optimizer.ipynb #c054
 _TORCH_STATE = {'exp_avg': 'grad_avg', 'exp_avg_sq': 'sqr_avg', 'square_avg': 'sqr_avg'}
 _TORCH_ONLY_STATE = ('max_exp_avg_sq', 'mu_product', 'sum', 'acc_delta', 'square_avg_centered', 'eta', 'mu', 'ax', 'prev', 'step_size')
 _RULE_KEYS = set(TORCH_ALIASES) | set(TORCH_FLAGS) | {'nesterov', 'fused', 'decoupled_weight_decay'}
@@ -765,7 +880,7 @@ def _is_torch_format(sd:dict) -> bool:
     return (any(k in _RULE_KEYS for g in sd.get('param_groups', ()) for k in g)
             or any(k in _TORCH_STATE or k == 'momentum_buffer' for s in sd.get('state', {}).values() for k in s))
 
-# %% ../nbs/01_optimizer.ipynb #c048
+# %% ../nbs/01_optimizer.ipynb #c055
 def _check_torch_group(i, g, rule, wd_role, roles):
     fam = _torch_family(g)
     same = fam == rule or {fam, rule} <= {'Adam', 'AdamW'}   # these two differ in weight decay only: checked next
@@ -848,7 +963,7 @@ def to_torch_state_dict(opt) -> dict:
         state[k] = new
     return {'state': state, 'param_groups': groups}
 
-# %% ../nbs/01_optimizer.ipynb #c051
+# %% ../nbs/01_optimizer.ipynb #c058
 _FASTAI_TO_TORCH = {'mom': (('betas', 0), ('momentum', None)), 'sqr_mom': (('betas', 1), ('alpha', None)),
                     'wd': (('weight_decay', None),)}
 
@@ -873,7 +988,7 @@ class TorchGroup(dict):
     def get(self, k, default=None): return self[k] if k in self else default
     def __reduce__(self): return (TorchGroup, (dict(self),))
 
-# %% ../nbs/01_optimizer.ipynb #c052
+# %% ../nbs/01_optimizer.ipynb #c059
 class Lookahead(Optimizer):
     "Wrap `opt` (fastopts' or torch's): every `k` steps, slow weights move `alpha` towards the fast ones, which restart from them."
     def __init__(self, opt:torch.optim.Optimizer, k:int=6, alpha:float=0.5):

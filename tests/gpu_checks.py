@@ -98,8 +98,30 @@ def fused_on_cuda():
                 for a, b in zip(runs['fused'], runs[key]): torch.testing.assert_close(a.float(), b.float(), **tol)
             print(f'ok  fused {name} on CUDA {dtype}: equals the callbacks{" and torch fused" if "torch" in runs else ""} ')
 
+def compiled_on_cuda():
+    "compiled=True on CUDA (Triton kernels, hypers as 0-d device tensors): the callbacks' numbers, one graph per group."
+    from torch._dynamo.utils import counters
+    from fastopts.optimizer import Adam, RAdam, Lion
+    shapes = [(256, 128), (128,), (10, 256), (10,)]
+    for name, make in [('Adam', partial(Adam, lr=1e-3)), ('RAdam', partial(RAdam, lr=1e-3)), ('Lion', partial(Lion, lr=1e-4, wd=0.1))]:
+        g = torch.Generator(device='cuda').manual_seed(0)
+        p0 = [torch.randn(s, device='cuda', generator=g) for s in shapes]
+        runs, graphs = {}, 0
+        for key, kw in [('callbacks', dict(fused=False)), ('compiled', dict(compiled=True))]:
+            ps = [torch.nn.Parameter(p.clone()) for p in p0]
+            opt = make([{'params': ps[:2]}, {'params': ps[2:]}], **kw)
+            gg, before = torch.Generator(device='cuda').manual_seed(1), counters['stats']['unique_graphs']
+            for t in range(30):
+                for p in ps: p.grad = torch.randn(p.shape, device='cuda', generator=gg)
+                opt.set_hyper('lr', 1e-3 * (1 + t % 5)); opt.set_hyper('mom', 0.9 - 0.01 * (t % 5))
+                opt.step()
+            runs[key], graphs = ps, counters['stats']['unique_graphs'] - before
+        for a, b in zip(runs['compiled'], runs['callbacks']): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert graphs == 2, f'{name}: {graphs} graphs for 2 groups'
+        print(f'ok  compiled {name} on CUDA: equals the callbacks, {graphs} graphs for 2 groups over 30 scheduled steps')
+
 if __name__ == '__main__':
     assert torch.cuda.is_available(), 'no CUDA device'
     print('device:', torch.cuda.get_device_name(), 'torch', torch.__version__)
-    reference_on_cuda(); fused_on_cuda(); mixed_precision_fit(); find_lr_restores_under_mixed_precision()
+    reference_on_cuda(); fused_on_cuda(); compiled_on_cuda(); mixed_precision_fit(); find_lr_restores_under_mixed_precision()
     print('all GPU checks passed')

@@ -1,0 +1,141 @@
+"""The compiled step (`compiled=True`): the callbacks' numbers, one graph for a whole schedule, fastai and torch around it.
+
+The reference is always the same optimizer running its callbacks (`fused=False`), which other tests tie to torch.optim
+and to closed-form updates. Graphs are counted with dynamo's own counter: a schedule that changes `lr` and `mom` at every
+step must not compile again. The default backend (inductor, generated C++) is used where the numbers matter; the
+whole registry also runs on `aot_eager`, which traces exactly what inductor would compile, at a fraction of the time.
+"""
+import pickle, random
+from functools import partial
+import pytest, torch
+from torch.testing import assert_close
+from torch._dynamo.utils import counters
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401
+from fastai.losses import CrossEntropyLossFlat
+import fastopts.optimizer as fo
+from fastopts.optimizer import Adam, SGD, RAdam, Lion, Optimizer, average_grad, momentum_step
+from fastopts.data import sklearn_dls, dls_mlp
+from registry import OPTIMIZERS, BY_NAME, ids
+
+SHAPES = [(5, 3), (7,), (2, 3, 4), (4,)]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+def graphs() -> int: return counters['stats']['unique_graphs']
+
+def drive(make, dtype=torch.float32, steps=8, no_grad_at=None, schedule=True):
+    "Two groups; `lr`, `mom` (and `sqr_mom`) change at every step when `schedule`; the final params and the optimizer."
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in SHAPES]
+    opt = make([ps[:2], ps[2:]])
+    opt.state[ps[3]]['do_wd'] = False
+    for t in range(steps):
+        for i, p in enumerate(ps):
+            p.grad = None if (i == 1 and t == no_grad_at) else (torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) + 0.5*p.detach())
+        if schedule:
+            opt.set_hyper('lr', opt.param_groups[0]['lr'] * 0.9)
+            for k, lo in (('mom', 0.5), ('sqr_mom', 0.9)):
+                if k in opt.param_groups[0] and opt.param_groups[0][k] > lo: opt.set_hyper(k, opt.param_groups[0][k] - 0.01)
+        opt.step()
+    return ps, opt
+
+def assert_same(xs, ys, dtype=torch.float32):
+    for i, (x, y) in enumerate(zip(xs, ys)): assert_close(x, y, **TOL[dtype], msg=lambda m: f"param {i}: {m}")
+
+@pytest.mark.parametrize('spec', OPTIMIZERS, ids=ids)
+def test_traced_chain_equals_callbacks(spec):
+    "Every registry optimizer, traced as the compiler sees it: the callbacks' numbers, and 2 graphs for 8 scheduled steps."
+    eager, _ = drive(lambda gs: spec.make(gs, fused=False))
+    before = graphs()
+    traced, opt = drive(lambda gs: spec.make(gs, compiled=dict(backend='aot_eager')))
+    assert_same(traced, eager)
+    assert graphs() - before == 2, f"{graphs() - before} graphs for 2 groups over a schedule of 8 steps"
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=['f32', 'f64'])
+@pytest.mark.parametrize('name', ['adamw', 'radam', 'lion', 'sgd_nesterov_l2'])
+def test_compiled_equals_callbacks(name, dtype):
+    "The default backend's generated code gives the callbacks' numbers (float32 rtol 1e-5, float64 1e-10)."
+    spec = BY_NAME[name]
+    eager, _ = drive(lambda gs: spec.make(gs, fused=False), dtype)
+    compiled, opt = drive(lambda gs: spec.make(gs, compiled=True), dtype)
+    assert_same(compiled, eager, dtype)
+    assert opt._compiled_fns, "the compiled step never ran"
+
+def test_schedule_compiles_once_with_a_torch_scheduler():
+    "OneCycleLR cycles lr and momentum (torch's names for `mom`) at every step: one graph, the callbacks' numbers."
+    def make(gs, **kw):
+        opt = Adam(gs, lr=0.01, **kw)
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10, cycle_momentum=True)
+    out = []
+    for kw in (dict(fused=False), dict(compiled=dict(backend='aot_eager'))):
+        ps = [torch.randn(6, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)]
+        opt, sched = make(ps, **kw)
+        before, moms = graphs(), []
+        for t in range(10):
+            ps[0].grad = torch.full_like(ps[0], 0.1 * (t + 1)) + ps[0].detach()
+            opt.step(); sched.step(); moms.append(opt.param_groups[0]['mom'])
+        out.append((ps[0].detach(), graphs() - before))
+        assert len(set(moms)) > 5   # the momentum did change at every step
+    assert_same([out[1][0]], [out[0][0]])
+    assert out[1][1] == 1
+
+def test_a_param_without_grad_and_cleared_state():
+    "A step where a param has no grad is another graph (fewer tensors); `clear_state` runs the callbacks once, then compiles on."
+    eager, _ = drive(lambda gs: Adam(gs, lr=0.01, fused=False), no_grad_at=4)
+    traced, opt = drive(lambda gs: Adam(gs, lr=0.01, compiled=dict(backend='aot_eager')), no_grad_at=4)
+    assert_same(traced, eager)
+    opt.clear_state()
+    ps = [p for g in opt.param_groups for p in g['params']]
+    for p in ps: p.grad = torch.ones_like(p)
+    opt.step()   # the callbacks make the state afresh
+    assert all(opt.state[p]['step'] == 1 for p in ps)
+    opt.step()
+    assert all(opt.state[p]['step'] == 2 for p in ps)
+
+def test_pickled_optimizer_compiles_again():
+    "The compiled functions are not pickled: a copy rebuilds them and continues with the same numbers."
+    ps, opt = drive(lambda gs: Lion(gs, lr=1e-3, compiled=dict(backend='aot_eager')), steps=3)
+    ps2, opt2 = pickle.loads(pickle.dumps((ps, opt)))
+    assert opt2.compiled == opt.compiled and not opt2._compiled_fns
+    for a, b in zip(ps, ps2): a.grad = b.grad = torch.ones_like(a)
+    opt.step(); opt2.step()
+    assert_same(ps2, ps)
+    assert opt2._compiled_fns
+
+def test_fastai_fit_one_cycle():
+    "fit_one_cycle on iris (lr and mom change at every batch): same weights as the callbacks, one graph per group."
+    def fit(**kw):
+        dls = sklearn_dls('iris', bs=16); random.seed(0)
+        dls = DataLoaders(*[dl.new(num_workers=0) for dl in dls.loaders])
+        torch.manual_seed(0)
+        learn = Learner(dls, dls_mlp(dls), loss_func=CrossEntropyLossFlat(), opt_func=partial(Adam, **kw))
+        before = graphs()
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 0.01)
+        return [p.detach() for p in learn.model.parameters()], graphs() - before, learn
+    eager, _, _ = fit(fused=False)
+    compiled, n, learn = fit(compiled=True)
+    assert_same(compiled, eager)
+    assert n == 1, n
+    assert learn.opt._compiled_fns
+
+def test_refusals():
+    ps = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match='pick one'): Adam(ps, compiled=True, fused=True)
+    with pytest.raises(ValueError, match=r"`compiled` must be True, False or a dict.*'fast'"): SGD(ps, compiled='fast')
+    with pytest.raises(ValueError, match="torch.compile does not take"): Adam(ps, compiled=dict(modes='max-autotune'))
+    Adam(ps, compiled=dict(mode='max-autotune'))   # a real keyword is fine
+
+def test_compiler_failure_is_named(monkeypatch):
+    "If torch.compile fails, the error says which chain and how to step around it; the params are untouched."
+    def broken(f, **kw):
+        def run(*a, **k): raise torch._dynamo.exc.Unsupported("no C++ compiler")
+        return run
+    monkeypatch.setattr(torch, 'compile', broken)
+    p = torch.ones(3, requires_grad=True)
+    opt = Optimizer([p], [average_grad, momentum_step], compiled=True, lr=0.1, mom=0.9)
+    p.grad = torch.ones(3); opt.step()   # the first step runs the callbacks
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"torch.compile failed on the chain \['average_grad', 'momentum_step'\].*compiled=False"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
