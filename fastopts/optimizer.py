@@ -392,15 +392,13 @@ class Optimizer(torch.optim.Optimizer):
     def _group_hypers(self, g:dict) -> dict:
         return {k: check_hyper(k, g[k]) for k in self._hyper_names if k in g}
 
-    def _compiled_group(self, i:int, grp) -> bool:
-        "Run the compiled chain on sub-group `grp` of group `i`; False while its state is not made yet (the callbacks make it)."
-        p = grp.params[0]
-        key = (i, p.device, p.dtype)
+    def _compiled_group(self, key:tuple, grp, hyper:dict) -> bool:
+        "Run the compiled chain on sub-group `grp` (`key`: group index, device, dtype); False while its state is not made yet."
         keys = self._warm.get(key)
         if keys is None or not all(keys <= s.keys() for s in grp.states): return False
         fn = self._compiled_fns.get(key)
         if fn is None: fn = self._compiled_fns[key] = torch.compile(_fresh_copy(_chain_update), **self.compiled)
-        try: fn(tuple(self.cbs), grp.params, grp.grads, grp.states, grp._orig, _hyper_tensors(self._group_hypers(self.param_groups[i]), p.device))
+        try: fn(tuple(self.cbs), grp.params, grp.grads, grp.states, grp._orig, _hyper_tensors(hyper, key[1]))
         except torch._dynamo.exc.TorchDynamoException as e:
             raise RuntimeError(f"`compiled`: torch.compile failed on the chain {[cb_name(c) for c in self.cbs]} (in a compiled step a "
                                f"callback gets its hypers as 0-d tensors); pass compiled=False. {type(e).__name__}: {str(e).splitlines()[0]}") from e
@@ -422,9 +420,10 @@ class Optimizer(torch.optim.Optimizer):
                 sub = _pick(ps, idx)
                 grp = _group_view(sub, [self.state[p] for p in sub])
                 if self._fast is not None and self._fast(grp, **hyper): continue
-                if self.compiled and self._compiled_group(i, grp): continue
+                key = (i, sub[0].device, sub[0].dtype)
+                if self.compiled and self._compiled_group(key, grp, hyper): continue
                 for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
-                if self.compiled: self._warm[(i, sub[0].device, sub[0].dtype)] = frozenset.intersection(*map(frozenset, grp.states))
+                if self.compiled: self._warm[key] = frozenset.intersection(*map(frozenset, grp.states))   # the state it made
         return loss
 
     # -- checkpoints: our own format, and torch.optim's -----------------------------------------------------

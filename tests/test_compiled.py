@@ -139,3 +139,19 @@ def test_compiler_failure_is_named(monkeypatch):
     with pytest.raises(RuntimeError, match=r"torch.compile failed on the chain \['average_grad', 'momentum_step'\].*compiled=False"):
         opt.step()
     assert torch.equal(p.detach(), before)
+
+@pytest.mark.parametrize('name', ['adam', 'radam', 'sgd_mom'])
+def test_complex_params(name):
+    "Complex params step as real pairs on both paths (the state stays complex), compiled too."
+    spec, runs = BY_NAME[name], []
+    for kw in (dict(fused=False), dict(compiled=dict(backend='aot_eager'))):
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(4, 3, dtype=torch.complex64, generator=g).requires_grad_()
+        opt = spec.make([p], **kw)
+        for t in range(4):
+            p.grad = torch.randn(4, 3, dtype=torch.complex64, generator=g)
+            opt.set_hyper('lr', 0.01 * (t + 1)); opt.step()
+        runs.append(p.detach())
+        assert all(v.is_complex() for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim())
+    assert opt._compiled_fns
+    assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
