@@ -88,8 +88,8 @@ def _sweep_notes(reading:dict, lrs, method:str|None, epochs:int|None) -> list[st
     if reading['fell']: return []
     msgs = [_silent_sweep_message(reading, lrs)]
     if epochs is not None: msgs.append('the trials decide')
-    elif method == 'edge': msgs.append(f"suggesting a third of the lr where the loss left its flat band "
-                                       f"({reading['lr_edge']:.2g}); find_lr(epochs=N) measures instead")
+    elif method == 'edge': msgs.append(f"suggesting the lr where the loss left its flat band ({reading['lr_edge']:.2g}): "
+                                       "no smaller lr moved the model; find_lr(epochs=N) measures instead")
     else: msgs.append('no suggestion: raise `end_lr`, or pass `epochs` to let trials of the plan decide')
     return msgs
 

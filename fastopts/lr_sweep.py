@@ -216,8 +216,8 @@ def sugg_half_min(lrs, sm, num_it=100, losses=None, tol:float=0.05):
         if i is not None: lr = min(lr, lrs[i])
     return float(lr / 2)
 
-def sugg_edge(lrs, sm, num_it=100, losses=None, factor:float=3., beta:float=0.98):
-    "For a curve without a measurable fall: a `factor`-th of the first lr where the loss left its flat band."
+def sugg_edge(lrs, sm, num_it=100, losses=None, factor:float=1., beta:float=0.98):
+    "For a curve without a measurable fall: the first lr where the loss left its flat band (divided by `factor`)."
     r = read_sweep(lrs, losses if losses is not None else sm, sm, num_it, beta)
     if not r['edge_seen']: raise ValueError('the loss never left its flat band: no edge to read')
     return r['lr_edge'] / factor
