@@ -153,6 +153,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastopts.lr_finder._silent_sweep_message': ( 'lr_finder.html#_silent_sweep_message',
                                                                                   'fastopts/lr_finder.py'),
                                     'fastopts.lr_finder._suggestions': ('lr_finder.html#_suggestions', 'fastopts/lr_finder.py'),
+                                    'fastopts.lr_finder._sweep_length': ('lr_finder.html#_sweep_length', 'fastopts/lr_finder.py'),
                                     'fastopts.lr_finder._sweep_notes': ('lr_finder.html#_sweep_notes', 'fastopts/lr_finder.py'),
                                     'fastopts.lr_finder._sweep_rule': ('lr_finder.html#_sweep_rule', 'fastopts/lr_finder.py')},
             'fastopts.lr_sweep': { 'fastopts.lr_sweep.LRFinder': ('lr_sweep.html#lrfinder', 'fastopts/lr_sweep.py'),

@@ -149,10 +149,10 @@ def _suggest(method, name, seed, opt, epochs, bs, hidden, num_it, tmp, cache) ->
     "A method's suggested lr for one seed, what it cost in training iterations, and the finder's message."
     if method in FASTAI_METHODS:
         key = ('fastai', name, seed, opt)
-        if key not in cache: cache[key] = _fastai_suggestions(bench_learner(name, seed, opt, bs, hidden, path=tmp), num_it)
+        if key not in cache: cache[key] = _fastai_suggestions(bench_learner(name, seed, opt, bs, hidden, path=tmp), num_it or 100)
         sugg, cost = cache[key]
         return sugg[method], cost, ''
-    kw = dict(epochs=epochs) if method == 'find_lr_epochs' else dict(num_it=num_it)
+    kw = dict(epochs=epochs) if method == 'find_lr_epochs' else {} if num_it is None else dict(num_it=num_it)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         res = bench_learner(name, seed, opt, bs, hidden).find_lr(show_plot=False, **kw)
@@ -170,7 +170,7 @@ def lr_find_benchmark(
     grid=GRID,                   # lrs whose best sets L_best
     bs:int=64,
     hidden=(64, 64),
-    num_it:int=100,              # sweep length of `find_lr()` and fastai's `lr_find` (`find_lr(epochs)` sizes its own)
+    num_it:int|None=None,        # sweep length of `find_lr()` and fastai's `lr_find` (None: each one's default, 100 for fastai's)
     out=None,                    # write the table here (.csv, or .md for a markdown table)
     verbose:bool=True,
 ) -> pd.DataFrame:
@@ -178,7 +178,8 @@ def lr_find_benchmark(
     for d in datasets: check_choice('datasets', d, FAMILIES)
     for o in opt_names: check_choice('opt_names', o, OPT_FUNCS)
     for m in methods: check_choice('methods', m, METHODS)
-    check_int('epochs', epochs, 1); check_int('num_it', num_it, 5)
+    check_int('epochs', epochs, 1)
+    if num_it is not None: check_int('num_it', num_it, 5)
     if not seeds: raise ValueError(f"`seeds` must not be empty, got {seeds!r}")
     score_seeds = tuple(s + len(seeds) for s in seeds) if score_seeds is None else tuple(score_seeds)
     if len(score_seeds) != len(seeds):
@@ -251,7 +252,7 @@ def add_lr_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help='seeds the suggestions are scored with, one per --seeds (default: each seed + the number of seeds)')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     p.add_argument('--epochs', type=int, default=5, help='the plan: fit_one_cycle(EPOCHS, lr)')
-    p.add_argument('--num-it', type=int, default=100, help='sweep length')
+    p.add_argument('--num-it', type=int, default=None, help="sweep length (default: find_lr's own, 100 for fastai's lr_find)")
     p.add_argument('--out', default='lr_find_bench.csv', help='table file (.csv, or .md)')
     return p
 

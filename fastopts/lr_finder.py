@@ -17,7 +17,7 @@ _all_ = ['LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep', 'SWEEP_RULES',
          'sugg_edge', 'sugg_valley', 'sugg_slide', 'sugg_minimum', 'sugg_steep']
 
 # %% auto #0
-__all__ = ['LRFindResult', 'LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep', 'SWEEP_RULES', 'SWEEP_METHOD',
+__all__ = ['SWEEP_EPOCHS', 'LRFindResult', 'LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep', 'SWEEP_RULES', 'SWEEP_METHOD',
            'sugg_half_min', 'sugg_edge', 'sugg_valley', 'sugg_slide', 'sugg_minimum', 'sugg_steep']
 
 # %% ../nbs/03_lr_finder.ipynb #c018
@@ -62,6 +62,13 @@ def _last_lr(v):
     return v.stop if isinstance(v, slice) else v
 
 # %% ../nbs/03_lr_finder.ipynb #f001
+SWEEP_EPOCHS = 30   # passes over the training set a default sweep may make
+
+def _sweep_length(n_batches:int, full:int|None=None) -> int:
+    "The default sweep: 100 steps, no longer than the plan (`full` iterations) or `SWEEP_EPOCHS` epochs, at least 30."
+    n = 100 if full is None else min(100, full)
+    return int(max(30, min(n, SWEEP_EPOCHS * n_batches)))
+
 def _suggestions(lrs, sm, losses, num_it, beta=0.98) -> dict:
     out = {}
     for k, f in {**SWEEP_RULES, **FASTAI_RULES}.items():
@@ -98,7 +105,7 @@ def _sweep_notes(reading:dict, lrs, method:str|None, epochs:int|None) -> list[st
 def find_lr(self:Learner,
     start_lr=1e-7,        # first lr (float, or `slice` for discriminative lrs: the result keeps its spread)
     end_lr=10.,           # last lr
-    num_it:int|None=None, # optimizer steps in the sweep (None: 100, or the plan's length if `epochs` makes it shorter, at least 30)
+    num_it:int|None=None, # optimizer steps in the sweep (None: 100, no longer than the plan or 30 epochs, at least 30)
     mode:str='exp',       # 'exp' or 'linear'
     stop_div:bool=True,   # stop once the smoothed loss diverges
     beta:float|None=None, # EMA factor (bias-corrected); None: 0.98, less for a sweep under 100 steps (1 - 2/num_it)
@@ -117,7 +124,7 @@ def find_lr(self:Learner,
     if keep and epochs is None: raise ValueError(f"`keep` needs `epochs` (the plan whose weights to keep), got keep={keep!r}")
     rank_same('len(dls.train)', len(self.dls.train))   # several processes: a rank with fewer batches would hang the rest
     full = None if epochs is None else epochs * len(self.dls.train)
-    if num_it is None: num_it = 100 if full is None else int(min(100, max(30, full)))
+    if num_it is None: num_it = _sweep_length(len(self.dls.train), full)
     check_int('num_it', num_it, 5)
     beta = min(0.98, 1 - 2 / num_it) if beta is None else beta
     cb = LRFinder(start_lr, end_lr, num_it, mode, stop_div, beta, val)
