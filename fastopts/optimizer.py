@@ -400,8 +400,9 @@ class Optimizer(torch.optim.Optimizer):
         if fn is None: fn = self._compiled_fns[key] = torch.compile(_fresh_copy(_chain_update), **self.compiled)
         try: fn(tuple(self.cbs), grp.params, grp.grads, grp.states, grp._orig, _hyper_tensors(hyper, key[1]))
         except torch._dynamo.exc.TorchDynamoException as e:
-            raise RuntimeError(f"`compiled`: torch.compile failed on the chain {[cb_name(c) for c in self.cbs]} (in a compiled step a "
-                               f"callback gets its hypers as 0-d tensors); pass compiled=False. {type(e).__name__}: {str(e).splitlines()[0]}") from e
+            raise RuntimeError(f"`compiled`: torch.compile failed on the chain {[cb_name(c) for c in self.cbs]}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0]}. Pass compiled=False to run the callbacks (compiled, a callback gets its "
+                               f"hypers as 0-d tensors)") from e
         return True
 
     @torch.no_grad()

@@ -216,13 +216,14 @@ def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names
         if k: torch._foreach_mul_([p.grad for p in params[name]], scales[k] / scales[k-1])
     for name, o in list(opts.items()):   # warm-up: allocates state (and compiles, where a contender compiles)
         try:
-            sync(); t = time.perf_counter(); o.step(); sync()
-        except Exception as e:           # torch refusing this device at its first step; a compile that failed
+            sync(); t = time.perf_counter(); o.step()
+            for k in range(1, warmup): rescale(name, k); o.step()
+            sync()
+        except Exception as e:           # torch refusing this device; a compile that failed (at the 2nd step)
             if not (name.startswith('torch') or name == 'fastopts compiled'): raise
             rows[name]['note'] = f'{name} failed: {type(e).__name__}: {str(e)[:300]}'
             del opts[name], params[name]; continue
-        for k in range(1, warmup): rescale(name, k); o.step()
-        sync(); rows[name]['warmup_ms'] = (time.perf_counter() - t) * 1e3
+        rows[name]['warmup_ms'] = (time.perf_counter() - t) * 1e3
     times, order = {name: [] for name in opts}, list(opts)
     gc_was = gc.isenabled(); gc.disable()
     try:

@@ -5,7 +5,7 @@ and to closed-form updates. Graphs are counted with dynamo's own counter: a sche
 step must not compile again. The default backend (inductor, generated C++) is used where the numbers matter; the
 whole registry also runs on `aot_eager`, which traces exactly what inductor would compile, at a fraction of the time.
 """
-import pickle, random
+import pickle, random, shutil
 from functools import partial
 import pytest, torch
 from torch.testing import assert_close
@@ -23,6 +23,17 @@ SHAPES = [(5, 3), (7,), (2, 3, 4), (4,)]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 def graphs() -> int: return counters['stats']['unique_graphs']
+
+def have_cxx() -> bool:
+    "Whether inductor finds a C++ compiler for CPU code (a machine with only Python has none)."
+    from torch._inductor import config
+    return any(c and shutil.which(c) for c in config.cpp.cxx)
+
+def compiled_or_named_failure(run):
+    "`run()` where inductor can compile; without a C++ compiler, the step must say so clearly instead."
+    if have_cxx(): return run()
+    with pytest.raises(RuntimeError, match=r"torch.compile failed on the chain .*C\+\+ compiler.*compiled=False"): run()
+    return None
 
 def drive(make, dtype=torch.float32, steps=8, no_grad_at=None, schedule=True):
     "Two groups; `lr`, `mom` (and `sqr_mom`) change at every step when `schedule`; the final params and the optimizer."
@@ -58,7 +69,9 @@ def test_compiled_equals_callbacks(name, dtype):
     "The default backend's generated code gives the callbacks' numbers (float32 rtol 1e-5, float64 1e-10)."
     spec = BY_NAME[name]
     eager, _ = drive(lambda gs: spec.make(gs, fused=False), dtype)
-    compiled, opt = drive(lambda gs: spec.make(gs, compiled=True), dtype)
+    out = compiled_or_named_failure(lambda: drive(lambda gs: spec.make(gs, compiled=True), dtype))
+    if out is None: return
+    compiled, opt = out
     assert_same(compiled, eager, dtype)
     assert opt._compiled_fns, "the compiled step never ran"
 
@@ -114,7 +127,9 @@ def test_fastai_fit_one_cycle():
         with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 0.01)
         return [p.detach() for p in learn.model.parameters()], graphs() - before, learn
     eager, _, _ = fit(fused=False)
-    compiled, n, learn = fit(compiled=True)
+    out = compiled_or_named_failure(lambda: fit(compiled=True))
+    if out is None: return
+    compiled, n, learn = out
     assert_same(compiled, eager)
     assert n == 1, n
     assert learn.opt._compiled_fns
@@ -125,6 +140,17 @@ def test_refusals():
     with pytest.raises(ValueError, match=r"`compiled` must be True, False or a dict.*'fast'"): SGD(ps, compiled='fast')
     with pytest.raises(ValueError, match="torch.compile does not take"): Adam(ps, compiled=dict(modes='max-autotune'))
     Adam(ps, compiled=dict(mode='max-autotune'))   # a real keyword is fine
+
+def test_no_cxx_compiler_is_named(monkeypatch):
+    "Where inductor finds no C++ compiler, the second step (the first compiled one) says so; the params are untouched."
+    from torch._inductor import config
+    monkeypatch.setattr(config.cpp, 'cxx', (None, '/nonexistent/g++'))
+    p = torch.ones(3, requires_grad=True)
+    opt = Adam([p], compiled=True)
+    p.grad = torch.ones(3); opt.step()
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"torch.compile failed on the chain .*C\+\+ compiler.*compiled=False"): opt.step()
+    assert torch.equal(p.detach(), before)
 
 def test_compiler_failure_is_named(monkeypatch):
     "If torch.compile fails, the error says which chain and how to step around it; the params are untouched."
