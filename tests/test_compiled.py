@@ -141,16 +141,18 @@ def test_refusals():
     with pytest.raises(ValueError, match="torch.compile does not take"): Adam(ps, compiled=dict(modes='max-autotune'))
     Adam(ps, compiled=dict(mode='max-autotune'))   # a real keyword is fine
 
-def test_no_cxx_compiler_is_named(monkeypatch):
+def test_no_cxx_compiler_is_named():
     "Where inductor finds no C++ compiler, the second step (the first compiled one) says so; the params are untouched."
     from torch._inductor import config
-    monkeypatch.setattr(config.cpp, 'cxx', (None, '/nonexistent/g++'))
-    p = torch.ones(3, requires_grad=True)
-    opt = Adam([p], compiled=True)
-    p.grad = torch.ones(3); opt.step()
-    before = p.detach().clone()
-    with pytest.raises(RuntimeError, match=r"torch.compile failed on the chain .*C\+\+ compiler.*compiled=False"): opt.step()
-    assert torch.equal(p.detach(), before)
+    # config.patch, not pytest's monkeypatch: monkeypatch's undo deletes the option from inductor's config proxy
+    with config.patch({'cpp.cxx': (None, '/nonexistent/g++')}):
+        p = torch.ones(3, requires_grad=True)
+        opt = Adam([p], compiled=True)
+        p.grad = torch.ones(3); opt.step()
+        before = p.detach().clone()
+        with pytest.raises(RuntimeError, match=r"torch.compile failed on the chain .*C\+\+ compiler.*compiled=False"): opt.step()
+        assert torch.equal(p.detach(), before)
+    assert config.cpp.cxx != (None, '/nonexistent/g++')
 
 def test_compiler_failure_is_named(monkeypatch):
     "If torch.compile fails, the error says which chain and how to step around it; the params are untouched."
