@@ -421,8 +421,9 @@ class Optimizer(torch.optim.Optimizer):
                 sub = _pick(ps, idx)
                 grp = _group_view(sub, [self.state[p] for p in sub])
                 if self._fast is not None and self._fast(grp, **hyper): continue
-                key = (i, sub[0].device, sub[0].dtype)
-                if self.compiled and self._compiled_group(key, grp, hyper): continue
+                if self.compiled:
+                    key = (i, sub[0].device, sub[0].dtype)
+                    if self._compiled_group(key, grp, hyper): continue
                 for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
                 if self.compiled: self._warm[key] = frozenset.intersection(*map(frozenset, grp.states))   # the state it made
         return loss
