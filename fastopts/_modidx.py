@@ -350,6 +350,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastopts.optimizer._per_tensor': ('optimizer.html#_per_tensor', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer._pick': ('optimizer.html#_pick', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer._radam_rect': ('optimizer.html#_radam_rect', 'fastopts/optimizer.py'),
+                                    'fastopts.optimizer._radam_rho': ('optimizer.html#_radam_rho', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer._radam_step_t': ('optimizer.html#_radam_step_t', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer._sqrt': ('optimizer.html#_sqrt', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer._step_tensors': ('optimizer.html#_step_tensors', 'fastopts/optimizer.py'),

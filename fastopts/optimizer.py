@@ -594,12 +594,16 @@ def adam_step(grp, lr, mom, sqr_mom, eps, **_):
     _addcdiv_(grp.params, grp.state('grad_avg'), denom, sizes)
 adam_step.defaults = dict(eps=1e-8)
 
-def _radam_rect(sqr_mom, t):
-    "RAdam's rectification factor for step `t`, or None while the variance estimate is not yet tractable (rho_t <= 5)."
+def _radam_rho(sqr_mom, t):
+    "RAdam's `rho_t` at step `t` and the square of its rectification factor (floats or 0-d tensors alike)."
     rho_inf = 2/(1 - sqr_mom) - 1
     rho_t = rho_inf - 2*t*sqr_mom**t/(1 - sqr_mom**t)
-    if rho_t <= 5: return None
-    return math.sqrt((rho_t - 4)*(rho_t - 2)*rho_inf/((rho_inf - 4)*(rho_inf - 2)*rho_t))
+    return rho_t, (rho_t - 4)*(rho_t - 2)*rho_inf/((rho_inf - 4)*(rho_inf - 2)*rho_t)
+
+def _radam_rect(sqr_mom, t):
+    "RAdam's rectification factor for step `t`, or None while the variance estimate is not yet tractable (rho_t <= 5)."
+    rho_t, rect2 = _radam_rho(sqr_mom, t)
+    return None if rho_t <= 5 else math.sqrt(rect2)
 
 @contract(reads='grad_avg sqr_avg step', hypers='lr mom sqr_mom eps', role='radam')
 def radam_step(grp, lr, mom, sqr_mom, eps, **_):
@@ -620,12 +624,11 @@ radam_step.defaults = dict(eps=1e-8)
 
 def _radam_step_t(grp, lr, mom, sqr_mom, eps):
     "`radam_step` with tensor hypers (the compiled step): each param's rule chosen by `torch.where`, not by a branch."
-    rho_inf, adapt, plain = 2/(1 - sqr_mom) - 1, [], []
+    adapt, plain = [], []
     for t in grp.steps:
         bc1, bc2 = 1 - mom**t, 1 - sqr_mom**t
-        rho_t = rho_inf - 2*t*sqr_mom**t/bc2
-        rect = ((rho_t - 4)*(rho_t - 2)*rho_inf/((rho_inf - 4)*(rho_inf - 2)*rho_t)).clamp(min=0).sqrt()
-        ok = rho_t > 5
+        rho_t, rect2 = _radam_rho(sqr_mom, t)
+        rect, ok = rect2.clamp(min=0).sqrt(), rho_t > 5
         adapt.append(torch.where(ok, -lr*rect*bc2.sqrt()/bc1, 0.)); plain.append(torch.where(ok, 0., -lr/bc1))
     adapt, plain = _per_tensor(adapt), _per_tensor(plain)
     denom = torch._foreach_sqrt(grp.state('sqr_avg'))

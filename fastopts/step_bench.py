@@ -197,6 +197,7 @@ def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names
               seed:int=0, lr:float|None=None, makers:dict|None=None) -> list[dict]:
     "Median seconds per `step()` of each contender of `rule` on `problem`, steps interleaved; then the correctness check."
     device, spec = check_device(device), _rules()[check_choice('rule', rule, RULES)]
+    warmup = check_int('warmup', warmup, 2)   # a compiled step compiles at its 2nd step: never in the timed ones
     lr = spec['lr'] if lr is None else lr
     makers = contenders(rule, lr) if makers is None else makers
     if names is not None: makers = {k: v for k, v in makers.items() if k in names}
