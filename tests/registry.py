@@ -60,3 +60,18 @@ FUSED = [o for o in OPTIMIZERS if o.fused]
 WITH_TORCH = [o for o in OPTIMIZERS if o.torch_cls is not None]
 CHECKPOINT = [o for o in OPTIMIZERS if o.checkpoint]
 ids = lambda o: o.name
+
+# Two paths of the same computation (fused kernel / compiled code vs the callbacks) differ only by float rounding
+SAME_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+def assert_same(xs, ys, dtype=torch.float32):
+    "Each tensor of `xs` equals its partner in `ys` within `SAME_TOL[dtype]`, the failing param named."
+    from torch.testing import assert_close
+    for i, (x, y) in enumerate(zip(xs, ys)): assert_close(x, y, **SAME_TOL[dtype], msg=lambda m: f"param {i}: {m}")
+
+def seeded_params(shapes, dtype=torch.float32, seed=0, frozen=()):
+    "Params of `shapes` drawn in float64 from a seeded generator (the same values for every dtype); `frozen` indices do not require grad."
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    for i, p in enumerate(ps): p.requires_grad_(i not in frozen)
+    return ps

@@ -8,7 +8,6 @@ whole registry also runs on `aot_eager`, which traces exactly what inductor woul
 import pickle, random, shutil
 from functools import partial
 import pytest, torch
-from torch.testing import assert_close
 from torch._dynamo.utils import counters
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
@@ -17,10 +16,9 @@ from fastai.losses import CrossEntropyLossFlat
 import fastopts.optimizer as fo
 from fastopts.optimizer import Adam, SGD, RAdam, Lion, Optimizer, average_grad, momentum_step
 from fastopts.data import sklearn_dls, dls_mlp
-from registry import OPTIMIZERS, BY_NAME, ids
+from registry import OPTIMIZERS, BY_NAME, ids, assert_same, seeded_params
 
 SHAPES = [(5, 3), (7,), (2, 3, 4), (4,)]
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 def graphs() -> int: return counters['stats']['unique_graphs']
 
@@ -37,8 +35,7 @@ def compiled_or_named_failure(run):
 
 def drive(make, dtype=torch.float32, steps=8, no_grad_at=None, schedule=True):
     "Two groups; `lr`, `mom` (and `sqr_mom`) change at every step when `schedule`; the final params and the optimizer."
-    g = torch.Generator().manual_seed(0)
-    ps = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for s in SHAPES]
+    ps, g = seeded_params(SHAPES, dtype), torch.Generator().manual_seed(1)
     opt = make([ps[:2], ps[2:]])
     opt.state[ps[3]]['do_wd'] = False
     for t in range(steps):
@@ -50,9 +47,6 @@ def drive(make, dtype=torch.float32, steps=8, no_grad_at=None, schedule=True):
                 if k in opt.param_groups[0] and opt.param_groups[0][k] > lo: opt.set_hyper(k, opt.param_groups[0][k] - 0.01)
         opt.step()
     return ps, opt
-
-def assert_same(xs, ys, dtype=torch.float32):
-    for i, (x, y) in enumerate(zip(xs, ys)): assert_close(x, y, **TOL[dtype], msg=lambda m: f"param {i}: {m}")
 
 @pytest.mark.parametrize('spec', OPTIMIZERS, ids=ids)
 def test_traced_chain_equals_callbacks(spec):
@@ -182,4 +176,4 @@ def test_complex_params(name):
         runs.append(p.detach())
         assert all(v.is_complex() for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim())
     assert opt._compiled_fns
-    assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
+    assert_same([runs[1]], [runs[0]])

@@ -11,18 +11,13 @@ from torch.testing import assert_close
 import fastopts.optimizer as fo
 from fastopts.optimizer import (Optimizer, SGD, Momentum, RMSProp, Adam, AdamW, RAdam, contract, average_grad, average_sqr_grad,
                                 step_stat, adam_step, momentum_step, sgd_step, weight_decay, check_chain)
-from registry import FUSED, BY_NAME, ids
+from registry import FUSED, BY_NAME, ids, SAME_TOL as TOL, assert_same, seeded_params
 
 SHAPES = [(5, 3), (7,), (2, 3, 4), (4,), (3, 3), (6,)]
 GROUPS = [[0, 1, 2], [3, 4, 5]]
 FROZEN, SKIP, NO_WD = {4}, {1: 3}, {2, 3}   # frozen param; param 1 has no grad every 3rd step; fastai's do_wd=False
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
-def make_params(dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ps = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in SHAPES]
-    for i, p in enumerate(ps): p.requires_grad_(i not in FROZEN)
-    return ps
+def make_params(dtype, seed=0): return seeded_params(SHAPES, dtype, seed, FROZEN)
 
 def run(build, dtype, steps=20, no_wd=True):
     "Build on two groups, mark `NO_WD` params do_wd=False, take `steps` steps with seeded grads; the final params."
@@ -49,9 +44,6 @@ def kernel_calls(monkeypatch):
             return _real(*a, **kw)
         monkeypatch.setattr(torch, name, counted)
     return calls
-
-def assert_same(xs, ys, dtype):
-    for i, (x, y) in enumerate(zip(xs, ys)): assert_close(x, y, **TOL[dtype], msg=lambda m: f"param {i}: {m}")
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=['f32', 'f64'])
 @pytest.mark.parametrize('spec', FUSED, ids=ids)

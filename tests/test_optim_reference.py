@@ -11,6 +11,7 @@ from functools import partial
 from torch.testing import assert_close
 import fastai.optimizer as fo
 from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+from registry import seeded_params
 
 SHAPES = [(5, 3), (7,), (2, 3, 4), (4,), (3, 3), (6,)]
 GROUPS = [[0, 1, 2], [3, 4, 5]]       # indices of SHAPES in each param group
@@ -19,11 +20,7 @@ SKIP = {1: 3, 3: 4}                   # param index -> its grad is None at steps
 STEPS, CHECK_EVERY = 200, 50
 TOL = {torch.float64: dict(rtol=1e-6, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 
-def make_params(dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ps = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in SHAPES]
-    for i, p in enumerate(ps): p.requires_grad_(i not in FROZEN)
-    return ps
+def make_params(dtype, seed=0): return seeded_params(SHAPES, dtype, seed, FROZEN)
 
 def make_noise(dtype, seed=1, steps=STEPS):
     g = torch.Generator().manual_seed(seed)
