@@ -1,9 +1,21 @@
 """Worker code for tests/test_distributed.py: runs in each of 2 spawned `gloo` ranks on CPU (importable by name,
 as `torch.multiprocessing` spawn needs)."""
-import os, sys, traceback
+import functools, os, sys, traceback
 import torch, torch.distributed as dist
 
 N_ROWS, N_IN, N_HID, N_OUT, STEPS = 32, 6, 8, 3, 5
+
+def exits_cleanly(job):
+    """A rank's entry point that ends with `os._exit(0)` once its work is done and saved: the normal `sys.exit` of a
+    spawned process runs the interpreter's finalisation, where gloo's C++ worker threads are sometimes still
+    joinable and the process aborts ("terminate called without an active exception", SIGABRT) after it finished
+    its work. An exception still propagates, so spawn reports it with its traceback."""
+    @functools.wraps(job)
+    def run(*args):
+        job(*args)
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(0)
+    return run
 
 def data():
     g = torch.Generator().manual_seed(0)
@@ -57,6 +69,7 @@ def train(mode, name, rank, world, steps=STEPS):
         opt.zero_grad(); loss_fn(net, x, y).backward(); opt.step()
     return [_full(p) for p in m.parameters()]
 
+@exits_cleanly
 def job(rank, world, init_file, out_file, mode, names):
     "Entry point of a rank: train each named optimizer in `mode`, rank 0 saves {name: params or error text}."
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
@@ -74,6 +87,7 @@ def _clone(tree):
     from torch.utils._pytree import tree_map
     return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, tree)
 
+@exits_cleanly
 def ckpt_job(rank, world, init_file, out_file, names):
     """FSDP2: train 3 steps, save model and optimizer with torch's distributed-checkpoint helpers, train 3 more;
     a fresh model and optimizer loaded from the save must take the same 3 steps."""
@@ -139,6 +153,7 @@ def fit_record(learn, m):
     return dict(lrs=[float(v) for v in learn.recorder.lrs], moms=[float(v) for v in learn.recorder.moms],
                 weights=[p.detach().clone() for p in m.parameters()])
 
+@exits_cleanly
 def learner_job(rank, world, init_file, out_file, n_acc):
     "A fastai Learner per rank (model in DDP, data sharded by hand: fastai's launcher needs CUDA), each rank saves."
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
@@ -170,6 +185,7 @@ def _state(learn):
           for i, p in enumerate(learn.model.parameters()) if p in learn.opt.state}
     return w, st, [dict(h) for h in learn.opt.hypers]
 
+@exits_cleanly
 def find_lr_job(rank, world, init_file, out_file, epochs):
     """find_lr (with trials if `epochs`) under DDP on ranks whose losses differ; then fit_one_cycle. Also the same
     fit without find_lr, and a rank with one batch fewer (which must fail on both ranks, not hang)."""
