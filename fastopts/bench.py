@@ -164,7 +164,8 @@ def lr_find_benchmark(
     datasets=ALL_FAMILIES,       # family names (keys of `FAMILIES`)
     opt_names=tuple(OPT_FUNCS),  # keys of `OPT_FUNCS`
     seeds=(0, 1),                # seeds the suggestions are found with
-    score_seeds=None,            # seeds their lrs are scored with, pairwise (None: each seed + len(seeds): held out)
+    score_seeds=None,            # seeds their lrs are scored with, k per finder seed: seeds[i] is scored with score_seeds[i::len(seeds)]
+    score_reps:int=3,            # k when `score_seeds` is None: seeds[i] + j*len(seeds), j = 1..k (held out)
     methods=METHODS,             # 'find_lr' (the sweep), 'find_lr_epochs' (with trials), and fastai's four
     epochs:int=5,                # the plan: `fit_one_cycle(epochs, lr)`
     grid=GRID,                   # lrs whose best sets L_best
@@ -181,9 +182,13 @@ def lr_find_benchmark(
     check_int('epochs', epochs, 1)
     if num_it is not None: check_int('num_it', num_it, 5)
     if not seeds: raise ValueError(f"`seeds` must not be empty, got {seeds!r}")
-    score_seeds = tuple(s + len(seeds) for s in seeds) if score_seeds is None else tuple(score_seeds)
-    if len(score_seeds) != len(seeds):
-        raise ValueError(f"`score_seeds` must pair with `seeds` {tuple(seeds)!r}, got {score_seeds!r}")
+    n = len(seeds)
+    if score_seeds is None:
+        check_int('score_reps', score_reps, 1)
+        score_seeds = tuple(s + j * n for j in range(1, score_reps + 1) for s in seeds)
+    score_seeds = tuple(score_seeds)
+    if not score_seeds or len(score_seeds) % n:
+        raise ValueError(f"`score_seeds` must hold k seeds for each of `seeds` {tuple(seeds)!r} (a multiple of {n}), got {score_seeds!r}")
     runs, rows, t0, fa_cache = _Runs(epochs, bs, hidden), [], time.time(), {}
     tmp = tempfile.mkdtemp(prefix='fastopts-bench-')    # fastai's lr_find writes its temp model here
     for name in datasets:
@@ -200,7 +205,8 @@ def lr_find_benchmark(
             row('best_grid', grid[ib], lbest, len(grid) * full)
             for m in methods:
                 got = [_suggest(m, name, s, opt, epochs, bs, hidden, num_it, tmp, fa_cache) for s in seeds]
-                losses = [runs(name, s, opt, lr) if math.isfinite(lr) else l0 for s, (lr, _, _) in zip(score_seeds, got)]
+                losses = [runs(name, s, opt, lr) if math.isfinite(lr) else l0
+                          for i, (lr, _, _) in enumerate(got) for s in score_seeds[i::n]]
                 lrs = [lr for lr, _, _ in got if math.isfinite(lr)]
                 row(m, float(np.exp(np.mean(np.log(lrs)))) if lrs else math.nan, float(np.mean(losses)),
                     float(np.mean([c for _, c, _ in got])), ' | '.join(sorted({g for _, _, g in got if g})))
@@ -249,7 +255,9 @@ def add_lr_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--opts', nargs='+', default=list(OPT_FUNCS), choices=list(OPT_FUNCS), help='optimizers')
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1], help='seeds the suggestions are found with')
     p.add_argument('--score-seeds', nargs='+', type=int, default=None,
-                   help='seeds the suggestions are scored with, one per --seeds (default: each seed + the number of seeds)')
+                   help='seeds the suggestions are scored with, k per --seeds: seed i is scored with every len(seeds)-th from the i-th')
+    p.add_argument('--score-reps', type=int, default=3,
+                   help='k without --score-seeds: seed s is scored with s + j*len(seeds), j = 1..k')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     p.add_argument('--epochs', type=int, default=5, help='the plan: fit_one_cycle(EPOCHS, lr)')
     p.add_argument('--num-it', type=int, default=None, help="sweep length (default: find_lr's own, 100 for fastai's lr_find)")
@@ -260,6 +268,6 @@ def lr_bench_main(args:argparse.Namespace) -> pd.DataFrame:
     "Run the benchmark as `args` say, write the table, print the summary."
     torch.set_num_threads(1)   # tiny models: one thread is fastest and leaves the other cores alone
     df = lr_find_benchmark(args.datasets, args.opts, tuple(args.seeds), args.score_seeds and tuple(args.score_seeds),
-                           tuple(args.methods), epochs=args.epochs, num_it=args.num_it, out=args.out)
+                           args.score_reps, tuple(args.methods), epochs=args.epochs, num_it=args.num_it, out=args.out)
     print(_markdown(summarise(df)))
     return df
