@@ -218,3 +218,11 @@ def find_lr_job(rank, world, init_file, out_file, epochs):
         except ValueError as e: out['mismatch'] = str(e)
         torch.save(out, f'{out_file}.{rank}')
     finally: dist.destroy_process_group()
+
+def abort_job(rank, world, init_file, marker, times):
+    "For the harness's own test: rank 1 aborts (SIGABRT, as gloo's threads once did) on its first `times` runs."
+    import pathlib
+    m = pathlib.Path(f'{marker}.{rank}')
+    n = int(m.read_text()) if m.exists() else 0
+    m.write_text(str(n + 1))
+    if rank == 1 and n < times: os.abort()
