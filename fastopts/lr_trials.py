@@ -109,6 +109,10 @@ class TrialSearch:
             self.notes.append(f"no {l2}-iteration trial learned either: the trials do not decide")
             return None
         best = min(good, key=lambda t: t['loss'])['lr']
+        if not self.decided:
+            self.notes.append(f"the whole plan learned at lr {best:.3g} where no {l1}-iteration trial did: learning came late "
+                              "or suddenly; where it comes as a sudden transition, whether it comes can depend on the seed, "
+                              "so a run with other weights or batches may not learn at this lr")
         if l2 < full and len(pair) == 2 and math.isclose(best, pair[1]) and self.decided:
             # the larger lr won a shortened plan, which favours larger lrs: the full plan's best lies between the two
             # more often than above them, so take the geometric midpoint
