@@ -23,7 +23,8 @@ from .lr_finder import *
 # %% auto #0
 __all__ = ['FAMILIES', 'OPT_FUNCS', 'GRID', 'DATASETS', 'NEW_FAMILIES', 'ALL_FAMILIES', 'FASTAI_METHODS', 'METHODS',
            'digits_images', 'diabetes_dls', 'sequence_dls', 'small_cnn', 'ResBlock', 'res_cnn', 'GRUClassifier',
-           'bench_learner', 'lr_find_benchmark', 'summarise', 'write_table', 'add_lr_bench_args', 'lr_bench_main']
+           'bench_learner', 'lr_find_benchmark', 'summarise', 'write_table', 'add_lr_bench_args', 'lr_bench_main',
+           'seed_study', 'fixed_lr_regret', 'add_seed_study_args', 'seed_study_main']
 
 # %% ../nbs/08_bench.ipynb #b001
 def _dls(xt, yt, xv, yv, bs:int, ydtype) -> DataLoaders:
@@ -271,3 +272,54 @@ def lr_bench_main(args:argparse.Namespace) -> pd.DataFrame:
                            args.score_reps, tuple(args.methods), epochs=args.epochs, num_it=args.num_it, out=args.out)
     print(_markdown(summarise(df)))
     return df
+
+# %% ../nbs/08_bench.ipynb #s001
+def seed_study(name:str, opt:str, lrs, seeds, epochs:int=5, bs:int=64, hidden=(64, 64), grid=GRID) -> pd.DataFrame:
+    """Final validation loss of `fit_one_cycle(epochs, lr)` for each seed (rows) and lr (columns) in `lrs` and `grid`,
+    plus the untrained loss (column 'L0')."""
+    check_choice('name', name, FAMILIES); check_choice('opt', opt, OPT_FUNCS); check_int('epochs', epochs, 1)
+    if not len(lrs): raise ValueError(f"`lrs` must not be empty, got {lrs!r}")
+    for lr in lrs:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0): raise ValueError(f"`lrs` must be positive numbers, got {lr!r}")
+    runs, cols = _Runs(epochs, bs, hidden), sorted({float(v) for v in (*lrs, *grid)})
+    rows = {s: {'L0': _final_loss(bench_learner(name, s, opt, bs, hidden)), **{lr: runs(name, s, opt, lr) for lr in cols}}
+            for s in seeds}
+    return pd.DataFrame.from_dict(rows, orient='index').rename_axis('seed')
+
+def fixed_lr_regret(study:pd.DataFrame, lrs, grid=GRID) -> pd.DataFrame:
+    """Regret of each fixed lr on consecutive seed pairs of `study` (L0 and L_best, the best of `grid`, from each
+    pair's mean losses), one row per pair, then rows 'mean' (negatives as 0, as in `summarise`) and 'worst'."""
+    if len(study) < 2 or len(study) % 2: raise ValueError(f"`study` needs an even number of seeds (pairs), got {len(study)}")
+    out = {}
+    for k in range(0, len(study), 2):
+        pair = study.iloc[k:k + 2].mean()
+        lbest = min(pair[float(g)] for g in grid)
+        out[f'{study.index[k]}/{study.index[k + 1]}'] = {lr: (pair[float(lr)] - lbest) / (pair['L0'] - lbest) for lr in lrs}
+    df = pd.DataFrame.from_dict(out, orient='index')
+    df.loc['mean'], df.loc['worst'] = df.clip(lower=0).mean(), df.max()
+    return df
+
+def add_seed_study_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Options of `fastopts bench lr-seeds`."
+    p.add_argument('--dataset', default='gru_memory', choices=list(FAMILIES), help='model family')
+    p.add_argument('--opt', default='sgd', choices=list(OPT_FUNCS), help='optimizer')
+    p.add_argument('--lrs', nargs='+', type=float, default=[1, 1.5, 2.2, 3.2, 4.5, 6, 8], help='the fixed lrs')
+    p.add_argument('--seeds', nargs='+', type=int, default=list(range(2, 16)), help='seeds, taken in pairs for the regret')
+    p.add_argument('--epochs', type=int, default=5, help='the plan: fit_one_cycle(EPOCHS, lr)')
+    p.add_argument('--learned', type=float, default=None, help='also count the seeds whose final loss is below this')
+    p.add_argument('--out', default='lr_seeds.csv', help='the losses, seed by lr (.csv)')
+    return p
+
+def seed_study_main(args:argparse.Namespace) -> pd.DataFrame:
+    "Run `seed_study`, write the losses, print them, the count of seeds that learned and the fixed-lr regret."
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        st = seed_study(args.dataset, args.opt, args.lrs, args.seeds, args.epochs)
+    st.to_csv(args.out, float_format='%.6g')
+    show = st[['L0', *[float(v) for v in args.lrs]]]
+    print(show.round(3).to_string())
+    if args.learned is not None:
+        print(f'seeds below {args.learned:g}, of {len(st)}:', ', '.join(f'{lr:g}: {int((st[float(lr)] < args.learned).sum())}' for lr in args.lrs))
+    if len(st) % 2 == 0: print('regret (%) on seed pairs:\n' + (100 * fixed_lr_regret(st, args.lrs)).round(0).to_string())
+    return st

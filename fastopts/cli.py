@@ -104,12 +104,14 @@ def demo(out='fastopts-demo', epochs:int=5, seed:int=0, optimizers=None, show_pr
 
 # %% ../nbs/07_cli.ipynb #c013
 def _bench_parsers(sub):
-    "`fastopts bench lr-find`, `fastopts bench step` and `fastopts bench epoch`, from the benchmark modules."
+    "`fastopts bench lr-find`, `lr-seeds`, `step` and `epoch`, from the benchmark modules."
     bench = sub.add_parser('bench', help='benchmarks (see `fastopts bench -h`)')
     bsub = bench.add_subparsers(dest='bench', required=True)
     from fastopts import bench, step_bench, epoch_bench
     p = bsub.add_parser('lr-find', help='how good are LR-finder suggestions (regret vs the best lr of a grid)')
     bench.add_lr_bench_args(p); p.set_defaults(run=bench.lr_bench_main)
+    p = bsub.add_parser('lr-seeds', help='fixed lrs on many seeds: how much of a row of lr-find is luck')
+    bench.add_seed_study_args(p); p.set_defaults(run=bench.seed_study_main)
     p = bsub.add_parser('step', help='optimizer step time vs torch.optim (for-loop, foreach, fused) and fastai')
     step_bench.add_step_bench_args(p); p.set_defaults(run=step_bench.step_bench_main)
     p = bsub.add_parser('epoch', help='time per epoch of a small CNN on digits: fastopts Adam vs fastai Adam vs torch fused Adam')
