@@ -14,6 +14,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'fastopts.bench._fastai_suggestions': ('bench.html#_fastai_suggestions', 'fastopts/bench.py'),
                                 'fastopts.bench._final_loss': ('bench.html#_final_loss', 'fastopts/bench.py'),
                                 'fastopts.bench._markdown': ('bench.html#_markdown', 'fastopts/bench.py'),
+                                'fastopts.bench._regret': ('bench.html#_regret', 'fastopts/bench.py'),
                                 'fastopts.bench._suggest': ('bench.html#_suggest', 'fastopts/bench.py'),
                                 'fastopts.bench.add_lr_bench_args': ('bench.html#add_lr_bench_args', 'fastopts/bench.py'),
                                 'fastopts.bench.add_seed_study_args': ('bench.html#add_seed_study_args', 'fastopts/bench.py'),

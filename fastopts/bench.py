@@ -118,6 +118,10 @@ def _final_loss(learn:Learner) -> float:
     return v if math.isfinite(v) else math.inf
 
 # %% ../nbs/08_bench.ipynb #c008
+def _regret(loss:float, l0:float, lbest:float) -> float:
+    "The share of the attainable improvement `l0 - lbest` that `loss` gives up (nan when nothing was attainable)."
+    return (loss - lbest) / (l0 - lbest) if l0 > lbest else math.nan
+
 class _Runs:
     "Final validation losses of `fit_one_cycle(epochs, lr)` runs, each computed once."
     def __init__(self, epochs, bs, hidden): self.epochs, self.bs, self.hidden, self.cache = epochs, bs, hidden, {}
@@ -200,7 +204,7 @@ def lr_find_benchmark(
             ib = int(np.argmin(lg)); lbest = lg[ib]
             def row(method, lr, loss, cost, message=''):
                 rows.append(dict(dataset=name, opt=opt, method=method, lr=lr, loss=loss,
-                                 regret=(loss - lbest) / (l0 - lbest) if l0 > lbest else math.nan,
+                                 regret=_regret(loss, l0, lbest),
                                  cost_iters=cost, cost_runs=cost / full, L0=l0, L_best=lbest, full_iters=full,
                                  message=message))
             row('best_grid', grid[ib], lbest, len(grid) * full)
@@ -294,7 +298,7 @@ def fixed_lr_regret(study:pd.DataFrame, lrs, grid=GRID) -> pd.DataFrame:
     for k in range(0, len(study), 2):
         pair = study.iloc[k:k + 2].mean()
         lbest = min(pair[float(g)] for g in grid)
-        out[f'{study.index[k]}/{study.index[k + 1]}'] = {lr: (pair[float(lr)] - lbest) / (pair['L0'] - lbest) for lr in lrs}
+        out[f'{study.index[k]}/{study.index[k + 1]}'] = {lr: _regret(pair[float(lr)], pair['L0'], lbest) for lr in lrs}
     df = pd.DataFrame.from_dict(out, orient='index')
     df.loc['mean'], df.loc['worst'] = df.clip(lower=0).mean(), df.max()
     return df
