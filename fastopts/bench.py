@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_bench.ipynb #c003
 from __future__ import annotations
-import argparse, math, tempfile, time, warnings
+import argparse, math, numbers, tempfile, time, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -283,8 +283,10 @@ def seed_study(name:str, opt:str, lrs, seeds, epochs:int=5, bs:int=64, hidden=(6
     plus the untrained loss (column 'L0')."""
     check_choice('name', name, FAMILIES); check_choice('opt', opt, OPT_FUNCS); check_int('epochs', epochs, 1)
     if not len(lrs): raise ValueError(f"`lrs` must not be empty, got {lrs!r}")
+    if not len(seeds): raise ValueError(f"`seeds` must not be empty, got {seeds!r}")
     for lr in lrs:
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0): raise ValueError(f"`lrs` must be positive numbers, got {lr!r}")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"`lrs` must be positive numbers, got {lr!r}")
     runs, cols = _Runs(epochs, bs, hidden), sorted({float(v) for v in (*lrs, *grid)})
     rows = {s: {'L0': _final_loss(bench_learner(name, s, opt, bs, hidden)), **{lr: runs(name, s, opt, lr) for lr in cols}}
             for s in seeds}
