@@ -24,6 +24,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'fastopts.bench.fixed_lr_regret': ('bench.html#fixed_lr_regret', 'fastopts/bench.py'),
                                 'fastopts.bench.lr_bench_main': ('bench.html#lr_bench_main', 'fastopts/bench.py'),
                                 'fastopts.bench.lr_find_benchmark': ('bench.html#lr_find_benchmark', 'fastopts/bench.py'),
+                                'fastopts.bench.lr_range': ('bench.html#lr_range', 'fastopts/bench.py'),
                                 'fastopts.bench.res_cnn': ('bench.html#res_cnn', 'fastopts/bench.py'),
                                 'fastopts.bench.seed_study': ('bench.html#seed_study', 'fastopts/bench.py'),
                                 'fastopts.bench.seed_study_main': ('bench.html#seed_study_main', 'fastopts/bench.py'),

@@ -15,7 +15,7 @@ from fastai.basics import Learner, set_seed, CrossEntropyLossFlat, MSELossFlat, 
 from fastai.data.core import DataLoaders
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import valley, slide, minimum, steep
-from .core import check_choice, check_int
+from .core import check_choice, check_int, check_range
 from .data import sklearn_dls, dls_mlp, mlp, standardise
 from .optimizer import Adam, SGD
 from .lr_finder import *
@@ -24,7 +24,7 @@ from .lr_finder import *
 __all__ = ['FAMILIES', 'OPT_FUNCS', 'GRID', 'DATASETS', 'NEW_FAMILIES', 'ALL_FAMILIES', 'FASTAI_METHODS', 'METHODS',
            'digits_images', 'diabetes_dls', 'sequence_dls', 'small_cnn', 'ResBlock', 'res_cnn', 'GRUClassifier',
            'bench_learner', 'lr_find_benchmark', 'summarise', 'write_table', 'add_lr_bench_args', 'lr_bench_main',
-           'seed_study', 'fixed_lr_regret', 'add_seed_study_args', 'seed_study_main']
+           'seed_study', 'fixed_lr_regret', 'add_seed_study_args', 'lr_range', 'seed_study_main']
 
 # %% ../nbs/08_bench.ipynb #b001
 def _dls(xt, yt, xv, yv, bs:int, ydtype) -> DataLoaders:
@@ -292,15 +292,19 @@ def seed_study(name:str, opt:str, lrs, seeds, epochs:int=5, bs:int=64, hidden=(6
             for s in seeds}
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('seed')
 
-def fixed_lr_regret(study:pd.DataFrame, lrs, grid=GRID) -> pd.DataFrame:
-    """Regret of each fixed lr on consecutive seed pairs of `study` (L0 and L_best, the best of `grid`, from each
-    pair's mean losses), one row per pair, then rows 'mean' (negatives as 0, as in `summarise`) and 'worst'."""
-    if len(study) < 2 or len(study) % 2: raise ValueError(f"`study` needs an even number of seeds (pairs), got {len(study)}")
+def fixed_lr_regret(study:pd.DataFrame, lrs, grid=GRID, reps:int=1) -> pd.DataFrame:
+    """Regret of each fixed lr on consecutive blocks of `2 * reps` seeds of `study`, as the benchmark scores a row
+    whose two finder seeds both suggested that lr with `score_reps=reps` (L0 and L_best, the best of `grid`, from
+    each block's mean losses): one row per block, then rows 'mean' (negatives as 0, as in `summarise`) and 'worst'."""
+    check_int('reps', reps, 1)
+    n = 2 * reps
+    if len(study) < n or len(study) % n:
+        raise ValueError(f"`study` needs a multiple of 2 * reps = {n} seeds, got {len(study)}")
     out = {}
-    for k in range(0, len(study), 2):
-        pair = study.iloc[k:k + 2].mean()
-        lbest = min(pair[float(g)] for g in grid)
-        out[f'{study.index[k]}/{study.index[k + 1]}'] = {lr: _regret(pair[float(lr)], pair['L0'], lbest) for lr in lrs}
+    for k in range(0, len(study), n):
+        block = study.iloc[k:k + n].mean()
+        lbest = min(block[float(g)] for g in grid)
+        out['/'.join(str(s) for s in study.index[k:k + n])] = {lr: _regret(block[float(lr)], block['L0'], lbest) for lr in lrs}
     df = pd.DataFrame.from_dict(out, orient='index')
     df.loc['mean'], df.loc['worst'] = df.clip(lower=0).mean(), df.max()
     return df
@@ -310,14 +314,26 @@ def add_seed_study_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--dataset', default='gru_memory', choices=list(FAMILIES), help='model family')
     p.add_argument('--opt', default='sgd', choices=list(OPT_FUNCS), help='optimizer')
     p.add_argument('--lrs', nargs='+', type=float, default=[1, 1.5, 2.2, 3.2, 4.5, 6, 8], help='the fixed lrs')
-    p.add_argument('--seeds', nargs='+', type=int, default=list(range(2, 16)), help='seeds, taken in pairs for the regret')
+    p.add_argument('--lr-range', nargs=3, type=float, default=None, metavar=('LO', 'HI', 'N'),
+                   help='instead of --lrs: N lrs evenly spaced in log from LO to HI')
+    p.add_argument('--seeds', nargs='+', type=int, default=list(range(2, 16)), help='seeds, taken in blocks of 2 * REPS for the regret')
+    p.add_argument('--reps', type=int, default=1, help='scoring seeds per finder seed, as `bench lr-find --score-reps`')
     p.add_argument('--epochs', type=int, default=5, help='the plan: fit_one_cycle(EPOCHS, lr)')
     p.add_argument('--learned', type=float, default=None, help='also count the seeds whose final loss is below this')
     p.add_argument('--out', default='lr_seeds.csv', help='the losses, seed by lr (.csv)')
     return p
 
+def lr_range(lo, hi, n) -> list[float]:
+    "`n` lrs evenly spaced in log from `lo` to `hi` (both included)."
+    lo, n = check_range('lo', lo, 0, lo_open=True), check_int('n', n, 2)
+    hi = check_range('hi', hi, lo, lo_open=True)
+    return [float(v) for v in np.geomspace(lo, hi, n)]
+
 def seed_study_main(args:argparse.Namespace) -> pd.DataFrame:
     "Run `seed_study`, write the losses, print them, the count of seeds that learned and the fixed-lr regret."
+    if args.lr_range is not None:
+        lo, hi, n = args.lr_range
+        args.lrs = lr_range(lo, hi, int(n) if float(n).is_integer() else n)   # argparse reads N as a float
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -327,5 +343,7 @@ def seed_study_main(args:argparse.Namespace) -> pd.DataFrame:
     print(show.round(3).to_string())
     if args.learned is not None:
         print(f'seeds below {args.learned:g}, of {len(st)}:', ', '.join(f'{lr:g}: {int((st[float(lr)] < args.learned).sum())}' for lr in args.lrs))
-    if len(st) % 2 == 0: print('regret (%) on seed pairs:\n' + (100 * fixed_lr_regret(st, args.lrs)).round(0).to_string())
+    if len(st) % (2 * args.reps) == 0:
+        r = fixed_lr_regret(st, args.lrs, reps=args.reps)
+        print(f'regret (%) on blocks of {2 * args.reps} seeds (rows: the lrs):\n' + (100 * r.T).round(0).to_string())
     return st

@@ -107,7 +107,7 @@ def test_all_stays_off_the_tools():
     assert not {f'fastopts.{t}' for t in TOOLS} & set(eval(mods)), mods
 
 # ---------------------------------------------------------------------------------------------- the command line
-SUBCOMMANDS = [['demo'], ['viz'], ['bench'], ['bench', 'lr-find'], ['bench', 'step'], ['bench', 'epoch']]
+SUBCOMMANDS = [['demo'], ['viz'], ['bench'], ['bench', 'lr-find'], ['bench', 'lr-seeds'], ['bench', 'step'], ['bench', 'epoch']]
 
 def test_console_script_help():
     "The installed `fastopts` script answers --help with every subcommand, as before."
@@ -128,6 +128,25 @@ def test_cli_error_is_one_line():
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith('fastopts: error: ') and 'bogus' in lines[0], r.stderr
+
+def test_lr_seeds_on_a_log_range(tmp_path):
+    "`bench lr-seeds --lr-range`: the losses of fit_one_cycle at log-spaced lrs, each as a fresh run gives it."
+    import numpy as np
+    from fastopts.bench import bench_learner
+    out = tmp_path/'seeds.csv'
+    r = subprocess.run([str(BIN/'fastopts'), 'bench', 'lr-seeds', '--dataset', 'iris', '--opt', 'adam', '--lr-range', '0.01', '1',
+                        '3', '--seeds', '2', '3', '--epochs', '1', '--out', str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    import pandas as pd
+    st = pd.read_csv(out, index_col=0)
+    lrs = [float(c) for c in st.columns[1:]]
+    for lr in (0.01, 0.1, 1.0): assert any(abs(v - lr) < 1e-9 * lr for v in lrs), lrs
+    learn = bench_learner('iris', 3, 'adam'); learn.fit_one_cycle(1, 0.1)
+    col = next(c for c in st.columns[1:] if abs(float(c) - 0.1) < 1e-9)
+    assert np.isclose(st.loc[3, col], float(learn.validate()[0]), rtol=1e-4), (st.loc[3, col], learn.validate())
+    assert 'regret (%) on blocks of 2 seeds' in r.stdout
+    bad = subprocess.run([str(BIN/'fastopts'), 'bench', 'lr-seeds', '--lr-range', '1', '10', '2.5'], capture_output=True, text=True)
+    assert bad.returncode == 2 and '`n`' in bad.stderr and '2.5' in bad.stderr, bad.stderr
 
 def test_cli_bad_usage_is_argparse_error():
     from fastopts.cli import main
