@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_bench.ipynb #c003
 from __future__ import annotations
-import argparse, math, numbers, tempfile, time, warnings
+import argparse, math, tempfile, time, warnings
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -284,9 +284,7 @@ def seed_study(name:str, opt:str, lrs, seeds, epochs:int=5, bs:int=64, hidden=(6
     check_choice('name', name, FAMILIES); check_choice('opt', opt, OPT_FUNCS); check_int('epochs', epochs, 1)
     if not len(lrs): raise ValueError(f"`lrs` must not be empty, got {lrs!r}")
     if not len(seeds): raise ValueError(f"`seeds` must not be empty, got {seeds!r}")
-    for lr in lrs:
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"`lrs` must be positive numbers, got {lr!r}")
+    for lr in lrs: check_range('lrs', lr, 0, lo_open=True)
     runs, cols = _Runs(epochs, bs, hidden), sorted({float(v) for v in (*lrs, *grid)})
     rows = {s: {'L0': _final_loss(bench_learner(name, s, opt, bs, hidden)), **{lr: runs(name, s, opt, lr) for lr in cols}}
             for s in seeds}
@@ -334,6 +332,8 @@ def seed_study_main(args:argparse.Namespace) -> pd.DataFrame:
     if args.lr_range is not None:
         lo, hi, n = args.lr_range
         args.lrs = lr_range(lo, hi, int(n) if float(n).is_integer() else n)   # argparse reads N as a float
+    n = 2 * check_int('reps', args.reps, 1)   # refused before the runs, not after them
+    if len(args.seeds) % n: raise ValueError(f"`seeds` must be a multiple of 2 * reps = {n} seeds, got {args.seeds!r}")
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -343,7 +343,6 @@ def seed_study_main(args:argparse.Namespace) -> pd.DataFrame:
     print(show.round(3).to_string())
     if args.learned is not None:
         print(f'seeds below {args.learned:g}, of {len(st)}:', ', '.join(f'{lr:g}: {int((st[float(lr)] < args.learned).sum())}' for lr in args.lrs))
-    if len(st) % (2 * args.reps) == 0:
-        r = fixed_lr_regret(st, args.lrs, reps=args.reps)
-        print(f'regret (%) on blocks of {2 * args.reps} seeds (rows: the lrs):\n' + (100 * r.T).round(0).to_string())
+    r = fixed_lr_regret(st, args.lrs, reps=args.reps)
+    print(f'regret (%) on blocks of {n} seeds (rows: the lrs):\n' + (100 * r.T).round(0).to_string())
     return st

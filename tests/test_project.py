@@ -144,8 +144,12 @@ def test_lr_seeds_on_a_log_range(tmp_path):
     col = next(c for c in st.columns[1:] if np.isclose(float(c), 0.04))
     assert np.isclose(st.loc[3, col], float(learn.validate()[0]), rtol=1e-4), (st.loc[3, col], learn.validate())
     assert 'regret (%) on blocks of 2 seeds' in r.stdout
-    bad = subprocess.run([str(BIN/'fastopts'), 'bench', 'lr-seeds', '--lr-range', '1', '10', '2.5'], capture_output=True, text=True)
-    assert bad.returncode == 2 and '`n`' in bad.stderr and '2.5' in bad.stderr, bad.stderr
+    for argv, named in ((['--lr-range', '1', '10', '2.5'], ('`n`', '2.5')), (['--seeds', '2', '3', '4'], ('`seeds`', '[2, 3, 4]')),
+                        (['--reps', '0'], ('`reps`', '0'))):
+        none = tmp_path/'refused.csv'
+        bad = subprocess.run([str(BIN/'fastopts'), 'bench', 'lr-seeds', *argv, '--out', str(none)], capture_output=True, text=True, timeout=600)
+        assert bad.returncode == 2 and all(s in bad.stderr for s in named), bad.stderr
+        assert not none.exists(), 'refused after the study ran, not before'
 
 def test_cli_bad_usage_is_argparse_error():
     from fastopts.cli import main
