@@ -637,9 +637,10 @@ def _radam_step_t(grp, lr, mom, sqr_mom, eps):
     _add_(grp.params, grp.state('grad_avg'), plain)
 
 def _full_norms(xs:list[Tensor]) -> Tensor:
-    "Each tensor's norm as one float tensor; a sharded DTensor's norm is the whole tensor's (reduced over its shards)."
-    ns = torch._foreach_norm(xs)
-    return torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in ns]).float()
+    "Each tensor's norm, stacked in the params' dtype (16-bit floats upcast to float32); a sharded DTensor's norm is the whole tensor's."
+    ns = [n.full_tensor() if isinstance(n, DTensor) else n for n in torch._foreach_norm(xs)]
+    out = torch.stack(ns)
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 @contract(reads='grad_avg sqr_avg step', hypers='lr mom sqr_mom eps', role='lamb')
 def lamb_step(grp, lr, mom, sqr_mom, eps, **_):
