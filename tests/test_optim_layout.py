@@ -107,3 +107,13 @@ def test_without_the_guard_the_kernel_is_wrong(monkeypatch):
     ref = _train(lambda ps: spec.torch_cls(ps, **spec.torch_kwargs, foreach=True))
     off = {name for p, q, (name, _, _) in zip(ours, ref, KINDS) if not torch.allclose(p, q, **TOL)}
     assert off == {'slice', 'as_strided', 'transpose_contig_grad', 'channels_last_contig_grad'}, off
+
+@pytest.mark.slow
+def test_compiled_step_on_awkward_params():
+    "The compiled step follows strides (inductor's generated code): equal to torch's foreach on every kind (~30 s)."
+    import shutil
+    if shutil.which('c++') is None and shutil.which('g++') is None: pytest.skip('no C++ compiler for inductor')
+    spec = BY_NAME['adam']
+    ours = _train(lambda ps: spec.make(ps, compiled=True))
+    ref = _train(lambda ps: spec.torch_cls(ps, **spec.torch_kwargs, foreach=True))
+    for p, q, (name, _, _) in zip(ours, ref, KINDS): torch.testing.assert_close(p, q, **TOL, msg=lambda m: f'{name}: {m}')
