@@ -301,6 +301,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastopts.optimizer.Optimizer.chain_of': ('optimizer.html#optimizer.chain_of', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.Optimizer.clear_state': ( 'optimizer.html#optimizer.clear_state',
                                                                                   'fastopts/optimizer.py'),
+                                    'fastopts.optimizer.Optimizer.configure': ( 'optimizer.html#optimizer.configure',
+                                                                                'fastopts/optimizer.py'),
                                     'fastopts.optimizer.Optimizer.freeze': ('optimizer.html#optimizer.freeze', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.Optimizer.freeze_to': ( 'optimizer.html#optimizer.freeze_to',
                                                                                 'fastopts/optimizer.py'),

@@ -16,9 +16,9 @@ except ImportError: DTensor = ()
 from .core import as_float, check_range, check_int, per_group
 
 # %% auto #0
-__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers',
-           'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView', 'Chain',
-           'Optimizer', 'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step',
+__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'RUN_OPTIONS', 'FUSED_CHAINS', 'ParamGroupView', 'contract', 'cb_name',
+           'cb_hypers', 'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView',
+           'Chain', 'Optimizer', 'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step',
            'momentum_step', 'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step',
            'kernel_layout', 'fused_adam', 'fused_sgd', 'fused_rmsprop', 'split_wd', 'fast_path', 'torch_names', 'SGD',
            'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict',
@@ -309,6 +309,8 @@ def _cb_defaults(cb) -> dict:
     f, _ = _unwrap(cb)
     return dict(getattr(cb, 'defaults', None) or getattr(f, 'defaults', None) or {})
 
+RUN_OPTIONS = {'fused': None, 'compiled': False}   # how a step runs, not what it computes: every optimizer takes them
+
 def _check_fused(fused):
     if fused not in (None, True, False): raise ValueError(f"`fused` must be None, True or False, got {fused!r}")
     return fused
@@ -356,6 +358,20 @@ class Optimizer(torch.optim.Optimizer):
         self._hyper_names = set(merged)
         self.frozen_idx = 0
         super().__init__(_to_groups(params), merged)
+
+    def configure(self, **opts):
+        "Change run options (`RUN_OPTIONS`: how the step runs, not what it computes) after construction; returns `self`."
+        bad = [k for k in opts if k not in RUN_OPTIONS]
+        if bad: raise ValueError(f"`{bad[0]}` is not a run option (they are {list(RUN_OPTIONS)})")
+        fused = _check_fused(opts.get('fused', self.fused))
+        if 'compiled' in opts: self.compiled = _check_compiled(opts['compiled'], fused)
+        elif fused and self.compiled: raise ValueError("`fused=True` and `compiled` ask for two different steps: pick one")
+        self.fused = fused
+        self.chains = {k: Chain(c.cbs, self.fused, self.compiled) for k, c in self.chains.items()}
+        if self.compiled:
+            for g in self.param_groups: _check_compilable(g['params'])
+        self._relive()
+        return self
 
     def chain_of(self, g:dict) -> Chain:
         "The chain that param group `g` runs."
@@ -903,10 +919,12 @@ def _torch_wd_in_groups(params) -> bool:
     return isinstance(params, (list, tuple)) and any(isinstance(g, dict) and 'weight_decay' in g for g in params)
 
 def torch_names(f):
-    "Let optimizer factory `f` take torch.optim's keywords: aliases mapped to fastai's names, flags checked, the rest refused by name."
+    """Let optimizer factory `f` take torch.optim's keywords (aliases mapped to fastai's names, flags checked, the rest
+    refused by name) and every run option of `RUN_OPTIONS` (passed on to the optimizer it builds, unless `f` takes it)."""
     sig = inspect.signature(f)
     @wraps(f)
     def _f(*args, **kw):
+        run = {k: kw.pop(k) for k in list(kw) if k in RUN_OPTIONS and k not in sig.parameters}
         given = set(sig.bind_partial(*args).arguments) | (kw.keys() & sig.parameters.keys())
         out = {k: v for k, v in kw.items() if k in sig.parameters}
         torch_wd = 'weight_decay' in kw or (args and _torch_wd_in_groups(args[0])) or _torch_wd_in_groups(kw.get('params'))
@@ -922,7 +940,7 @@ def torch_names(f):
             elif k == 'nesterov':
                 if v: raise ValueError(f"`nesterov={v!r}`: {f.__name__} has no Nesterov form (SGD has)")
                 continue
-            else: raise ValueError(f"`{k}` is not a keyword of {f.__name__} (it takes {list(sig.parameters)[1:]} and torch's names for them)")
+            else: raise ValueError(f"`{k}` is not a keyword of {f.__name__} (it takes {list(sig.parameters)[1:]}, torch's names for them and the run options {list(RUN_OPTIONS)})")
             for n, x in new.items():
                 if n not in sig.parameters: raise ValueError(f"`{k}`={v!r} sets `{n}`, which {f.__name__} does not have")
                 if n in given: raise ValueError(f"both `{k}` and `{n}` given to {f.__name__}: pass one")
@@ -935,12 +953,16 @@ def torch_names(f):
                 torch_k = next((k for k in kw if k in TORCH_ALIASES and n in TORCH_ALIASES[k]), None)
                 if torch_k is None: raise
                 raise ValueError(f"`{torch_k}={kw[torch_k]!r}`: {e}") from None
-        return f(*args, **out)
+        opt = f(*args, **out)
+        return opt.configure(**run) if run else opt
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in RUN_OPTIONS.items() if k not in sig.parameters]
+    ps = list(sig.parameters.values())
+    _f.__signature__ = sig.replace(parameters=[p for p in ps if p.kind != p.VAR_KEYWORD] + extra + [p for p in ps if p.kind == p.VAR_KEYWORD])
     return _f
 
 # %% ../nbs/01_optimizer.ipynb #c042
 @torch_names
-def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=None, compiled=False) -> Optimizer:
+def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True) -> Optimizer:
     "SGD with torch-style momentum (`V = mom*V + g`), optional Nesterov, decoupled or L2 weight decay."
     groups = _to_groups(params)
     mom, nesterov = check_range('mom', mom, 0, 1, hi_open=True), _group_flag(groups, 'nesterov', nesterov)
@@ -948,49 +970,49 @@ def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=
     cbs = [_wd_cb(decouple_wd)]
     if _momentum_wanted(groups, mom): cbs += [average_grad, nesterov_step if nesterov else momentum_step]
     else: cbs.append(sgd_step)
-    return Optimizer(groups, cbs, fused=fused, compiled=compiled, lr=lr, mom=mom, wd=wd)
+    return Optimizer(groups, cbs, lr=lr, mom=mom, wd=wd)
 
 @torch_names
-def Momentum(params, lr=1e-3, mom=0.9, wd=0., fused=None, compiled=False) -> Optimizer:
+def Momentum(params, lr=1e-3, mom=0.9, wd=0.) -> Optimizer:
     "The lecture's momentum: `V = mom*V + (1-mom)*g` (an EMA from `V=0`), `p -= lr*V`; decoupled weight decay."
-    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], fused=fused, compiled=compiled, lr=lr, mom=mom, wd=wd)
+    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], lr=lr, mom=mom, wd=wd)
 
 @torch_names
-def RMSProp(params, lr=1e-2, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True, fused=None, compiled=False) -> Optimizer:
+def RMSProp(params, lr=1e-2, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
     "RMSProp (Hinton 2012): `S = sqr_mom*S + (1-sqr_mom)*g²`, `p -= lr*g/(sqrt(S)+eps)`; torch-style momentum if `mom`>0."
     groups = _to_groups(params)
     mom = check_range('mom', mom, 0, 1, hi_open=True)
     step = partial(rms_prop_step, with_mom=True) if _momentum_wanted(groups, mom) else rms_prop_step
-    return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step], fused=fused, compiled=compiled,
+    return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step],
                      lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 def _adam_cbs(decouple_wd, stepper):
     return [_wd_cb(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad, step_stat, stepper]
 
 @torch_names
-def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None, compiled=False) -> Optimizer:
+def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
     "Adam (Kingma & Ba 2015) with bias correction; `wd` is decoupled (AdamW) unless `decouple_wd=False` (L2)."
-    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def AdamW(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01, fused=None, compiled=False) -> Optimizer:
+def AdamW(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01) -> Optimizer:
     "AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay, `wd=0.01` by default."
-    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True, fused=fused, compiled=compiled)
+    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True)
 
 @torch_names
-def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None, compiled=False) -> Optimizer:
+def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
     "RAdam (Liu et al. 2019), as torch's `RAdam` (`decoupled_weight_decay=decouple_wd`)."
-    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def Lamb(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0., fused=None, compiled=False) -> Optimizer:
+def Lamb(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.) -> Optimizer:
     "LAMB (You et al. 2019): Adam's step with a per-tensor trust ratio; decoupled weight decay, as fastai's `Lamb`."
-    return Optimizer(params, _adam_cbs(True, lamb_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(True, lamb_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0., fused=None, compiled=False) -> Optimizer:
+def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0.) -> Optimizer:
     "Lion (Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'): sign of an interpolated momentum; `mom`=beta1, `sqr_mom`=beta2."
-    return Optimizer(params, [weight_decay, lion_step], fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
+    return Optimizer(params, [weight_decay, lion_step], lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
 
 # %% ../nbs/01_optimizer.ipynb #c050
 def _chain_update(cbs, params, grads, states, orig, hyper):
