@@ -413,6 +413,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastopts.precision._is_moment': ('precision.html#_is_moment', 'fastopts/precision.py'),
                                     'fastopts.precision._load_value': ('precision.html#_load_value', 'fastopts/precision.py'),
                                     'fastopts.precision._qmap': ('precision.html#_qmap', 'fastopts/precision.py'),
+                                    'fastopts.precision._restore_loaded': ('precision.html#_restore_loaded', 'fastopts/precision.py'),
                                     'fastopts.precision._store': ('precision.html#_store', 'fastopts/precision.py'),
                                     'fastopts.precision._work_dtype': ('precision.html#_work_dtype', 'fastopts/precision.py'),
                                     'fastopts.precision.dequantize_blockwise': ( 'precision.html#dequantize_blockwise',

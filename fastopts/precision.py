@@ -201,4 +201,12 @@ def _load_value(self, param:Tensor, value, key):
     keep = not value.is_floating_point() or key == 'kahan_comp' or (isinstance(key, str) and key.endswith(ABSMAX)) or value.shape == param.shape
     return value.to(device=param.device) if keep else value.to(dtype=param.dtype, device=param.device)
 
-Precision.enter, Precision.exit, Precision.load_value = _enter, _exit, _load_value
+def _restore_loaded(self, opt, state_dict:dict):
+    "After torch's `load_state_dict(state_dict)` on `opt`: put back each state tensor as `load_value` keeps it (torch casts them all)."
+    saved = [i for g in state_dict['param_groups'] for i in g['params']]
+    params = [p for g in opt.param_groups for p in g['params']]
+    for i, p in zip(saved, params):
+        for k, v in state_dict['state'].get(i, {}).items():
+            if isinstance(v, Tensor): opt.state[p][k] = self.load_value(p, v, k).clone() if v.device == p.device else self.load_value(p, v, k)
+
+Precision.enter, Precision.exit, Precision.load_value, Precision.restore_loaded = _enter, _exit, _load_value, _restore_loaded
