@@ -10,12 +10,12 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['BLOCK', 'SMALL', 'ABSMAX', 'STATE_DTYPES', 'dynamic_map', 'quantize_blockwise', 'dequantize_blockwise',
-           'stochastic_round', 'Precision']
+__all__ = ['QUANT_BLOCK', 'QUANT_MIN_NUMEL', 'ABSMAX', 'STATE_DTYPES', 'dynamic_map', 'quantize_blockwise',
+           'dequantize_blockwise', 'stochastic_round', 'Precision']
 
 # %% ../nbs/01c_precision.ipynb #p006
-BLOCK = 256      # elements per quantisation block (one float32 absmax each)
-SMALL = 4096     # tensors with fewer elements keep their moments in full precision
+QUANT_BLOCK = 256      # elements per quantisation block (one float32 absmax each)
+QUANT_MIN_NUMEL = 4096     # tensors with fewer elements keep their moments in full precision
 ABSMAX = '.absmax'   # state key suffix of a quantised moment's scales
 
 def dynamic_map(signed:bool=True, max_exponent_bits:int=7, total_bits:int=8) -> Tensor:
@@ -39,7 +39,7 @@ def _qmap(signed:bool, device) -> tuple[Tensor, Tensor]:
         _MAPS[key] = m, (m[1:] + m[:-1]) / 2
     return _MAPS[key]
 
-def quantize_blockwise(x:Tensor, block:int=BLOCK) -> tuple[Tensor, Tensor]:
+def quantize_blockwise(x:Tensor, block:int=QUANT_BLOCK) -> tuple[Tensor, Tensor]:
     "`x` as 8-bit codes of its shape (`int8`: signed map, `uint8`: unsigned map, for `x >= 0`) and a float32 absmax per block."
     flat = x.detach().reshape(-1).float()
     n, nb = flat.numel(), -(-flat.numel() // block)
@@ -52,7 +52,7 @@ def quantize_blockwise(x:Tensor, block:int=BLOCK) -> tuple[Tensor, Tensor]:
     codes = (idx - 128).to(torch.int8) if signed else idx.to(torch.uint8)
     return codes.view(x.shape), absmax
 
-def dequantize_blockwise(codes:Tensor, absmax:Tensor, dtype=torch.float32, block:int=BLOCK) -> Tensor:
+def dequantize_blockwise(codes:Tensor, absmax:Tensor, dtype=torch.float32, block:int=QUANT_BLOCK) -> Tensor:
     "The tensor that `quantize_blockwise` encoded as `codes` and `absmax`, in `dtype`."
     signed = codes.dtype == torch.int8
     idx = codes.reshape(-1).long() + (128 if signed else 0)
@@ -120,7 +120,7 @@ class Precision:
         "The dtype (or 'int8') that `p`'s moments are stored in."
         sd = self.state_dtype
         if sd is None: return p.dtype
-        if sd == 'int8': return 'int8' if p.numel() >= SMALL else torch.promote_types(p.dtype, torch.float32)
+        if sd == 'int8': return 'int8' if p.numel() >= QUANT_MIN_NUMEL else torch.promote_types(p.dtype, torch.float32)
         return sd
 
     def _generator(self, device):

@@ -8,7 +8,7 @@ from functools import partial
 import pytest, torch
 import torch.nn.functional as F
 from fastopts.optimizer import ParamGroupView, average_grad, average_sqr_grad, step_stat, adam_step, weight_decay, fused_adam
-from fastopts.precision import Precision, quantize_blockwise, dequantize_blockwise, dynamic_map, stochastic_round, BLOCK, SMALL
+from fastopts.precision import Precision, quantize_blockwise, dequantize_blockwise, dynamic_map, stochastic_round, QUANT_BLOCK, QUANT_MIN_NUMEL
 
 ADAMW = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, adam_step]
 HYPER = dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01)
@@ -96,17 +96,17 @@ def test_int8_round_trip_bounded_per_block():
     x = torch.randn(5, 777, generator=g) * torch.logspace(-8, 0, 5)[:, None]
     for t in (x, x.abs()):
         codes, absmax = quantize_blockwise(t)
-        n = -(-t.numel() // BLOCK)
+        n = -(-t.numel() // QUANT_BLOCK)
         assert codes.shape == t.shape and absmax.shape == (n,) and absmax.dtype == torch.float32
-        flat = torch.cat([t.reshape(-1), t.new_zeros(n * BLOCK - t.numel())]).view(n, BLOCK)
+        flat = torch.cat([t.reshape(-1), t.new_zeros(n * QUANT_BLOCK - t.numel())]).view(n, QUANT_BLOCK)
         torch.testing.assert_close(absmax, flat.abs().amax(1), rtol=0, atol=0)
         err = (dequantize_blockwise(codes, absmax) - t).reshape(-1)
-        err = torch.cat([err, err.new_zeros(n * BLOCK - t.numel())]).view(n, BLOCK).abs().amax(1)
+        err = torch.cat([err, err.new_zeros(n * QUANT_BLOCK - t.numel())]).view(n, QUANT_BLOCK).abs().amax(1)
         gap = dynamic_map(codes.dtype == torch.int8).diff().max()
         assert (err <= absmax * gap / 2 * (1 + 1e-4)).all()
         assert gap < 0.015    # the map's widest step: 1.4% of the block's absmax at most
 
-def _adam_states(prec, dtype=torch.float32, n=SMALL * 2, steps=3):
+def _adam_states(prec, dtype=torch.float32, n=QUANT_MIN_NUMEL * 2, steps=3):
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(n, generator=g).to(dtype), torch.randn(10, generator=g).to(dtype)]
     states = [{'do_wd': True} for _ in ps]
@@ -122,7 +122,7 @@ def test_state_storage_and_bytes():
     assert big['grad_avg.absmax'].dtype == torch.float32 and big['step'] == 3 and big['do_wd'] is True
     assert small['grad_avg'].dtype == torch.float32 and 'grad_avg.absmax' not in small   # small: full precision
     nbytes = sum(v.numel() * v.element_size() for k, v in big.items() if isinstance(v, torch.Tensor))
-    assert nbytes / (SMALL * 2) <= 2.1
+    assert nbytes / (QUANT_MIN_NUMEL * 2) <= 2.1
     _, st = _adam_states(Precision(state_dtype=torch.bfloat16))
     assert all(s[k].dtype == torch.bfloat16 for s in st for k in ('grad_avg', 'sqr_avg'))
 
@@ -130,7 +130,7 @@ def test_state_storage_and_bytes():
 def test_low_state_close_to_fp32_state(state_dtype):
     ref, _ = _adam_states(None, steps=20)
     got, _ = _adam_states(Precision(state_dtype=state_dtype), steps=20)
-    p0 = torch.randn(SMALL * 2, generator=torch.Generator().manual_seed(0))
+    p0 = torch.randn(QUANT_MIN_NUMEL * 2, generator=torch.Generator().manual_seed(0))
     move = (ref[0] - p0).abs().mean()
     assert (got[0] - ref[0]).abs().mean() < 0.05 * move     # the moments' rounding changes the path by a few %
 
@@ -139,7 +139,7 @@ def test_fused_kernel_runs_on_the_working_view():
     out = []
     for fused in (False, True):
         g = torch.Generator().manual_seed(0)
-        p = torch.randn(SMALL * 2, generator=g).bfloat16(); st = [{}]
+        p = torch.randn(QUANT_MIN_NUMEL * 2, generator=g).bfloat16(); st = [{}]
         prec = Precision(state_dtype='int8')
         for _ in range(3):
             p.grad = torch.randn(p.shape, generator=g).bfloat16()
@@ -154,7 +154,7 @@ def test_fused_kernel_runs_on_the_working_view():
     torch.testing.assert_close(s1['kahan_comp'].float(), s2['kahan_comp'].float(), rtol=0, atol=2e-5)
 
 def test_other_state_untouched_and_copied_back():
-    p = torch.randn(SMALL * 2).bfloat16(); p.grad = torch.randn(SMALL * 2).bfloat16()
+    p = torch.randn(QUANT_MIN_NUMEL * 2).bfloat16(); p.grad = torch.randn(QUANT_MIN_NUMEL * 2).bfloat16()
     flag, other = object(), torch.zeros(3)
     st = [{'do_wd': False, 'mine': flag, 'vec': other}]
     def cb(grp, **_):
