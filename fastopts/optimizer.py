@@ -14,6 +14,7 @@ from torch import Tensor
 try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
 except ImportError: DTensor = ()
 from .core import as_float, check_range, check_int, per_group
+from .precision import Precision
 
 # %% auto #0
 __all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'RUN_OPTIONS', 'FUSED_CHAINS', 'ParamGroupView', 'contract', 'cb_name',
@@ -309,7 +310,8 @@ def _cb_defaults(cb) -> dict:
     f, _ = _unwrap(cb)
     return dict(getattr(cb, 'defaults', None) or getattr(f, 'defaults', None) or {})
 
-RUN_OPTIONS = {'fused': None, 'compiled': False}   # how a step runs, not what it computes: every optimizer takes them
+# how a step runs, not what it computes: every optimizer takes them (the last four: `Precision`, in 01c_precision)
+RUN_OPTIONS = {'fused': None, 'compiled': False, 'kahan_sum': None, 'stochastic_round': False, 'state_dtype': None, 'seed': None}
 
 def _check_fused(fused):
     if fused not in (None, True, False): raise ValueError(f"`fused` must be None, True or False, got {fused!r}")
@@ -339,8 +341,13 @@ class Optimizer(torch.optim.Optimizer):
         cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order; or `{label: callbacks}`, a chain per label
         fused:bool|None=None, # None: a fused kernel where one computes the chain; False: always the callbacks; True: insist
         compiled:bool|dict=False, # True (or `torch.compile` keywords): run the chain compiled, hypers as tensors
+        kahan_sum:bool|None=None, # 16-bit float params: Kahan-compensated updates (None: on for them; False: plain rounding)
+        stochastic_round:bool=False, # 16-bit float params: round updates stochastically instead (lighter than Kahan)
+        state_dtype=None, # store moments as torch.bfloat16/float16/float32/float64 or "int8" (blockwise); None: the param's dtype
+        seed:int|None=None, # seed of stochastic rounding's generator (None: torch's global one)
         **defaults # hyper-parameters for every group (overrides the callbacks' `.defaults`); torch's names too
     ):
+        self.precision = Precision(kahan_sum, stochastic_round, state_dtype, seed)
         self.fused, self.compiled = _check_fused(fused), _check_compiled(compiled, fused)
         self._multi = isinstance(cbs, dict)
         if self._multi and not cbs: raise ValueError("`cbs` is an empty dict: give at least one chain `{label: callbacks}`")
@@ -363,6 +370,11 @@ class Optimizer(torch.optim.Optimizer):
         "Change run options (`RUN_OPTIONS`: how the step runs, not what it computes) after construction; returns `self`."
         bad = [k for k in opts if k not in RUN_OPTIONS]
         if bad: raise ValueError(f"`{bad[0]}` is not a run option (they are {list(RUN_OPTIONS)})")
+        prec = [k for k in ('kahan_sum', 'stochastic_round', 'state_dtype', 'seed') if k in opts]
+        if prec:
+            p = self.precision
+            self.precision = Precision(**{'kahan_sum': p.kahan_sum, 'stochastic_round': p.stochastic_round, 'state_dtype': p.state_dtype,
+                                          'seed': p.seed, **{k: opts[k] for k in prec}})
         fused = _check_fused(opts.get('fused', self.fused))
         if 'compiled' in opts: self.compiled = _check_compiled(opts['compiled'], fused)
         elif fused and self.compiled: raise ValueError("`fused=True` and `compiled` ask for two different steps: pick one")
@@ -515,8 +527,12 @@ class Optimizer(torch.optim.Optimizer):
         return {k: check_hyper(k, g[k]) for k in self._hyper_names if k in g}
 
     def _run(self, ps:list[Tensor], fn) -> bool:
-        "`fn` on the `ParamGroupView` of `ps` (one device and dtype); its answer (False: it could not run here)."
-        return fn(_group_view(ps, [self.state[p] for p in ps]))
+        "`fn` on the `ParamGroupView` of `ps` (one device and dtype), through the precision layer; its answer (False: it could not run here)."
+        grp = _group_view(ps, [self.state[p] for p in ps])
+        work = self.precision.enter(grp)   # `grp` itself unless 16-bit params or `state_dtype` ask for a working copy
+        done = fn(work)
+        if work is not grp and done: self.precision.exit(work, grp)
+        return done
 
     def _run_chain(self, chain:Chain, key:tuple, grp, hyper:dict) -> bool:
         if chain.compiled and chain.run_compiled(key, grp, hyper): return True
@@ -573,6 +589,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"param_groups[{i}] of the state dict runs chain {g.get('chain', self._first)!r}, this optimizer's group "
                                  f"{i} runs {cur.get('chain', self._first)!r}: build the optimizer the checkpoint was saved from")
         super().load_state_dict(sd)
+        if self.precision.state_dtype is not None: self.precision.restore_loaded(self, sd)   # torch cast codes and scales to the param dtype
 
     def torch_state_dict(self) -> dict:
         "This optimizer's state dict in the format of the `torch.optim` optimizer that computes the same rule (`torch_rule`)."
@@ -591,7 +608,7 @@ class Optimizer(torch.optim.Optimizer):
         chains = {k: f"[{', '.join(c.names)}]" for k, c in self.chains.items()}
         cbs = f"cbs={chains[self._first]}" if not self._multi else 'chains={' + ', '.join(f'{k}: {v}' for k, v in chains.items()) + '}'
         return (f"{type(self).__name__}(groups={len(self.param_groups)}, {cbs}, fused={any(c.fast for c in self.chains.values())}, "
-                f"compiled={bool(self.compiled)}, hypers={[dict(h) for h in self.hypers]})")
+                f"compiled={bool(self.compiled)}, {self.precision!r}, hypers={[dict(h) for h in self.hypers]})")
 
 
 # %% ../nbs/01_optimizer.ipynb #c023
@@ -1206,10 +1223,14 @@ class Lookahead(Optimizer):
         step = getattr(type(self.opt).step, '__wrapped__', None)   # torch's hook wrapper: run the hooks once, on us
         return self.opt.step(closure) if step is None else step(self.opt, closure)
 
+    def _take_slow_weights(self):
+        if self.count == 0 and self.slow_weights is None:
+            self.slow_weights = [[p.detach().clone() for p in g['params']] for g in self.param_groups]
+
     @torch.no_grad()
     def step(self, closure=None):
         "One step of the inner optimizer; every `k`-th, the lookahead update on all params."
-        if self.count == 0: self.slow_weights = [[p.detach().clone() for p in g['params']] for g in self.param_groups]
+        self._take_slow_weights()
         loss = self._inner_step(closure)
         self.count += 1
         if self.count % self.k: return loss
@@ -1220,6 +1241,14 @@ class Lookahead(Optimizer):
                 torch._foreach_lerp_(slow_, fast_, self.alpha)
                 torch._foreach_copy_(fast_, slow_)
         return loss
+
+    @torch.no_grad()
+    def step_params(self, params):
+        "The inner optimizer's `step_params` (gradient release); the lookahead update stays in `step`, called once per batch."
+        if not hasattr(self.opt, 'step_params'):
+            raise ValueError(f"Lookahead over {type(self.opt).__name__}: it has no `step_params` to step one param at a time")
+        self._take_slow_weights()   # before the first param moves
+        self.opt.step_params(params)
 
     def clear_state(self):
         if hasattr(self.opt, 'clear_state'): self.opt.clear_state()
