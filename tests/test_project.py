@@ -67,12 +67,18 @@ def test_every_module_comes_from_a_notebook():
 
 # ---------------------------------------------------------------------------------------------- library apart from tools
 # The tools: the command line and the benchmarks (modules or a package of that name). Everything else is library.
-TOOLS = {'cli', 'bench', 'step_bench', 'gallery', 'epoch_bench'}
+# Named so that the check holds before and after the benchmarks move to `fastopts/bench/` and the lab to `fastopts/lab/`.
+def _is_tool(rel:Path) -> bool:
+    stem = rel.name.removesuffix('.py')
+    return (rel.parts[0].removesuffix('.py') in ('cli', 'docs', 'bench') or stem.endswith('_bench') or stem == 'gallery')
+
 def _modules():
     for py in sorted((ROOT/'fastopts').rglob('*.py')):
         rel = py.relative_to(ROOT/'fastopts')
         if rel.name in ('__init__.py', '_modidx.py') and rel.parent == Path('.'): continue
-        yield rel.parts[0].removesuffix('.py'), py
+        yield '.'.join(rel.with_suffix('').parts), py
+
+TOOLS = {name for name, py in _modules() if _is_tool(py.relative_to(ROOT/'fastopts'))}
 
 def _imports(tree) -> set:
     out = set()
@@ -107,13 +113,13 @@ def test_all_stays_off_the_tools():
     assert not {f'fastopts.{t}' for t in TOOLS} & set(eval(mods)), mods
 
 # ---------------------------------------------------------------------------------------------- the command line
-SUBCOMMANDS = [['demo'], ['viz'], ['bench'], ['bench', 'lr-find'], ['bench', 'lr-seeds'], ['bench', 'step'], ['bench', 'epoch']]
+SUBCOMMANDS = [['demo'], ['viz'], ['docs'], ['bench'], ['bench', 'lr-find'], ['bench', 'lr-seeds'], ['bench', 'step'], ['bench', 'epoch']]
 
 def test_console_script_help():
     "The installed `fastopts` script answers --help with every subcommand, as before."
     r = subprocess.run([str(BIN/'fastopts'), '--help'], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr.strip() == '', r.stderr
-    for cmd in ('demo', 'viz', 'bench'): assert cmd in r.stdout
+    for cmd in ('demo', 'viz', 'docs', 'bench'): assert cmd in r.stdout
 
 @pytest.mark.parametrize('argv', SUBCOMMANDS, ids=' '.join)
 def test_subcommand_help(argv):
@@ -156,3 +162,48 @@ def test_cli_bad_usage_is_argparse_error():
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e: main(['demo', '--epochs', 'two'])
     assert e.value.code == 2 and "invalid int value: 'two'" in err.getvalue()
+
+# ---------------------------------------------------------------------------------------------- the three parts
+# library <- lab, library <- bench <- cli: the library imports nothing from the visual lab or the benchmarks, and the
+# lab nothing from the benchmarks. Named so that it holds before and after the move to `fastopts/lab/`, `fastopts/bench/`.
+LAB_MODULES = {'surfaces', 'viz', 'fit_viz', 'landscape', 'gallery'}
+
+def _part(mod:str) -> str:
+    "'lab', 'bench', 'top' (cli, docs, all: they may import anything) or 'library', from a dotted name under fastopts."
+    parts = mod.split('.'); stem = parts[-1]
+    if parts[0] == 'lab' or stem in LAB_MODULES: return 'lab'
+    if parts[0] == 'bench' or stem.endswith('_bench'): return 'bench'
+    if parts[0] in ('cli', 'docs', 'all'): return 'top'
+    return 'library'
+
+def _fastopts_imports(name:str, tree) -> set:
+    "The fastopts modules a module (dotted `name` under fastopts) imports, absolute or relative, as dotted names under fastopts."
+    pkg, out = name.split('.')[:-1], set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            out |= {a.name.removeprefix('fastopts.') for a in n.names if a.name.startswith('fastopts.')}
+        elif isinstance(n, ast.ImportFrom):
+            if n.level: base = pkg[:len(pkg) - (n.level - 1)] + (n.module.split('.') if n.module else [])
+            elif n.module and (n.module == 'fastopts' or n.module.startswith('fastopts.')): base = n.module.split('.')[1:]
+            else: continue
+            if n.module is None or not base: out |= {'.'.join(base + [a.name]) for a in n.names}   # `from . import viz`
+            else: out.add('.'.join(base))
+    return out
+
+def test_part_of_a_module():
+    assert [_part(m) for m in ('optimizer', 'viz', 'lab.viz', 'step_bench', 'bench.step', 'memory_bench', 'cli', 'matrix')] == \
+           ['library', 'lab', 'lab', 'bench', 'bench', 'bench', 'top', 'library']
+    tree = ast.parse('from .viz import a\nfrom . import step_bench\nimport fastopts.landscape\nfrom fastopts.core import x\n'
+                     'from ..core import y\nfrom .. import surfaces\nimport os')
+    assert _fastopts_imports('lab.gallery', tree) == {'lab.viz', 'lab.step_bench', 'landscape', 'core', 'surfaces'}
+
+def test_library_imports_nothing_from_lab_or_bench():
+    "Read from each module's source (AST): a library module imports no lab or bench module, a lab module no bench module."
+    bad = []
+    for name, py in _modules():
+        if name in ('__init__', '_modidx') or name.endswith('.__init__'): continue
+        part = _part(name)
+        if part in ('top', 'bench'): continue
+        for imp in _fastopts_imports(name, ast.parse(py.read_text())):
+            if _part(imp) == 'bench' or part == 'library' and _part(imp) == 'lab': bad.append(f'{name} ({part}) imports {imp}')
+    assert not bad, bad
