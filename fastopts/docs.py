@@ -305,7 +305,7 @@ def build_docs(out='_docs', nbs='nbs', readme='README.md', gallery=None) -> Path
     pages = [dict(src=readme.resolve(), file='index.html', part='guides', nav='Home (README)', kind='md')]
     for p in sorted(nbs.glob('*.md')):
         pages.append(dict(src=p.resolve(), file=f'{p.stem}.html', part='guides', kind='md',
-                          nav=_md_title(p.read_text(), p.stem)))
+                          nav=_md_title(p.read_text(), p.stem).split(':')[0]))
     for p in sorted(nbs.glob('*.ipynb')):
         exp = _default_exp(p)
         pages.append(dict(src=p.resolve(), file=f'{p.stem}.html', part=module_part(exp), kind='nb',
