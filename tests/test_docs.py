@@ -82,3 +82,24 @@ def test_page_renders_in_chromium(site, page, tmp_path):
     from fastopts.docs import not_blank
     png = screenshot(site/page, tmp_path/'shot.png', width=1300, height=1500, browser=CHROMIUM)
     assert png.stat().st_size > 20_000 and not_blank(png), page
+
+def test_gallery_is_copied_in(tmp_path):
+    "`--gallery DIR` copies a drawn gallery into the site; the gallery page shows its figures and links its index."
+    import json
+    from PIL import Image
+    from fastopts.docs import build_docs, broken_links
+    from fastopts.gallery import Entry, write_index
+    gal, nbs = tmp_path/'viz', tmp_path/'nbs'
+    gal.mkdir(); nbs.mkdir()
+    Image.new('RGB', (40, 30), 'red').save(gal/'ema_betas.png')
+    write_index(gal, [Entry('ema_betas.png', 'EMAs', None)])
+    (nbs/'00_x.ipynb').write_text(json.dumps({'cells': [{'cell_type': 'markdown', 'metadata': {}, 'source': '# x'}],
+                                              'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}))
+    (tmp_path/'README.md').write_text('# r\n\nSee [x](nbs/00_x.ipynb).\n')
+    site = build_docs(tmp_path/'site', nbs, tmp_path/'README.md', gallery=gal)
+    page = (site/'gallery.html').read_text()
+    assert 'href="gallery/index.html"' in page and 'src="gallery/ema_betas.png"' in page
+    assert 'href="00_x.html"' in (site/'index.html').read_text()
+    assert broken_links(site) == []
+    with pytest.raises(ValueError, match='`gallery`'): build_docs(tmp_path/'site2', nbs, tmp_path/'README.md', gallery=nbs)
+    with pytest.raises(ValueError, match='`out`'): build_docs(nbs, nbs, tmp_path/'README.md')   # never wipes a folder it did not write
