@@ -311,7 +311,7 @@ def build_docs(out='_docs', nbs='nbs', readme='README.md', gallery=None) -> Path
         pages.append(dict(src=p.resolve(), file=f'{p.stem}.html', part=module_part(exp), kind='nb',
                           nav=p.stem if exp is None else f'{p.stem.split("_", 1)[0]} {exp}'))
     for m in api_modules():
-        pages.append(dict(src=None, file=f'api_{m.__name__.removeprefix("fastopts.")}.html', part='api', kind='api',
+        pages.append(dict(src=None, file=f'api_{m.__name__.removeprefix("fastopts.").replace(".", "_")}.html', part='api', kind='api',
                           nav=m.__name__.removeprefix('fastopts.'), mod=m))
     pages.append(dict(src=None, file='gallery.html', part='lab', kind='gallery', nav='Gallery (fastopts viz)'))
     by_src = {p['src']: p['file'] for p in pages if p['src'] is not None}
