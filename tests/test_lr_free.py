@@ -1,0 +1,256 @@
+"""Schedule-Free AdamW/SGD, Prodigy, ADOPT and AdEMAMix against their installed reference packages (schedulefree 1.4.1,
+prodigyopt 1.1.2, torch-adopt 0.1.0) and, for AdEMAMix, the paper's update written here; then in a fastai Learner."""
+import math, warnings
+import pytest, torch
+from torch.testing import assert_close
+from fastopts.lr_free import (ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix, ScheduleFreeCallback,
+                              recalibrate_bn)
+
+schedulefree = pytest.importorskip('schedulefree')
+prodigyopt = pytest.importorskip('prodigyopt')
+adopt = pytest.importorskip('adopt')
+
+SHAPES = [(5, 4), (7,), (2, 3, 4)]   # a matrix, a vector and a 3-D tensor
+STEPS = 20
+TOL = dict(rtol=1e-9, atol=1e-12)
+
+def _params(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=g, dtype=dtype)) for s in SHAPES]
+
+def _grads(step, ps):
+    "A loss whose gradients change with the params (a quartic bowl plus a step-dependent tilt)."
+    g = torch.Generator().manual_seed(1000 + step)
+    return [p**3 - 0.5*p + 0.3*torch.randn(p.shape, generator=g, dtype=p.dtype) for p in ps]
+
+def _run(opt, ps, steps=STEPS, start=0):
+    for t in range(start, start + steps):
+        with torch.no_grad(): gs = _grads(t, ps)
+        for p, g in zip(ps, gs): p.grad = g.clone()
+        opt.step()
+
+def _same(a, b, **tol):
+    for x, y in zip(a, b): assert_close(x.detach(), y.detach(), **(tol or TOL))
+
+# ------------------------------------------------------------------------------------------------ Schedule-Free
+SF_CASES = [dict(), dict(warmup_steps=5), dict(r=1.0), dict(weight_lr_power=0.), dict(weight_decay=0.05),
+            dict(warmup_steps=4, r=0.5, weight_decay=0.01)]
+
+@pytest.mark.parametrize('kw', SF_CASES, ids=lambda kw: '-'.join(kw) or 'default')
+def test_schedule_free_adamw_equals_reference(kw):
+    ps, qs = _params(), _params()
+    ours = ScheduleFreeAdamW(ps, lr=0.05, betas=(0.9, 0.99), **kw)
+    ref = schedulefree.AdamWScheduleFree(qs, lr=0.05, betas=(0.9, 0.99), foreach=False, **kw)
+    ours.train(); ref.train()
+    _run(ours, ps); _run(ref, qs)
+    assert not torch.equal(ps[0], _params()[0])
+    _same(ps, qs)                            # y, after training
+    for s, p in zip(ours.state.values(), qs): assert_close(s['z'], ref.state[p]['z'], **TOL)
+    ours.eval(); ref.eval(); _same(ps, qs)   # x
+    ours.train(); ref.train(); _same(ps, qs) # y again
+    _run(ours, ps, 5, STEPS); _run(ref, qs, 5, STEPS); _same(ps, qs)
+
+@pytest.mark.parametrize('kw', [dict(), dict(warmup_steps=5), dict(r=2.0, weight_decay=0.1), dict(momentum=0.5)],
+                         ids=lambda kw: '-'.join(kw) or 'default')
+def test_schedule_free_sgd_equals_reference(kw):
+    ps, qs = _params(), _params()
+    ours, ref = ScheduleFreeSGD(ps, lr=0.02, **kw), schedulefree.SGDScheduleFree(qs, lr=0.02, foreach=False, **kw)
+    ours.train(); ref.train()
+    _run(ours, ps); _run(ref, qs); _same(ps, qs)
+    ours.eval(); ref.eval(); _same(ps, qs)
+    ours.train(); ref.train(); _same(ps, qs)
+
+def test_schedule_free_defaults_are_the_references():
+    ps = _params()
+    o, r = ScheduleFreeAdamW(ps), schedulefree.AdamWScheduleFree(_params())
+    g, rg = o.param_groups[0], r.param_groups[0]
+    assert (g['lr'], (g['mom'], g['sqr_mom']), g['eps'], g['wd'], g['warmup_steps'], g['r'], g['weight_lr_power']) == \
+           (rg['lr'], rg['betas'], rg['eps'], rg['weight_decay'], rg['warmup_steps'], rg['r'], rg['weight_lr_power'])
+    o, r = ScheduleFreeSGD(ps), schedulefree.SGDScheduleFree(_params())
+    g, rg = o.param_groups[0], r.param_groups[0]
+    assert (g['lr'], g['mom'], g['wd'], g['warmup_steps'], g['r'], g['weight_lr_power']) == \
+           (rg['lr'], rg['momentum'], rg['weight_decay'], rg['warmup_steps'], rg['r'], rg['weight_lr_power'])
+
+def test_schedule_free_refuses_a_step_in_eval_mode():
+    ps = _params(); opt = ScheduleFreeAdamW(ps)
+    for p in ps: p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match=r'eval mode.*opt.train\(\)'): opt.step()
+    opt.train(); opt.step(); opt.eval()
+    with pytest.raises(RuntimeError, match='eval mode'): opt.step()
+
+def _moving_mom_reference(ps0, lrs, moms, wd=0.):
+    """Schedule-Free AdamW in the paper's form with x and z explicit, `mom` (beta) changing every step: the gradient is
+    taken at y = (1-b)z + b x with the b of the previous step (the one y was formed with)."""
+    x = [p.detach().clone() for p in ps0]; z = [p.clone() for p in x]; v = [torch.zeros_like(p) for p in x]
+    b_prev, wsum, lr_max = moms[0], 0., -1.
+    for t, (lr, b) in enumerate(zip(lrs, moms)):
+        y = [(1 - b_prev)*zi + b_prev*xi for zi, xi in zip(z, x)]
+        gs = _grads(t, y)
+        lr_max = max(lr_max, lr); w = lr_max**2; wsum += w; c = w/wsum
+        for i in range(len(x)):
+            v[i] = 0.999*v[i] + 0.001*gs[i]**2
+            u = gs[i]/((v[i]/(1 - 0.999**(t+1))).sqrt() + 1e-8) + wd*y[i]
+            z[i] = z[i] - lr*u
+            x[i] = (1 - c)*x[i] + c*z[i]
+        b_prev = b
+    return x, [(1 - b_prev)*zi + b_prev*xi for zi, xi in zip(z, x)]
+
+def test_schedule_free_follows_a_moving_mom_exactly():
+    "fit_one_cycle moves `mom` (beta): x stays the weighted average of the z's, and eval()/train() stay inverse."
+    lrs = [0.01 + 0.002*t for t in range(STEPS)]; moms = [0.95 - 0.005*t for t in range(STEPS)]
+    ps = _params(); ps0 = [p.detach().clone() for p in ps]
+    opt = ScheduleFreeAdamW(ps, lr=lrs[0], mom=moms[0], wd=0.01); opt.train()
+    for t in range(STEPS):
+        opt.set_hypers(lr=lrs[t], mom=moms[t])
+        with torch.no_grad(): gs = _grads(t, ps)
+        for p, g in zip(ps, gs): p.grad = g
+        opt.step()
+    x, y = _moving_mom_reference(ps0, lrs, moms, wd=0.01)
+    _same(ps, y)
+    opt.eval(); _same(ps, x)
+    opt.set_hyper('mom', 0.5); opt.train(); opt.eval(); _same(ps, x)   # a swap pair is the identity whatever mom is
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_schedule_free_state_dict_round_trips_in_either_mode(mode, tmp_path):
+    ps = _params(); opt = ScheduleFreeAdamW(ps, lr=0.05, warmup_steps=3); opt.train(); _run(opt, ps, 6)
+    getattr(opt, mode)()
+    torch.save({'model': [p.detach().clone() for p in ps], 'opt': opt.state_dict()}, tmp_path/'ck.pt')
+    _run(opt, ps, 6, 6) if mode == 'train' else (opt.train(), _run(opt, ps, 6, 6))
+    ck = torch.load(tmp_path/'ck.pt', weights_only=True)
+    qs = [torch.nn.Parameter(t) for t in ck['model']]
+    new = ScheduleFreeAdamW(qs, lr=0.05, warmup_steps=3)
+    new.load_state_dict(ck['opt'])
+    assert new.train_mode == (mode == 'train')
+    new.train(); _run(new, qs, 6, 6)
+    _same(qs, ps, rtol=1e-12, atol=1e-14)
+
+# ------------------------------------------------------------------------------------------------ Prodigy
+PRODIGY_CASES = [dict(), dict(use_bias_correction=True), dict(safeguard_warmup=True), dict(weight_decay=0.1),
+                 dict(weight_decay=0.1, decouple=False), dict(slice_p=3), dict(betas=(0.0, 0.99)), dict(beta3=0.9, d_coef=2.0),
+                 dict(growth_rate=1.02, d0=1e-4), dict(lr=0.5, safeguard_warmup=True, slice_p=2),
+                 dict(use_bias_correction=True, safeguard_warmup=True, d0=1e-3)]
+
+@pytest.mark.parametrize('kw', PRODIGY_CASES, ids=lambda kw: '-'.join(kw) or 'default')
+def test_prodigy_equals_reference(kw):
+    ps, qs = _params(), _params()
+    ours = Prodigy([dict(params=ps[:2]), dict(params=ps[2:])], **kw)
+    ref = prodigyopt.Prodigy([dict(params=qs[:2]), dict(params=qs[2:])], **kw)
+    ds = []
+    for t in range(STEPS):
+        for ps_, opt in ((ps, ours), (qs, ref)):
+            with torch.no_grad(): gs = _grads(t, ps_)
+            for p, g in zip(ps_, gs): p.grad = g.clone()
+            opt.step()
+        ds.append(ours.d)
+        assert ours.d == pytest.approx(ref.param_groups[0]['d'], rel=1e-9)
+    assert len(set(ds)) > 3   # d moved
+    _same(ps, qs)
+
+def test_prodigy_defaults_are_the_references():
+    o, r = Prodigy(_params()), prodigyopt.Prodigy(_params())
+    g, rg = o.param_groups[0], r.param_groups[0]
+    for ours, theirs in [('lr', 'lr'), ('beta3', 'beta3'), ('eps', 'eps'), ('wd', 'weight_decay'), ('d0', 'd0'),
+                         ('d_coef', 'd_coef'), ('slice_p', 'slice_p'), ('use_bias_correction', 'use_bias_correction'),
+                         ('safeguard_warmup', 'safeguard_warmup')]: assert g[ours] == rg[theirs], ours
+    assert (g['mom'], g['sqr_mom']) == rg['betas'] and o.decouple == rg['decouple'] and math.isinf(rg['growth_rate'])
+    assert g['growth_rate'] is None   # inf: no limit
+
+def test_prodigy_discriminative_lrs_are_multipliers_of_one_d():
+    "Groups with lrs 0.5 and 1: one d, and in the first step group 0 moves half as far as with lrs 1 and 1."
+    runs = {}
+    for lrs in [(1., 1.), (0.5, 1.)]:
+        ps = _params(); ps0 = [p.detach().clone() for p in ps]
+        opt = Prodigy([dict(params=ps[:2], lr=lrs[0]), dict(params=ps[2:], lr=lrs[1])], lr=1., d0=1e-3)
+        _run(opt, ps, 1)
+        runs[lrs] = (opt.d, [p.detach() - q for p, q in zip(ps, ps0)])
+        _run(opt, ps, 5, 1)
+        assert len({g['d'] for g in opt.param_groups}) == 1 and opt.d > 1e-3
+    (d1, m1), (d2, m2) = runs[(1., 1.)], runs[(0.5, 1.)]
+    assert d1 == d2
+    _same(m2, [0.5*m1[0], 0.5*m1[1], m1[2]], rtol=1e-12, atol=1e-16)
+    with pytest.raises(RuntimeError, match='different lr'):   # what the reference does with them
+        ref = prodigyopt.Prodigy([dict(params=_params()[:2], lr=0.5), dict(params=_params()[2:], lr=1.)])
+        for p in ref.param_groups[0]['params'] + ref.param_groups[1]['params']: p.grad = torch.ones_like(p)
+        ref.step()
+
+def test_prodigy_group_at_lr_0_equals_reference():
+    "The one lr split the reference takes: a group at lr 0 is left out of d's sums and does not move."
+    ps, qs = _params(), _params()
+    ours = Prodigy([dict(params=ps[:1], lr=0.), dict(params=ps[1:])])
+    ref = prodigyopt.Prodigy([dict(params=qs[:1], lr=0.), dict(params=qs[1:])])
+    _run(ours, ps); _run(ref, qs)
+    assert ours.d == pytest.approx(ref.param_groups[0]['d'], rel=1e-9) and ours.d > 1e-6
+    _same(ps, qs); assert torch.equal(ps[0], _params()[0])
+
+def test_prodigy_d_round_trips_in_the_state_dict():
+    ps = _params(); opt = Prodigy(ps); _run(opt, ps, 5)
+    new = Prodigy(_params()); new.load_state_dict(opt.state_dict())
+    assert new.d == opt.d and new.param_groups[0]['d_numerator'] == opt.param_groups[0]['d_numerator']
+
+# ------------------------------------------------------------------------------------------------ ADOPT
+@pytest.mark.parametrize('kw', [dict(), dict(weight_decay=0.1), dict(weight_decay=0.1, decouple=True), dict(clip_lambda=None),
+                                dict(betas=(0.5, 0.99), eps=1e-3), dict(clip_lambda=lambda s: 0.1*s)],
+                         ids=['default', 'l2', 'decoupled', 'no_clip', 'betas', 'clip_fn'])
+def test_adopt_equals_reference(kw):
+    ps, qs = _params(), _params()
+    ours, ref = ADOPT(ps, lr=0.01, **kw), adopt.ADOPT(qs, lr=0.01, **kw)
+    _run(ours, ps); _run(ref, qs); _same(ps, qs)
+
+def test_adopt_defaults_are_the_references():
+    g, rg = ADOPT(_params()).param_groups[0], adopt.ADOPT(_params()).param_groups[0]
+    assert (g['lr'], (g['mom'], g['sqr_mom']), g['eps'], g['wd']) == (rg['lr'], rg['betas'], rg['eps'], rg['weight_decay'])
+    assert rg['decouple'] is False
+
+# ------------------------------------------------------------------------------------------------ AdEMAMix
+def _ademamix_paper(ps0, steps, lr, b1, b2, b3_final, alpha_final, eps, wd, T_b3=None, T_alpha=None):
+    """Algorithm 1 of Pagliardini, Ablin & Grangier 2024 (The AdEMAMix Optimizer), with its schedulers: alpha rises
+    linearly, beta3 so that the half-life ln(0.5)/ln(beta) - 1 rises linearly from beta1's to beta3's."""
+    half = lambda b: math.log(0.5)/math.log(b + 1e-8) - 1
+    theta = [p.detach().clone() for p in ps0]
+    m1 = [torch.zeros_like(p) for p in theta]; m2 = [torch.zeros_like(p) for p in theta]; nu = [torch.zeros_like(p) for p in theta]
+    for t in range(1, steps + 1):
+        alpha = alpha_final if T_alpha is None else min(t*alpha_final/T_alpha, alpha_final)
+        b3 = b3_final if T_b3 is None or t >= T_b3 else \
+            0.5**(1/((1 - t/T_b3)*half(b1) + (t/T_b3)*half(b3_final) + 1))
+        gs = _grads(t - 1, theta)
+        for i, g in enumerate(gs):
+            m1[i] = b1*m1[i] + (1 - b1)*g
+            m2[i] = b3*m2[i] + (1 - b3)*g
+            nu[i] = b2*nu[i] + (1 - b2)*g*g
+            m1h, nuh = m1[i]/(1 - b1**t), nu[i]/(1 - b2**t)
+            theta[i] = theta[i] - lr*((m1h + alpha*m2[i])/(nuh.sqrt() + eps) + wd*theta[i])
+    return theta
+
+@pytest.mark.parametrize('kw', [dict(), dict(weight_decay=0.1), dict(beta3_warmup=12, alpha_warmup=8),
+                                dict(betas=(0.5, 0.99, 0.999), alpha=5.0, eps=1e-6, beta3_warmup=30, alpha_warmup=40)],
+                         ids=['default', 'wd', 'warmups', 'betas_long_warmups'])
+def test_ademamix_equals_the_papers_update(kw):
+    ps = _params(); ps0 = [p.detach().clone() for p in ps]
+    opt = AdEMAMix(ps, lr=0.01, **kw); _run(opt, ps)
+    b1, b2, b3 = kw.get('betas', (0.9, 0.999, 0.9999))
+    ref = _ademamix_paper(ps0, STEPS, 0.01, b1, b2, b3, kw.get('alpha', 2.0), kw.get('eps', 1e-8), kw.get('weight_decay', 0.),
+                          kw.get('beta3_warmup'), kw.get('alpha_warmup'))
+    _same(ps, ref)
+
+def test_ademamix_refuses_two_betas():
+    with pytest.raises(ValueError, match='betas'): AdEMAMix(_params(), betas=(0.9, 0.999))
+
+# ------------------------------------------------------------------------------------------------ common
+@pytest.mark.parametrize('f', [ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix])
+def test_bad_input_is_refused_by_name(f):
+    with pytest.raises(ValueError, match='compiled'): f(_params(), compiled=True)
+    with pytest.raises(ValueError, match='nonsense'): f(_params(), nonsense=1)
+
+STATE_BYTES = {'ScheduleFreeAdamW': 8, 'ScheduleFreeSGD': 4, 'Prodigy': 16, 'ADOPT': 8, 'AdEMAMix': 12}
+
+@pytest.mark.parametrize('f', [ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix], ids=lambda f: f.__name__)
+def test_state_bytes_per_parameter(f):
+    "float32 state per parameter after a step, as the README's table says (Adam: 8)."
+    m = torch.nn.Linear(100, 100)
+    opt = f(m.parameters())
+    if hasattr(opt, 'train_mode'): opt.train()
+    for p in m.parameters(): p.grad = torch.randn_like(p)
+    opt.step()
+    n = sum(p.numel() for p in m.parameters())
+    nbytes = sum(v.numel()*v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim())
+    assert nbytes / n == pytest.approx(STATE_BYTES[f.__name__], rel=0.01)
