@@ -254,3 +254,129 @@ def test_state_bytes_per_parameter(f):
     n = sum(p.numel() for p in m.parameters())
     nbytes = sum(v.numel()*v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim())
     assert nbytes / n == pytest.approx(STATE_BYTES[f.__name__], rel=0.01)
+
+# ------------------------------------------------------------------------------------------------ fastai
+from functools import partial
+from fastai.callback.core import Callback
+from fastai.optimizer import OptimWrapper
+from fastai.callback.schedule import *   # fit_one_cycle, lr_find, fine_tune
+
+class _RefModes(Callback):
+    "The hand-written callback a user of `schedulefree` in fastai needs: train mode to train, eval mode to validate and after fit."
+    order = -5
+    def before_train(self): self.learn.opt.opt.train()
+    def before_validate(self): self.learn.opt.opt.eval()
+    def after_fit(self): self.learn.opt.opt.eval()
+
+def _ref_sf(params, lr, **kw): return OptimWrapper(params, schedulefree.AdamWScheduleFree, lr=lr, **kw)
+
+def _two_groups(m): return [list(m[0].parameters()), [p for l in list(m)[1:] for p in l.parameters()]]
+
+def _weights(model): return [p.detach().clone() for p in model.parameters()]
+
+def _fit(learn, how, *args, **kw):
+    "`learn.fit(...)` (or `how`) with the shared DataLoaders' shuffling seeded: two Learners see the same batches."
+    import random
+    learn.dls.train.rng = random.Random(0)
+    getattr(learn, how)(*args, **kw)
+
+def test_learner_schedule_free_needs_nothing_added(make_learner, tmp_path):
+    "fit(3, 1e-2): epoch by epoch the validation losses of schedulefree's AdamW in OptimWrapper with a hand-written callback."
+    ref = make_learner(opt_func=_ref_sf, cbs=_RefModes(), path=tmp_path)
+    _fit(ref, 'fit', 3, 1e-2)
+    learn = make_learner(opt_func=ScheduleFreeAdamW, path=tmp_path)
+    _fit(learn, 'fit', 3, 1e-2)
+    assert sum(isinstance(c, ScheduleFreeCallback) for c in learn.cbs) == 1
+    ours_v, ref_v = [v[1] for v in learn.recorder.values], [v[1] for v in ref.recorder.values]
+    assert ours_v == pytest.approx(ref_v, rel=1e-5) and ref_v[2] < ref_v[0]
+    x = _weights(ref.model)   # the reference's weights after fit: x (its callback ended in eval mode)
+    _same(_weights(learn.model), x, rtol=1e-5, atol=1e-6)
+    assert learn.validate()[0] == pytest.approx(ref_v[-1], rel=1e-5)   # validate outside fit: at x
+    learn.save('sf')
+    _same(list(torch.load(tmp_path/'models'/'sf.pth', weights_only=True)['model'].values()), x, rtol=1e-5, atol=1e-6)
+    learn.export(tmp_path/'sf.pkl')
+    from fastai.learner import load_learner
+    _same(_weights(load_learner(tmp_path/'sf.pkl').model), x, rtol=1e-5, atol=1e-6)
+    assert sum(isinstance(c, ScheduleFreeCallback) for c in learn.cbs) == 1 and learn.opt.train_mode is False
+    # load puts back the optimizer's mode with the weights; training goes on at y
+    learn.load('sf'); _fit(learn, 'fit', 1, 1e-2); _fit(ref, 'fit', 1, 1e-2)
+    assert learn.recorder.values[-1][1] == pytest.approx(ref.recorder.values[-1][1], rel=1e-5)
+
+def test_learner_discriminative_lrs(make_learner, tmp_path):
+    "Schedule-Free with two groups at lrs 1e-3 and 1e-2 equals the reference (which takes per-group lrs)."
+    ref = make_learner(opt_func=_ref_sf, cbs=_RefModes(), splitter=_two_groups)
+    _fit(ref, 'fit', 2, slice(1e-3, 1e-2))
+    learn = make_learner(opt_func=ScheduleFreeAdamW, splitter=_two_groups)
+    _fit(learn, 'fit', 2, slice(1e-3, 1e-2))
+    assert [g['lr'] for g in learn.opt.param_groups] == pytest.approx([1e-3, 1e-2])
+    assert [v[1] for v in learn.recorder.values] == pytest.approx([v[1] for v in ref.recorder.values], rel=1e-5)
+
+def test_learner_fit_one_cycle_keeps_x(make_learner):
+    "fit_one_cycle moves mom (Schedule-Free's beta) every batch: after it the params are x, and a train/eval pair leaves them there."
+    learn = make_learner(opt_func=ScheduleFreeAdamW)
+    _fit(learn, 'fit_one_cycle', 2, 1e-2)
+    moms = learn.recorder.moms
+    assert max(moms) - min(moms) > 0.05
+    x = _weights(learn.model)
+    learn.opt.train(); assert any(not torch.equal(a, b) for a, b in zip(_weights(learn.model), x))
+    learn.opt.eval(); _same(_weights(learn.model), x, rtol=1e-6, atol=1e-7)
+    assert learn.recorder.values[-1][1] < 0.5   # it learnt (the first epoch of fit(3, 1e-2) ends at 0.3)
+
+def test_learner_lr_find_and_fine_tune(make_learner):
+    learn = make_learner(opt_func=ScheduleFreeAdamW, splitter=_two_groups)
+    w0 = _weights(learn.model)
+    res = learn.lr_find(show_plot=False)
+    assert res.valley > 0
+    _same(_weights(learn.model), w0, rtol=0, atol=0)   # lr_find restores the weights
+    assert learn.opt.train_mode is False and not any(len(s) > 1 for s in learn.opt.state.values())
+    v0 = learn.validate()[0]
+    _fit(learn, 'fine_tune', 1, 1e-2, freeze_epochs=1)
+    last = learn.recorder.values[-1][1]
+    x = _weights(learn.model); learn.opt.train(); learn.opt.eval(); _same(_weights(learn.model), x, rtol=1e-6, atol=1e-7)
+    assert last < 0.7*v0 and learn.validate()[0] == pytest.approx(last, rel=1e-5)
+
+def test_learner_prodigy(make_learner):
+    "Prodigy in a Learner equals prodigyopt in OptimWrapper at one lr; with discriminative lrs one d; fastai's default lr warned."
+    ref = make_learner(opt_func=lambda ps, lr: OptimWrapper(ps, prodigyopt.Prodigy, lr=lr))
+    _fit(ref, 'fit', 2, 1.0)
+    learn = make_learner(opt_func=Prodigy)
+    _fit(learn, 'fit', 2, 1.0)
+    assert sum(isinstance(c, ScheduleFreeCallback) for c in learn.cbs) == 1
+    assert [v[1] for v in learn.recorder.values] == pytest.approx([v[1] for v in ref.recorder.values], rel=1e-5)
+    assert learn.opt.d == pytest.approx(ref.opt.opt.param_groups[0]['d'], rel=1e-5) and learn.opt.d > 1e-4
+    learn = make_learner(opt_func=Prodigy, splitter=_two_groups)
+    _fit(learn, 'fit', 1, slice(0.1, 1.0))
+    assert len({g['d'] for g in learn.opt.param_groups}) == 1 and learn.opt.d > 1e-4
+    with pytest.warns(UserWarning, match='lr=0.001'): make_learner(opt_func=Prodigy).fit(1)
+
+def test_recalibrate_bn_is_the_exact_average():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    xs = [torch.randn(8, 4) for _ in range(5)]
+    assert recalibrate_bn(m, ([x] for x in xs), n=3) == 3 and m.training
+    h = torch.cat([m[0](x) for x in xs[:3]]).detach()
+    assert_close(m[1].running_mean, h.mean(0).detach(), rtol=1e-5, atol=1e-6)
+    assert_close(m[1].running_var, torch.stack([m[0](x).detach().var(0, unbiased=True) for x in xs[:3]]).mean(0), rtol=1e-5, atol=1e-6)
+    assert m[1].momentum == 0.1
+
+def test_learner_bn_recalibration_at_x(digits_dls):
+    "ScheduleFreeCallback(bn_batches=n) given by the user: not added twice; BatchNorm's statistics recomputed at x before validating."
+    import torch.nn.functional as F
+    from fastai.learner import Learner
+    from fastai.callback.progress import ProgressCallback
+    from fastcore.basics import noop
+    def make(**kw):
+        torch.manual_seed(0)
+        n_in = digits_dls.train_ds[0][0].shape[-1]
+        m = torch.nn.Sequential(torch.nn.Linear(n_in, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        l = Learner(digits_dls, m, loss_func=F.cross_entropy, opt_func=ScheduleFreeAdamW, **kw)
+        l.remove_cb(ProgressCallback); l.logger = noop
+        return l
+    learn = make(cbs=ScheduleFreeCallback(bn_batches=4))
+    _fit(learn, 'fit', 1, 1e-2)
+    assert sum(isinstance(c, ScheduleFreeCallback) for c in learn.cbs) == 1 and learn.schedule_free.bn_batches == 4
+    bn = learn.model[1]
+    assert bn.num_batches_tracked.item() == 4   # reset, then 4 batches at x
+    # the recalibrated statistics are the exact average at x over those batches: recompute with the same batches
+    plain = make(); _fit(plain, 'fit', 1, 1e-2)
+    assert not torch.allclose(plain.model[1].running_mean, bn.running_mean)
