@@ -18,9 +18,10 @@ from .optimizer import (Optimizer, contract, torch_names, average_grad, average_
                                 l2_reg, _pick, _device_dtype_groups, _group_view)
 
 # %% auto #0
-__all__ = ['schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOptimizer', 'ScheduleFreeAdamW', 'ScheduleFreeSGD',
-           'prodigy_stats', 'prodigy_step', 'ProdigyOptimizer', 'Prodigy', 'adopt_step', 'ADOPT', 'average_slow_grad',
-           'ademamix_step', 'AdEMAMix', 'recalibrate_bn', 'ScheduleFreeCallback']
+__all__ = ['schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOptimizer', 'set_schedule_free_mode',
+           'ScheduleFreeAdamW', 'ScheduleFreeSGD', 'prodigy_stats', 'prodigy_step', 'ProdigyOptimizer', 'Prodigy',
+           'adopt_step', 'ADOPT', 'average_slow_grad', 'ademamix_step', 'AdEMAMix', 'recalibrate_bn',
+           'ScheduleFreeCallback']
 
 # %% ../nbs/01b_lr_free.ipynb #c004
 def _views(g:dict, state) -> list:
@@ -164,7 +165,17 @@ class ScheduleFreeOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault('train_mode', False)
 
-# %% ../nbs/01b_lr_free.ipynb #c009
+# %% ../nbs/01b_lr_free.ipynb #c010
+def set_schedule_free_mode(opt, train:bool):
+    "`opt.train()` or `opt.eval()`; for a `ZeroRedundancyOptimizer` around a Schedule-Free optimizer, its local optimizer's, then each rank's shard broadcast."
+    inner = getattr(opt, 'optim', opt)   # ZeroRedundancyOptimizer keeps the local optimizer in `.optim`
+    if not isinstance(inner, ScheduleFreeOptimizer):
+        raise ValueError(f"`opt` must be a Schedule-Free optimizer or a ZeroRedundancyOptimizer around one, got {type(inner).__name__}")
+    inner.train() if train else inner.eval()
+    if inner is not opt: opt._sync_params()   # ZeRO: broadcast each rank's params to the others (torch's own after-step sync)
+    return opt
+
+# %% ../nbs/01b_lr_free.ipynb #c011
 _SF_DOC = "`warmup_steps`: linear lr warmup; `r`, `weight_lr_power`: the average's weights `t^r·lr_max^weight_lr_power`."
 
 @torch_names
@@ -184,7 +195,7 @@ def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight
                                  wd=wd, warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
 ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _SF_DOC
 
-# %% ../nbs/01b_lr_free.ipynb #c011
+# %% ../nbs/01b_lr_free.ipynb #c013
 def _p0(p, slice_p, memory_format=None):
     return p.flatten()[::slice_p].detach().clone() if p.any() else torch.tensor(0, device=p.device, dtype=p.dtype)
 
@@ -220,7 +231,7 @@ def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, **_):
     if mom > 0: torch._foreach_addcdiv_(grp.params, grp.state('grad_avg'), denom, value=-dlr)
     else: torch._foreach_addcdiv_(grp.params, grp.grads, denom, value=-dlr*d)
 
-# %% ../nbs/01b_lr_free.ipynb #c012
+# %% ../nbs/01b_lr_free.ipynb #c014
 class ProdigyOptimizer(Optimizer):
     "Prodigy's two passes over all groups around one global `d` (kept in every group, as the reference: `d`, `d_max`, ...)."
     _keys = ('d', 'd_max', 'd_numerator', 'k')
@@ -286,7 +297,7 @@ class ProdigyOptimizer(Optimizer):
 
     def _device(self): return self.param_groups[0]['params'][0].device
 
-# %% ../nbs/01b_lr_free.ipynb #c013
+# %% ../nbs/01b_lr_free.ipynb #c015
 @torch_names
 def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0., decouple=True, use_bias_correction=False,
             safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float('inf'), fsdp_in_use=False, slice_p=1,
@@ -303,7 +314,7 @@ def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0.,
                             safeguard_warmup=bool(safeguard_warmup), d0=d0, d_coef=d_coef,
                             growth_rate=None if math.isinf(gr) else gr, slice_p=check_int('slice_p', slice_p, 1))
 
-# %% ../nbs/01b_lr_free.ipynb #c015
+# %% ../nbs/01b_lr_free.ipynb #c017
 def _default_clip(step): return step**0.25
 
 @contract(reads='step', writes='grad_avg sqr_avg', hypers='lr mom sqr_mom eps wd')
@@ -341,7 +352,7 @@ def ADOPT(params, lr=1e-3, mom=0.9, sqr_mom=0.9999, eps=1e-6, clip_lambda=_defau
     return Optimizer(params, cbs, lr=lr, mom=check_range('mom', mom, 0, 1, hi_open=True),
                      sqr_mom=check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True), eps=eps, wd=wd)
 
-# %% ../nbs/01b_lr_free.ipynb #c017
+# %% ../nbs/01b_lr_free.ipynb #c019
 def _alpha_at(t, alpha, warmup):
     if warmup is None or t >= warmup: return alpha
     a = t / float(warmup)
@@ -391,7 +402,7 @@ def AdEMAMix(params, lr=1e-3, mom=0.9, sqr_mom=0.999, beta3=0.9999, alpha=2.0, b
                      sqr_mom=check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True), beta3=check_range('beta3', beta3, 0, 1, hi_open=True),
                      alpha_mix=check_range('alpha', alpha, 0), beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps, wd=wd)
 
-# %% ../nbs/01b_lr_free.ipynb #c019
+# %% ../nbs/01b_lr_free.ipynb #c021
 @torch.no_grad()
 def recalibrate_bn(model:torch.nn.Module, batches, n:int|None=None) -> int:
     "Reset the BatchNorm running statistics of `model` and recompute them as exact averages over `batches` (the first `n`); returns the count."
