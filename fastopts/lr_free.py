@@ -23,7 +23,7 @@ __all__ = ['schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOpt
            'adopt_step', 'ADOPT', 'average_slow_grad', 'ademamix_step', 'AdEMAMix', 'recalibrate_bn',
            'ScheduleFreeCallback']
 
-# %% ../nbs/01b_lr_free.ipynb #c004
+# %% ../nbs/01b_lr_free.ipynb #c005
 def _views(g:dict, state) -> list:
     "The `ParamGroupView`s (one per device and dtype) of the params of group `g` that have a gradient."
     ps = [p for p in g['params'] if p.grad is not None]
@@ -45,7 +45,7 @@ def _no_compile(name, fused, compiled):
     if compiled: raise ValueError(f"`compiled={compiled!r}`: {name} has no compiled step yet; pass compiled=False")
     if fused: raise ValueError(f"`fused={fused!r}`: no fused kernel computes {name}; pass fused=None")
 
-# %% ../nbs/01b_lr_free.ipynb #c006
+# %% ../nbs/01b_lr_free.ipynb #c007
 def _sf_weight(g:dict) -> tuple[float, float]:
     "Advance group `g`'s schedule: `(lr of this step, ckp1 = weight/weight_sum)` as schedulefree 1.4.1 computes them."
     k, warm = g['k'], g['warmup_steps']
@@ -80,7 +80,7 @@ def _plus_wd(grp, upd:list[Tensor], wd) -> list[Tensor]:
     if idx: torch._foreach_add_(_pick(upd, idx), _pick(grp.params, idx), alpha=wd)
     return upd
 
-# %% ../nbs/01b_lr_free.ipynb #c007
+# %% ../nbs/01b_lr_free.ipynb #c008
 @contract(reads='sqr_avg step', writes='z y_mom', hypers='lr mom sqr_mom eps wd')
 def schedule_free_adam_step(grp, lr, mom, sqr_mom, eps, wd, ckp1, **_):
     "Schedule-Free AdamW's step: the gradient over `sqrt(S/(1-sqr_mom^t)) + eps`, plus `wd·y`, moves `z` and `y`."
@@ -95,7 +95,7 @@ def schedule_free_sgd_step(grp, lr, mom, wd, ckp1, **_):
     "Schedule-Free SGD's step: the gradient plus `wd·y` moves `z` and `y`."
     _sf_update(grp, _plus_wd(grp, [g.clone() for g in grp.grads], wd), lr, mom, ckp1)
 
-# %% ../nbs/01b_lr_free.ipynb #c008
+# %% ../nbs/01b_lr_free.ipynb #c009
 class ScheduleFreeOptimizer(Optimizer):
     "An `Optimizer` with Schedule-Free's train/eval modes: params hold `y` in train mode, `x` in eval mode."
     _sf_keys = dict(k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
@@ -165,7 +165,7 @@ class ScheduleFreeOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault('train_mode', False)
 
-# %% ../nbs/01b_lr_free.ipynb #c010
+# %% ../nbs/01b_lr_free.ipynb #c011
 def set_schedule_free_mode(opt, train:bool):
     "`opt.train()` or `opt.eval()`; for a `ZeroRedundancyOptimizer` around a Schedule-Free optimizer, its local optimizer's, then each rank's shard broadcast."
     inner = getattr(opt, 'optim', opt)   # ZeroRedundancyOptimizer keeps the local optimizer in `.optim`
@@ -175,7 +175,7 @@ def set_schedule_free_mode(opt, train:bool):
     if inner is not opt: opt._sync_params()   # ZeRO: broadcast each rank's params to the others (torch's own after-step sync)
     return opt
 
-# %% ../nbs/01b_lr_free.ipynb #c011
+# %% ../nbs/01b_lr_free.ipynb #c012
 _SF_DOC = "`warmup_steps`: linear lr warmup; `r`, `weight_lr_power`: the average's weights `t^r·lr_max^weight_lr_power`."
 
 @torch_names
@@ -195,7 +195,7 @@ def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight
                                  wd=wd, warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
 ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _SF_DOC
 
-# %% ../nbs/01b_lr_free.ipynb #c013
+# %% ../nbs/01b_lr_free.ipynb #c016
 def _p0(p, slice_p, memory_format=None):
     return p.flatten()[::slice_p].detach().clone() if p.any() else torch.tensor(0, device=p.device, dtype=p.dtype)
 
@@ -231,7 +231,7 @@ def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, **_):
     if mom > 0: torch._foreach_addcdiv_(grp.params, grp.state('grad_avg'), denom, value=-dlr)
     else: torch._foreach_addcdiv_(grp.params, grp.grads, denom, value=-dlr*d)
 
-# %% ../nbs/01b_lr_free.ipynb #c014
+# %% ../nbs/01b_lr_free.ipynb #c017
 class ProdigyOptimizer(Optimizer):
     "Prodigy's two passes over all groups around one global `d` (kept in every group, as the reference: `d`, `d_max`, ...)."
     _keys = ('d', 'd_max', 'd_numerator', 'k')
@@ -297,7 +297,7 @@ class ProdigyOptimizer(Optimizer):
 
     def _device(self): return self.param_groups[0]['params'][0].device
 
-# %% ../nbs/01b_lr_free.ipynb #c015
+# %% ../nbs/01b_lr_free.ipynb #c018
 @torch_names
 def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0., decouple=True, use_bias_correction=False,
             safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float('inf'), fsdp_in_use=False, slice_p=1,
@@ -314,7 +314,7 @@ def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0.,
                             safeguard_warmup=bool(safeguard_warmup), d0=d0, d_coef=d_coef,
                             growth_rate=None if math.isinf(gr) else gr, slice_p=check_int('slice_p', slice_p, 1))
 
-# %% ../nbs/01b_lr_free.ipynb #c017
+# %% ../nbs/01b_lr_free.ipynb #c021
 def _default_clip(step): return step**0.25
 
 @contract(reads='step', writes='grad_avg sqr_avg', hypers='lr mom sqr_mom eps wd')
@@ -352,7 +352,7 @@ def ADOPT(params, lr=1e-3, mom=0.9, sqr_mom=0.9999, eps=1e-6, clip_lambda=_defau
     return Optimizer(params, cbs, lr=lr, mom=check_range('mom', mom, 0, 1, hi_open=True),
                      sqr_mom=check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True), eps=eps, wd=wd)
 
-# %% ../nbs/01b_lr_free.ipynb #c019
+# %% ../nbs/01b_lr_free.ipynb #c024
 def _alpha_at(t, alpha, warmup):
     if warmup is None or t >= warmup: return alpha
     a = t / float(warmup)
@@ -402,7 +402,7 @@ def AdEMAMix(params, lr=1e-3, mom=0.9, sqr_mom=0.999, beta3=0.9999, alpha=2.0, b
                      sqr_mom=check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True), beta3=check_range('beta3', beta3, 0, 1, hi_open=True),
                      alpha_mix=check_range('alpha', alpha, 0), beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps, wd=wd)
 
-# %% ../nbs/01b_lr_free.ipynb #c021
+# %% ../nbs/01b_lr_free.ipynb #c028
 @torch.no_grad()
 def recalibrate_bn(model:torch.nn.Module, batches, n:int|None=None) -> int:
     "Reset the BatchNorm running statistics of `model` and recompute them as exact averages over `batches` (the first `n`); returns the count."
