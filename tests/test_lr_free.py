@@ -236,24 +236,35 @@ def test_ademamix_refuses_two_betas():
     with pytest.raises(ValueError, match='betas'): AdEMAMix(_params(), betas=(0.9, 0.999))
 
 # ------------------------------------------------------------------------------------------------ common
-@pytest.mark.parametrize('f', [ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix])
-def test_bad_input_is_refused_by_name(f):
-    with pytest.raises(ValueError, match='compiled'): f(_params(), compiled=True)
-    with pytest.raises(ValueError, match='nonsense'): f(_params(), nonsense=1)
+from registry import LR_FREE, LR_FREE_STATE_BYTES
 
-STATE_BYTES = {'ScheduleFreeAdamW': 8, 'ScheduleFreeSGD': 4, 'Prodigy': 16, 'ADOPT': 8, 'AdEMAMix': 12}
+@pytest.mark.parametrize('spec', LR_FREE, ids=lambda s: s.name)
+def test_bad_input_is_refused_by_name(spec):
+    with pytest.raises(ValueError, match='compiled'): spec.make(_params(), compiled=True)
+    with pytest.raises(ValueError, match='fused'): spec.make(_params(), fused=True)
+    with pytest.raises(ValueError, match='nonsense'): spec.make(_params(), nonsense=1)
+    with pytest.raises(ValueError, match='lr'): spec.make(_params(), lr=-1.)
 
-@pytest.mark.parametrize('f', [ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix], ids=lambda f: f.__name__)
-def test_state_bytes_per_parameter(f):
+@pytest.mark.parametrize('spec', LR_FREE, ids=lambda s: s.name)
+def test_state_bytes_per_parameter(spec):
     "float32 state per parameter after a step, as the README's table says (Adam: 8)."
     m = torch.nn.Linear(100, 100)
-    opt = f(m.parameters())
+    opt = spec.make(m.parameters())
     if hasattr(opt, 'train_mode'): opt.train()
     for p in m.parameters(): p.grad = torch.randn_like(p)
     opt.step()
     n = sum(p.numel() for p in m.parameters())
     nbytes = sum(v.numel()*v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim())
-    assert nbytes / n == pytest.approx(STATE_BYTES[f.__name__], rel=0.01)
+    assert nbytes / n == pytest.approx(LR_FREE_STATE_BYTES[spec.name], rel=0.01)
+
+@pytest.mark.parametrize('spec', [s for s in LR_FREE if s.torch_cls is not None], ids=lambda s: s.name)
+def test_float32_close_to_reference(spec):
+    "float32, 30 steps: within float32 rounding of the reference package."
+    ps, qs = _params(dtype=torch.float32), _params(dtype=torch.float32)
+    ours, ref = spec.make(ps), spec.torch_make(qs)
+    if hasattr(ours, 'train_mode'): ours.train(); ref.train()
+    _run(ours, ps, 30); _run(ref, qs, 30)
+    _same(ps, qs, rtol=1e-5, atol=1e-6)
 
 # ------------------------------------------------------------------------------------------------ fastai
 from functools import partial
