@@ -545,6 +545,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'fastopts/step_bench.py'),
                                      'fastopts.step_bench._gpt2_blocks': ('step_bench.html#_gpt2_blocks', 'fastopts/step_bench.py'),
                                      'fastopts.step_bench._lion_sign_sum': ('step_bench.html#_lion_sign_sum', 'fastopts/step_bench.py'),
+                                     'fastopts.step_bench._reference': ('step_bench.html#_reference', 'fastopts/step_bench.py'),
                                      'fastopts.step_bench._resnet18_shapes': ('step_bench.html#_resnet18_shapes', 'fastopts/step_bench.py'),
                                      'fastopts.step_bench._rules': ('step_bench.html#_rules', 'fastopts/step_bench.py'),
                                      'fastopts.step_bench._sync': ('step_bench.html#_sync', 'fastopts/step_bench.py'),

@@ -42,7 +42,7 @@ def _by_step(steps:list[int]):
     for t in ts: yield t, [i for i, s in enumerate(steps) if s == t]
 
 def _no_compile(name, fused, compiled):
-    if compiled: raise ValueError(f"`compiled={compiled!r}`: {name} has no compiled step yet; pass compiled=False")
+    if compiled: raise ValueError(f"`compiled={compiled!r}`: {name} takes the keyword `compiled` only as False (it has no compiled step yet)")
     if fused: raise ValueError(f"`fused={fused!r}`: no fused kernel computes {name}; pass fused=None")
 
 # %% ../nbs/01b_lr_free.ipynb #c007
