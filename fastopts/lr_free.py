@@ -73,12 +73,13 @@ def _sf_update(grp, upd:list[Tensor], lr, mom, ckp1):
     torch._foreach_sub_(zs, upd, alpha=lr)
 
 def _plus_wd(grp, upd:list[Tensor], wd) -> list[Tensor]:
-    "`upd + wd·y` for the params that take weight decay (`do_wd`)."
+    "`upd + wd·y` for the params that take weight decay (`do_wd`), as new tensors (`upd` itself when `wd` is 0)."
     if not wd: return upd
     idx = grp.decayed()
-    if idx is None: torch._foreach_add_(upd, grp.params, alpha=wd); return upd
-    if idx: torch._foreach_add_(_pick(upd, idx), _pick(grp.params, idx), alpha=wd)
-    return upd
+    if idx is None: return torch._foreach_add(upd, grp.params, alpha=wd)
+    out = list(upd)
+    for i, t in zip(idx, torch._foreach_add(_pick(upd, idx), _pick(grp.params, idx), alpha=wd)): out[i] = t
+    return out
 
 # %% ../nbs/01b_lr_free.ipynb #c008
 @contract(reads='sqr_avg step', writes='z y_mom', hypers='lr mom sqr_mom eps wd')
@@ -93,7 +94,7 @@ schedule_free_adam_step.defaults = dict(eps=1e-8)
 @contract(writes='z y_mom', hypers='lr mom wd')
 def schedule_free_sgd_step(grp, lr, mom, wd, ckp1, **_):
     "Schedule-Free SGD's step: the gradient plus `wd·y` moves `z` and `y`."
-    _sf_update(grp, _plus_wd(grp, [g.clone() for g in grp.grads], wd), lr, mom, ckp1)
+    _sf_update(grp, _plus_wd(grp, grp.grads, wd), lr, mom, ckp1)   # the grads are read, not written
 
 # %% ../nbs/01b_lr_free.ipynb #c009
 class ScheduleFreeOptimizer(Optimizer):
@@ -429,7 +430,7 @@ class ScheduleFreeCallback(Callback):
         self.bn_batches = check_int('bn_batches', bn_batches, 0)
     def _modal(self): return hasattr(self.learn.opt, 'train_mode')
     def before_fit(self):
-        if isinstance(self.learn.opt, ProdigyOptimizer):
+        if isinstance(self.learn.opt, ProdigyOptimizer) and not hasattr(self.learn, 'lr_finder'):   # a finder sweeps the lr itself
             from fastai.basics import defaults
             if max(g['lr'] for g in self.learn.opt.param_groups) == getattr(defaults, 'lr', None):
                 warnings.warn(f"Prodigy runs at lr={defaults.lr} (fastai's default): its lr multiplies the estimated step d "

@@ -124,6 +124,13 @@ def test_schedule_free_state_dict_round_trips_in_either_mode(mode, tmp_path):
     new.train(); _run(new, qs, 6, 6)
     _same(qs, ps, rtol=1e-12, atol=1e-14)
 
+def test_schedule_free_weight_decay_skips_do_wd_false():
+    "fastai marks biases and norm params `do_wd=False`: they step as the reference steps them without weight decay."
+    ps, qs, rs = _params(), _params(), _params()
+    ours = ScheduleFreeAdamW(ps, lr=0.05, weight_decay=0.1); ours.state[ps[1]]['do_wd'] = False
+    ref = schedulefree.AdamWScheduleFree([dict(params=[qs[0], qs[2]]), dict(params=[qs[1]], weight_decay=0.)], lr=0.05, weight_decay=0.1)
+    ours.train(); ref.train(); _run(ours, ps); _run(ref, qs); _same(ps, qs)
+
 # ------------------------------------------------------------------------------------------------ Prodigy
 PRODIGY_CASES = [dict(), dict(use_bias_correction=True), dict(safeguard_warmup=True), dict(weight_decay=0.1),
                  dict(weight_decay=0.1, decouple=False), dict(slice_p=3), dict(betas=(0.0, 0.99)), dict(beta3=0.9, d_coef=2.0),
@@ -359,6 +366,9 @@ def test_learner_prodigy(make_learner):
     _fit(learn, 'fit', 1, slice(0.1, 1.0))
     assert len({g['d'] for g in learn.opt.param_groups}) == 1 and learn.opt.d > 1e-4
     with pytest.warns(UserWarning, match='lr=0.001'): make_learner(opt_func=Prodigy).fit(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)
+        make_learner(opt_func=Prodigy).lr_find(show_plot=False, num_it=20)   # the finder sweeps lr: no warning
 
 def test_recalibrate_bn_is_the_exact_average():
     torch.manual_seed(0)
