@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import check_range, check_int
-from .optimizer import (Optimizer, contract, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
+from .optimizer import (Optimizer, DTensor, contract, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
                                 l2_reg, _pick, _device_dtype_groups, _group_view)
 
 # %% auto #0
@@ -241,6 +241,9 @@ class ProdigyOptimizer(Optimizer):
         cbs = [prodigy_stats, partial(prodigy_step, decouple=self.decouple)]
         if not self.decouple: cbs.insert(0, l2_reg)
         super().__init__(params, cbs, fused=False, compiled=False, **defaults)
+        if any(isinstance(p, DTensor) for g in self.param_groups for p in g['params']):
+            raise ValueError("Prodigy does not take sharded DTensor params (FSDP2) yet: its dot products would need the whole "
+                             "tensors; under ZeroRedundancyOptimizer pass fsdp_in_use=True")
         for g in self.param_groups: self._init_keys(g)
 
     def _init_keys(self, g):
@@ -424,7 +427,7 @@ def recalibrate_bn(model:torch.nn.Module, batches, n:int|None=None) -> int:
     return count
 
 class ScheduleFreeCallback(Callback):
-    "Schedule-Free's modes in a Learner: train mode (params `y`) for training, eval mode (params `x`) for validation and after fit."
+    "Schedule-Free's modes in a Learner: train mode (params `y`) for training, eval mode (params `x`) for validation and after fit (Prodigy: a check of its lr)."
     order = -5   # after TrainEvalCallback (-10), before anything that reads or saves the weights
     def __init__(self, bn_batches:int=0):   # BatchNorm statistics recomputed at x on this many training batches before validation
         self.bn_batches = check_int('bn_batches', bn_batches, 0)
