@@ -11,6 +11,7 @@ NAMES = list(w.optimizers())
 
 MODES = ['ddp', 'zero']
 
+@pytest.mark.slow   # about 45 s on the shared 2-core machine (starting the ranks is most of it): run with --slow
 def test_lr_free_optimizers_match_one_process(tmp_path):
     "Both modes in one spawn of the ranks (starting them is most of the time)."
     out = tmp_path / 'out'
