@@ -6,9 +6,10 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #c002
-from . import core, optimizer, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release
+from . import core, optimizer, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release
 from .core import *
 from .optimizer import *
+from .lr_free import *
 from .schedule import *
 from .lr_finder import *
 from .surfaces import *
@@ -20,4 +21,4 @@ from .precision import *
 from .release import *
 
 # every module's public names, so that `import *` brings them all
-__all__ = [n for m in (core, optimizer, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release) for n in m.__all__]
+__all__ = [n for m in (core, optimizer, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release) for n in m.__all__]

@@ -540,11 +540,11 @@ class Optimizer(torch.optim.Optimizer):
         if chain.compiled: chain.warmed(key, grp)   # the state it made: the compiled chain runs from the next step
         return True
 
-    def _step_group(self, i:int, g:dict, params:list[Tensor]):
+    def _step_group(self, i:int, g:dict, params:list[Tensor], hyper:dict|None=None):
         "Step `params` of group `i` that have a gradient: the fused kernel on those it computes correctly, the chain on the rest."
         ps = [p for p in params if p.grad is not None]
         if not ps: return
-        chain, hyper = self.chain_of(g), self._group_hypers(g)
+        chain, hyper = self.chain_of(g), self._group_hypers(g) if hyper is None else hyper
         if any(p.grad.is_sparse for p in ps): raise ValueError("fastopts optimizers do not support sparse gradients")
         for idx in _device_dtype_groups(ps) or [None]:
             sub = _pick(ps, idx)

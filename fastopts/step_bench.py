@@ -12,6 +12,7 @@ import numpy as np, torch
 import fastai.optimizer as fai
 from fastcore.foundation import L
 from . import optimizer as fo
+from . import lr_free as lf
 from .core import check_choice, check_int
 
 # %% auto #0
@@ -134,11 +135,46 @@ def _rules() -> dict:
                           torch=lambda lr: _torch_lookahead(lr=lr, **adam),
                           fastai=lambda lr: lambda ps: fai.Lookahead(fai.RAdam(ps, lr, mom=MOM, sqr_mom=SQR_MOM, eps=EPS, beta=0.), **LOOKAHEAD),
                           unchecked={'fastai': _RADAM_EPS}),
+        # the schedule-free and lr-free optimizers against their reference packages (the `bench` extra)
+        'sf_adamw': dict(lr=1e-3, fastopts=lambda ps, lr, **kw: lf.ScheduleFreeAdamW(ps, lr, mom=MOM, sqr_mom=SQR_MOM, eps=EPS, **kw).train(),
+                         torch=lambda lr: _reference('schedulefree', 'AdamWScheduleFree', keep_grads=True, lr=lr, betas=(MOM, SQR_MOM), eps=EPS),
+                         fastai=None),
+        'sf_sgd': dict(lr=1e-2, fastopts=lambda ps, lr, **kw: lf.ScheduleFreeSGD(ps, lr, mom=MOM, **kw).train(),
+                       torch=lambda lr: _reference('schedulefree', 'SGDScheduleFree', lr=lr, momentum=MOM), fastai=None),
+        'prodigy': dict(lr=1., fastopts=partial(lf.Prodigy, mom=MOM, sqr_mom=SQR_MOM, eps=EPS),
+                        torch=lambda lr: _reference('prodigyopt', 'Prodigy', lr=lr, betas=(MOM, SQR_MOM), eps=EPS), fastai=None),
+        'adopt': dict(lr=1e-3, fastopts=partial(lf.ADOPT, mom=MOM, sqr_mom=0.9999, eps=1e-6),
+                      torch=lambda lr: _reference('adopt', 'ADOPT', lr=lr, betas=(MOM, 0.9999), eps=1e-6), fastai=None),
+        'ademamix': dict(lr=1e-3, fastopts=partial(lf.AdEMAMix, mom=MOM, sqr_mom=SQR_MOM, eps=EPS), torch=lambda lr: {}, fastai=None,
+                         unchecked={n: "no AdEMAMix package: tests/test_lr_free.py checks it against the paper's update"
+                                    for n in ('fastopts', 'fastopts fused=False')}),
     }
 
-RULES = ('sgd', 'momentum', 'rmsprop', 'adam', 'adamw', 'radam', 'lamb', 'lion', 'lookahead')
+def _reference(module:str, cls:str, keep_grads:bool=False, **kw) -> dict:
+    """The reference package's optimizer (in train mode, for Schedule-Free) as the contender `reference (module)`; {} if
+    not installed. `keep_grads`: its step divides `p.grad` in place (schedulefree's AdamW), and the benchmark reuses the
+    gradients: they are put back after each step, inside the timed step (two copies of the gradients: slower)."""
+    try: make = getattr(__import__(module), cls)
+    except ImportError: return {}
+    def build(ps):
+        o = make(ps, **kw)
+        if hasattr(o, 'train'): o.train()
+        if keep_grads:
+            inner = o.step
+            def step(closure=None):
+                gs = [p.grad.clone() for p in ps]
+                loss = inner(closure)
+                torch._foreach_copy_([p.grad for p in ps], gs)
+                return loss
+            o.step = step
+        return o
+    return {f'reference ({module})': build}
+
+RULES = ('sgd', 'momentum', 'rmsprop', 'adam', 'adamw', 'radam', 'lamb', 'lion', 'lookahead',
+         'sf_adamw', 'sf_sgd', 'prodigy', 'adopt', 'ademamix')
 RULE_NAMES = dict(sgd='SGD(mom=0.9)', momentum='Momentum', rmsprop='RMSProp', adam='Adam', adamw='AdamW',
-                  radam='RAdam', lamb='Lamb', lion='Lion', lookahead='Lookahead(RAdam)')
+                  radam='RAdam', lamb='Lamb', lion='Lion', lookahead='Lookahead(RAdam)', sf_adamw='ScheduleFreeAdamW',
+                  sf_sgd='ScheduleFreeSGD', prodigy='Prodigy', adopt='ADOPT', ademamix='AdEMAMix')
 FASTOPTS_VARIANTS = {'fastopts': {}, 'fastopts fused=False': dict(fused=False), 'fastopts compiled': dict(compiled=True)}
 COLUMNS = (*FASTOPTS_VARIANTS, 'torch (for-loop)', 'torch (foreach)', 'torch (fused)', 'fastai')
 
@@ -241,7 +277,8 @@ def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names
         rows[name].update(us_per_step=float(np.median(times[name])) * 1e6,
                           state_bytes_per_param=state_bytes(o, params[name]) / nparams)
     # correctness: every contender must have moved its params where the reference moved them (after `steps` steps)
-    check_ref = next((c for c in ('torch (for-loop)', 'torch (foreach)', 'torch (fused)', 'fastai') if c in opts), None)
+    refs = [c for c in opts if c.startswith('reference (')]   # a reference package, where torch has no such rule
+    check_ref = next((c for c in ('torch (for-loop)', 'torch (foreach)', 'torch (fused)', 'fastai', *refs) if c in opts), None)
     if 'expected' in spec: ref = [spec['expected'](q, g, scales, lr) for q, g in zip(p0, grads)]
     elif check_ref is not None: ref = [p.detach() for p in params[check_ref]]
     else: ref = None
@@ -252,7 +289,7 @@ def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names
         if name == check_ref and 'expected' not in spec: r['check'] = 'reference'; continue
         r['err'] = _displacement_error(params[name], ref, p0)
         r['check'] = 'ok' if r['err'] <= tol else 'WRONG'
-    time_ref = next((c for c in ('torch (fused)', 'torch (foreach)', 'torch (for-loop)', 'fastai', 'fastopts') if c in opts), None)
+    time_ref = next((c for c in ('torch (fused)', 'torch (foreach)', 'torch (for-loop)', 'fastai', *refs, 'fastopts') if c in opts), None)
     if time_ref is None: time_ref = next(iter(opts))
     for r in rows.values():
         r['reference'] = time_ref
