@@ -65,3 +65,30 @@ def test_step_gate_compiled_contender_passes():
     c = r['fastopts compiled']
     if ' failed: ' in c['note']: pytest.skip(c['note'])
     assert c['check'] == 'ok' and c['err64'] <= 1e-12, c
+
+# ---------------------------------------------------------------------------------------------- fastopts bench epoch
+import fastopts.epoch_bench as eb
+
+def test_epoch_gate_rejects_wrong_beta2_and_eps():
+    """A wrong beta2 or eps ends within 1e-4 of the reference's validation loss (7.2e-5, 6.8e-6: the old check, passed)
+    but ~1e-2 away in weights; honest contenders agree to ~2e-6."""
+    wrong = {'sqr_mom 0.99': partial(fo.Adam, sqr_mom=0.99), 'eps 1e-6': partial(fo.Adam, eps=1e-6)}
+    res = eb.epoch_benchmark(epochs=1, warmup=1, channels=(8, 16), bs=128, contenders={**wrong, **eb.epoch_contenders()})
+    ref = res['torch Adam fused (OptimWrapper)']
+    assert ref['check'] == 'reference'
+    for name in wrong:
+        assert abs(res[name]['valid_loss'] - ref['valid_loss']) <= 1e-4 * ref['valid_loss'], res[name]   # old check
+        assert res[name]['weights_err'] > 1e-3 and res[name]['check'] == 'WRONG', res[name]
+    for name in ('fastopts Adam', 'fastai Adam'):
+        assert res[name]['weights_err'] <= 1e-5 and res[name]['check'] == 'ok', res[name]
+    assert eb.format_epoch_table(res).count('✗WRONG') == 2
+
+def test_epoch_command_exits_1_on_disagreement(monkeypatch, tmp_path):
+    "`fastopts bench epoch` ends with SystemExit(message) (exit status 1) naming the contender whose weights differ."
+    from fastopts.cli import main
+    monkeypatch.setattr(eb, 'epoch_contenders', lambda: {'eps 1e-6': partial(fo.Adam, eps=1e-6), 'fastopts Adam': partial(fo.Adam)})
+    with pytest.raises(SystemExit) as e: main(['bench', 'epoch', '--epochs', '1', '--warmup', '0', '--channels', '4', '8', '--out', str(tmp_path)])
+    assert isinstance(e.value.code, str) and 'final weights differ' in e.value.code and 'eps 1e-6 (error' in e.value.code
+    assert (tmp_path/'epoch_bench.md').exists()   # the table is written first: it shows the disagreement
+    monkeypatch.setattr(eb, 'epoch_contenders', lambda: {'fastopts Adam': partial(fo.Adam, fused=False), 'ref': partial(fo.Adam)})
+    assert main(['bench', 'epoch', '--epochs', '1', '--warmup', '0', '--channels', '4', '8', '--out', str(tmp_path)]) == 0
