@@ -17,7 +17,8 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from matplotlib.figure import Figure
 from .core import check_int
-from .optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+from .optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion
+from .lookahead import Lookahead
 from .data import sklearn_dls, dls_mlp
 
 # %% auto #0

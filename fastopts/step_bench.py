@@ -12,6 +12,7 @@ import numpy as np, torch
 import fastai.optimizer as fai
 from fastcore.foundation import L
 from . import optimizer as fo
+from .lookahead import Lookahead
 from . import lr_free as lf
 from .core import check_choice, check_int
 
@@ -87,7 +88,7 @@ def _torch_lookahead(**kw) -> dict:
     return {name: lambda ps, make=make: fai.Lookahead(fai.OptimWrapper(ps, make), **LOOKAHEAD)
             for name, make in _torch(torch.optim.RAdam, **kw).items()}
 
-def _fastopts_lookahead(ps, lr, **kw): return fo.Lookahead(fo.RAdam(ps, lr, mom=MOM, sqr_mom=SQR_MOM, eps=EPS, **kw), **LOOKAHEAD)
+def _fastopts_lookahead(ps, lr, **kw): return Lookahead(fo.RAdam(ps, lr, mom=MOM, sqr_mom=SQR_MOM, eps=EPS, **kw), **LOOKAHEAD)
 
 def _lion_sign_sum(scales, b1, b2) -> float:
     "Sum of Lion's update signs when the gradient at step t is `scales[t]*g`: its momentum stays a multiple `a*g` of g."

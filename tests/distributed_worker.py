@@ -29,7 +29,8 @@ def loss_fn(m, x, y): return torch.nn.functional.cross_entropy(m(x), y)
 
 def optimizers():
     "name -> opt_func(params): every fastopts optimizer (one hyper set each)."
-    from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+    from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion
+    from fastopts.lookahead import Lookahead
     return {'sgd_mom': lambda ps: SGD(ps, lr=0.1, mom=0.9), 'momentum': lambda ps: Momentum(ps, lr=0.1),
             'rmsprop': lambda ps: RMSProp(ps, lr=1e-2, mom=0.5), 'adam': lambda ps: Adam(ps, lr=1e-2),
             'adamw': lambda ps: AdamW(ps, lr=1e-2, wd=0.1), 'radam': lambda ps: RAdam(ps, lr=1e-2),

@@ -40,7 +40,8 @@ def mixed_precision_fit():
     from fastai.callback.fp16 import MixedPrecision
     from fastai.metrics import accuracy
     from fastai.torch_core import set_seed
-    from fastopts.optimizer import Adam, SGD, Lookahead, RAdam
+    from fastopts.optimizer import Adam, SGD, RAdam
+    from fastopts.lookahead import Lookahead
     from fastopts.data import sklearn_dls, dls_mlp
     for name, of, lr in [('Adam', Adam, 1e-2), ('SGD(mom=0.9)', partial(SGD, mom=0.9), 0.1),
                          ('Lookahead(RAdam)', lambda ps, lr: Lookahead(RAdam(ps, lr)), 3e-2)]:

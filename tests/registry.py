@@ -8,7 +8,8 @@ steps complex params of this rule, 'real' when the reference is the same params 
 from dataclasses import dataclass, field
 from functools import partial
 import torch
-from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion
+from fastopts.lookahead import Lookahead
 
 @dataclass
 class OptSpec:

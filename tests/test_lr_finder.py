@@ -8,6 +8,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.optimizer import Adam as FastaiAdam
 from fastai.torch_core import even_mults
 import fastopts.optimizer as fo
+from fastopts.lookahead import Lookahead
 from fastopts.data import sklearn_dls, dls_mlp
 from fastopts.lr_finder import LRFinder, LearnerState, sugg_half_min
 from fastopts.lr_sweep import _as_lr
@@ -91,7 +92,7 @@ def test_linear_mode_lrs():
     res = learn.find_lr(start_lr=1e-3, end_lr=1e-1, num_it=12, mode='linear', stop_div=False, show_plot=False)
     np.testing.assert_allclose(res.lrs, np.linspace(1e-3, 1e-1, 12))
 
-@pytest.mark.parametrize('opt_func', [partial(fo.SGD, mom=0.9), lambda ps, lr: fo.Lookahead(fo.RAdam(ps, lr)), FastaiAdam],
+@pytest.mark.parametrize('opt_func', [partial(fo.SGD, mom=0.9), lambda ps, lr: Lookahead(fo.RAdam(ps, lr)), FastaiAdam],
                          ids=['sgd', 'lookahead', 'fastai_adam'])
 def test_find_lr_then_fit_one_cycle_is_bit_identical(opt_func):
     "With trials (`epochs`) too, on a warm optimizer: `find_lr(); fit_one_cycle()` == `fit_one_cycle()`."

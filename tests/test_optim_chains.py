@@ -8,8 +8,9 @@ import copy, io, pickle
 from functools import partial
 import pytest, torch
 from torch.testing import assert_close
-from fastopts.optimizer import (Optimizer, Adam, SGD, Momentum, Lamb, Lion, Lookahead, average_grad, average_sqr_grad,
+from fastopts.optimizer import (Optimizer, Adam, SGD, Momentum, Lamb, Lion, average_grad, average_sqr_grad,
                                 step_stat, adam_step, momentum_step, weight_decay, l2_reg)
+from fastopts.lookahead import Lookahead
 from registry import OPTIMIZERS, ids, seeded_params
 
 ADAMW = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, adam_step]

@@ -9,9 +9,10 @@ from functools import partial
 from torch.testing import assert_close
 import fastai.optimizer as fo
 from registry import OPTIMIZERS, DOCUMENTED_DEFAULTS
-from fastopts.optimizer import (Optimizer, SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead,
+from fastopts.optimizer import (Optimizer, SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion,
                                 average_grad, average_sqr_grad, step_stat, sgd_step, momentum_step, rms_prop_step,
                                 adam_step, weight_decay, l2_reg)
+from fastopts.lookahead import Lookahead
 
 SHAPES = [(4, 3), (5,), (2, 2, 3)]
 

@@ -117,7 +117,8 @@ def test_zero_momentum_falls_back(kernel_calls):
 
 def test_device_without_fused_kernel_falls_back(monkeypatch, kernel_calls):
     "A device torch has no fused kernel for (simulated by emptying the supported set) runs the callbacks."
-    monkeypatch.setattr(fo, '_FUSED_DEVICES', set())
+    import fastopts.fused as ff   # where the kernels look it up
+    monkeypatch.setattr(ff, '_FUSED_DEVICES', set())
     a, _ = run(lambda gs: Adam(gs, lr=1e-2), torch.float64)
     assert kernel_calls == {}
     b, _ = run(lambda gs: Adam(gs, lr=1e-2, fused=False), torch.float64)

@@ -20,7 +20,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import params, norm_bias_params
 from fastopts.data import sklearn_dls, dls_mlp
-from fastopts.optimizer import Optimizer, SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+from fastopts.optimizer import Optimizer, SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion
+from fastopts.lookahead import Lookahead
 
 def seeded_dls(name, **kw):
     """fastai's DataLoader draws its shuffling RNG from `random` when it is made: seed it, so each test is repeatable.

@@ -9,7 +9,8 @@ those the kernel computes correctly, still take it.
 """
 import pytest, torch
 from registry import FUSED, BY_NAME, ids
-from fastopts.optimizer import kernel_layout, Lookahead
+from fastopts.optimizer import kernel_layout
+from fastopts.lookahead import Lookahead
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 

@@ -10,7 +10,8 @@ import pytest, torch
 from functools import partial
 from torch.testing import assert_close
 import fastai.optimizer as fo
-from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion
+from fastopts.lookahead import Lookahead
 from registry import seeded_params
 
 SHAPES = [(5, 3), (7,), (2, 3, 4), (4,), (3, 3), (6,)]
@@ -297,8 +298,9 @@ def test_lamb_f64_equals_fastai():
 def test_lamb_f64_gate_rejects_a_float32_trust_ratio(monkeypatch):
     "The gate above can fail: norms upcast with `.float()` (the bug it was written for) put Lamb 6.8e-8 away."
     import fastopts.optimizer as fopt
-    full_norms = fopt._full_norms
-    monkeypatch.setattr(fopt, '_full_norms', lambda xs: full_norms(xs).float())
+    import fastopts.callbacks as fcb   # where lamb_step finds it
+    full_norms = fcb._full_norms
+    monkeypatch.setattr(fcb, '_full_norms', lambda xs: full_norms(xs).float())
     assert lamb_f64_gap() > 1e-12
     # and the 200-step reference test's float64 tolerance rejects it too
     fn, kw, hps, ref = CASES['lamb_wd']

@@ -6,7 +6,8 @@ import io, math
 from functools import partial
 import pytest, torch
 from torch.testing import assert_close
-from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion
+from fastopts.lookahead import Lookahead
 from registry import OPTIMIZERS, WITH_TORCH, CHECKPOINT, BY_NAME, ids
 
 def model(seed=0, dtype=torch.float64):

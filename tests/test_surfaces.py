@@ -2,7 +2,8 @@
 from functools import partial
 import numpy as np, pytest, torch
 from fastopts.surfaces import SURFACES, Surface, bowl, rosenbrock, beale, himmelblau, saddle, trajectory
-from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion, Lookahead
+from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion
+from fastopts.lookahead import Lookahead
 
 MINIMA = [(s, m) for s in SURFACES.values() for m in s.minima]
 
