@@ -234,6 +234,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastopts.matrix._per_tensor_list': ('matrix.html#_per_tensor_list', 'fastopts/matrix.py'),
                                  'fastopts.matrix._pop_flag': ('matrix.html#_pop_flag', 'fastopts/matrix.py'),
                                  'fastopts.matrix._refuse_complex': ('matrix.html#_refuse_complex', 'fastopts/matrix.py'),
+                                 'fastopts.matrix._refuse_shards': ('matrix.html#_refuse_shards', 'fastopts/matrix.py'),
                                  'fastopts.matrix._rotate': ('matrix.html#_rotate', 'fastopts/matrix.py'),
                                  'fastopts.matrix._soap_factors': ('matrix.html#_soap_factors', 'fastopts/matrix.py'),
                                  'fastopts.matrix._soap_refresh': ('matrix.html#_soap_refresh', 'fastopts/matrix.py'),

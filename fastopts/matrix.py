@@ -52,6 +52,14 @@ def _refuse_complex(groups, names, rule):
         for j, x in enumerate(g['params']):
             if _tensor(x).is_complex(): raise ValueError(f"{rule} does not take complex parameters, got {_param_label(_tensor(x), names, i, j)}")
 
+def _refuse_shards(groups, names, why):
+    "A `ValueError` naming the first FSDP2 shard (DTensor) among the params."
+    for i, g in enumerate(groups):
+        for j, x in enumerate(g['params']):
+            if isinstance(_tensor(x), DTensor):
+                raise ValueError(f"{why}, but {_param_label(_tensor(x), names, i, j)} is an FSDP2 shard (DTensor): use DDP or "
+                                 "ZeroRedundancyOptimizer, or Muon (which gathers each matrix)")
+
 def _pop_flag(groups:list[dict], name:str, value, rule:str):
     "A rule flag that torch allows per group (`nesterov`, `maximize`): every group must agree with the factory's, since it picks the chain."
     for i, g in enumerate(groups):
@@ -384,6 +392,7 @@ def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=0.0
     "Adafactor as torch.optim.Adafactor (its keywords and defaults; `eps` is the pair `(eps1, eps2)`, `eps1=None` the dtype's epsilon)."
     groups, names = _named_groups(params)
     _refuse_complex(groups, names, 'Adafactor')
+    _refuse_shards(groups, names, "Adafactor's column statistics need whole weights")
     check_range('lr', lr, 0); check_range('beta2_decay', beta2_decay, hi=0); check_range('d', d, 1); check_range('wd', wd, 0)
     eps1, eps2 = _eps_pair(eps)
     if foreach not in (None, True, False): raise ValueError(f"`foreach` must be None, True or False, got {foreach!r}")
@@ -409,11 +418,7 @@ def SOAP(params, lr=3e-3, mom=0.95, sqr_mom=0.95, shampoo_beta=-1, eps=1e-8, wd=
     "SOAP (Vyas et al. 2024) with the keywords and defaults of the authors' `soap.py` (`betas=(mom, sqr_mom)`, `weight_decay=wd`)."
     groups, names = _named_groups(params)
     _refuse_complex(groups, names, 'SOAP')
-    for i, g in enumerate(groups):
-        for j, x in enumerate(g['params']):
-            if isinstance(_tensor(x), DTensor):
-                raise ValueError(f"SOAP needs whole weights for its eigenbases, but {_param_label(_tensor(x), names, i, j)} is an "
-                                 "FSDP2 shard (DTensor): use DDP or ZeroRedundancyOptimizer, or Muon (which gathers)")
+    _refuse_shards(groups, names, 'SOAP needs whole weights for its eigenbases')
     check_range('lr', lr, 0); check_range('mom', mom, 0, 1, hi_open=True); check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True)
     check_range('shampoo_beta', shampoo_beta, hi=1); check_range('eps', eps, 0, lo_open=True); check_range('wd', wd, 0)
     check_int('precondition_frequency', precondition_frequency, 1); check_int('max_precond_dim', max_precond_dim, 1)
