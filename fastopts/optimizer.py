@@ -17,12 +17,12 @@ from .core import as_float, check_range, check_int, per_group
 
 # %% auto #0
 __all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers',
-           'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView', 'Optimizer',
-           'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step',
-           'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'fused_adam',
-           'fused_sgd', 'fused_rmsprop', 'split_wd', 'fast_path', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam',
-           'AdamW', 'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict', 'to_torch_state_dict', 'TorchGroup',
-           'Lookahead']
+           'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView', 'Chain',
+           'Optimizer', 'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step',
+           'momentum_step', 'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step',
+           'kernel_layout', 'fused_adam', 'fused_sgd', 'fused_rmsprop', 'split_wd', 'fast_path', 'torch_names', 'SGD',
+           'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict',
+           'to_torch_state_dict', 'TorchGroup', 'Lookahead']
 
 # %% ../nbs/01_optimizer.ipynb #c005
 class ParamGroupView:
@@ -227,12 +227,78 @@ class HyperView(MutableMapping):
     def __len__(self): return sum(1 for _ in self)
     def __repr__(self): return repr(dict(self))
 
+# %% ../nbs/01_optimizer.ipynb #84fbf92f
+class Chain:
+    "A list of callbacks and what a step derives from it: its hypers, roles, fused kernel and compiled code."
+    def __init__(self,
+        cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order
+        fused:bool|None=None, # None: the fused kernel where one computes the chain; False: the callbacks; True: insist
+        compiled:dict|None=None # `torch.compile` keywords (None: run the callbacks eagerly)
+    ):
+        self.cbs = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
+        self.fused, self.compiled = fused, compiled or None
+        self.refresh()
+
+    def refresh(self):
+        "Check the chain and derive what the step needs from it (again, when someone changed `cbs`)."
+        check_chain(self.cbs)
+        self.live = frozenset(h for cb in self.cbs for h in cb_hypers(cb))
+        self.roles = tuple(cb_role(cb) for cb in self.cbs)
+        fast = None if (self.fused is False or self.compiled) else fast_path(self.roles)
+        if self.fused and fast is None:
+            raise ValueError(f"`fused=True`, but no fused kernel computes the chain {self.names}")
+        self.fast, self._key = fast, tuple(self.cbs)
+        self._compiled_fns, self._warm = {}, {}   # a new chain: compile afresh
+        self.defaults = {}
+        for cb in self.cbs: self.defaults.update(_cb_defaults(cb))
+
+    def changed(self) -> bool:
+        "Whether `cbs` was changed since the chain was checked (then it is checked again)."
+        if tuple(self.cbs) == self._key: return False
+        self.refresh()
+        return True
+
+    @property
+    def names(self) -> list[str]: return [cb_name(c) for c in self.cbs]
+
+    def run(self, grp, hyper:dict):
+        "The callbacks, in order, on the whole (sub-)group."
+        for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
+
+    def run_compiled(self, key:tuple, grp, hyper:dict) -> bool:
+        "The compiled chain on sub-group `grp` (`key`: group index, device, dtype); False while its state is not made yet."
+        keys = self._warm.get(key)
+        if keys is None or not all(keys <= s.keys() for s in grp.states): return False
+        fn = self._compiled_fns.get(key)
+        if fn is None: fn = self._compiled_fns[key] = torch.compile(_fresh_copy(_chain_update), **self.compiled)
+        try: fn(tuple(self.cbs), grp.params, grp.grads, grp.states, grp._orig, _hyper_tensors(hyper, key[1]))
+        except torch._dynamo.exc.TorchDynamoException as e:
+            raise RuntimeError(f"`compiled`: torch.compile failed on the chain {self.names}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0]}. Pass compiled=False to run the callbacks (compiled, a callback gets its "
+                               f"hypers as 0-d tensors)") from e
+        return True
+
+    def warmed(self, key:tuple, grp):
+        "Remember the state the callbacks made for `key`: from then on the compiled chain runs."
+        self._warm[key] = frozenset.intersection(*map(frozenset, grp.states))
+
+    def __getstate__(self): return {**self.__dict__, '_compiled_fns': {}}   # compiled code is rebuilt, not pickled
+    def __repr__(self): return f"Chain([{', '.join(self.names)}], fused={bool(self.fast)}, compiled={bool(self.compiled)})"
+
+
 # %% ../nbs/01_optimizer.ipynb #c020
+def _rule_flag(roles:tuple, name:str) -> bool|None:
+    "What a chain with `roles` says to torch's rule keyword `name` (`nesterov`, `decoupled_weight_decay`), None if nothing."
+    if name == 'nesterov': return 'nesterov' in roles
+    return {'wd': True, 'l2': False}.get(split_wd(roles)[0])
+
 def _is_named(x) -> bool: return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
 
 def _to_groups(params) -> list[dict]:
     "Group dicts from a tensor, a flat iterable of tensors or `(name, tensor)` pairs, fastai's list of lists, or group dicts."
     if isinstance(params, Tensor): params = [params]
+    if isinstance(params, (str, bytes, dict)) or not hasattr(params, '__iter__'):
+        raise TypeError(f"`params` must be an iterable of tensors, `(name, tensor)` pairs or group dicts, got {type(params).__name__} {reprlib.repr(params)}")
     params = list(params)
     if not params: raise ValueError("`params` is empty: the optimizer got no parameters")
     if isinstance(params[0], dict): return [dict(g) for g in params]
@@ -268,57 +334,62 @@ class Optimizer(torch.optim.Optimizer):
     _keep_on_clear = ('force_train', 'do_wd')
     def __init__(self,
         params, # tensors, `(name, tensor)` pairs, fastai's list of lists of tensors, or torch-style group dicts
-        cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order
+        cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order; or `{label: callbacks}`, a chain per label
         fused:bool|None=None, # None: a fused kernel where one computes the chain; False: always the callbacks; True: insist
         compiled:bool|dict=False, # True (or `torch.compile` keywords): run the chain compiled, hypers as tensors
         **defaults # hyper-parameters for every group (overrides the callbacks' `.defaults`); torch's names too
     ):
-        self.cbs, self.fused, self._chain_key = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs], _check_fused(fused), None
-        self.compiled, self._compiled_fns, self._warm = _check_compiled(compiled, fused), {}, {}
-        self._check_chain()
+        self.fused, self.compiled = _check_fused(fused), _check_compiled(compiled, fused)
+        self._multi = isinstance(cbs, dict)
+        if self._multi and not cbs: raise ValueError("`cbs` is an empty dict: give at least one chain `{label: callbacks}`")
+        self.chains = {str(k): Chain(v, self.fused, self.compiled) for k, v in (cbs.items() if self._multi else [('default', cbs)])}
+        self._first = next(iter(self.chains))
         merged = {}
-        for cb in self.cbs: merged.update(_cb_defaults(cb))
+        for c in self.chains.values(): merged.update(c.defaults)
         merged.update(defaults)
         if 'train_bn' in merged:
             merged.pop('train_bn')
             warnings.warn("`train_bn` has no effect on an Optimizer: set it on the Learner")
         merged = self._normalize(merged)
         for k, v in merged.items(): dict.__setitem__(merged, k, check_hyper(k, v))
+        self._given = {k: merged[k] for k in self._normalize(defaults)} if self._multi else {}   # beat each chain's defaults
         self._hyper_names = set(merged)
         self.frozen_idx = 0
         super().__init__(_to_groups(params), merged)
 
-    def _check_chain(self):
-        "Check the callback chain and derive what the step needs from it: live hypers, roles, the fast path."
-        check_chain(self.cbs)
-        self._live = frozenset(h for cb in self.cbs for h in cb_hypers(cb))
-        self._roles = tuple(cb_role(cb) for cb in self.cbs)
-        fast = None if (self.fused is False or self.compiled) else fast_path(self._roles)
-        if self.fused and fast is None:
-            raise ValueError(f"`fused=True`, but no fused kernel computes the chain {[cb_name(c) for c in self.cbs]}")
-        self._fast, self._chain_key = fast, tuple(self.cbs)
-        self._compiled_fns, self._warm = {}, {}   # a new chain: compile afresh
-        for g in getattr(self, 'param_groups', ()):
-            if isinstance(g, HyperDict): g.live = self._live
+    def chain_of(self, g:dict) -> Chain:
+        "The chain that param group `g` runs."
+        return self.chains[g.get('chain', self._first)]
 
-    def _normalize(self, d:dict) -> HyperDict:
-        "A group (or defaults) dict with torch's names mapped to fastai's and torch's rule keywords checked against the chain."
-        d = dict(d)
-        wd_role = split_wd(self._roles)[0]
-        rule = dict(nesterov='nesterov' in self._roles, decoupled_weight_decay={'wd': True, 'l2': False}.get(wd_role))
-        for k, want in rule.items():
-            if k in d and want is not None and bool(d[k]) != want:
-                raise ValueError(f"`{k}={d[k]!r}`, but this optimizer's chain has {k}={want}: build it with the rule you want")
-            d.pop(k, None)
+    def _normalize(self, d:dict, chain:Chain|None=None) -> HyperDict:
+        "A group (or defaults) dict with torch's names mapped to fastai's and torch's rule keywords checked against the chain (every chain for defaults)."
+        d, chains = dict(d), [chain] if chain is not None else list(self.chains.values())
+        for k in ('nesterov', 'decoupled_weight_decay'):
+            if k not in d: continue
+            for c in chains:
+                want = _rule_flag(c.roles, k)
+                if k not in c.live and want is not None and bool(d[k]) != want:
+                    raise ValueError(f"`{k}={d[k]!r}`, but this optimizer's chain {c.names} has {k}={want}: build it with the rule you want")
+            if not any(k in c.live for c in chains): d.pop(k)   # a rule flag, not a hyper the chain reads (Muon's `nesterov` is)
         if 'fused' in d:
             v = _check_fused(d.pop('fused'))
-            if v is not None and v != bool(self._fast):
-                raise ValueError(f"a param group asks for `fused={v}`, but this optimizer {'runs' if self._fast else 'has no'} fused kernels for its chain")
-        return HyperDict(d, self._live)
+            for c in chains:
+                if v is not None and v != bool(c.fast):
+                    raise ValueError(f"a param group asks for `fused={v}`, but its chain {c.names} {'runs' if c.fast else 'has no'} fused kernel")
+        return HyperDict(d, frozenset().union(*(c.live for c in chains)))
 
     def add_param_group(self, param_group:dict):
         "torch's `add_param_group`, with torch's names mapped and the group's own hypers checked first."
-        g = self._normalize(param_group)
+        label = param_group.get('chain', self._first)
+        if label not in self.chains:
+            raise ValueError(f"a param group asks for `chain={label!r}`, which is not one of this optimizer's chains {list(self.chains)}")
+        if 'layer' in param_group: check_int('layer', param_group['layer'], 0)
+        chain = self.chains[label]
+        g = self._normalize(param_group, chain)
+        if self._multi:
+            dict.__setitem__(g, 'chain', label)
+            for k, v in {**chain.defaults, **self._given}.items():   # this chain's own defaults, then the optimizer's keywords
+                if k not in g: dict.__setitem__(g, k, v)
         if self.compiled: _check_compilable(g['params'])
         for k in list(g):
             if k in self.defaults or k in HYPER_RANGES:
@@ -331,6 +402,33 @@ class Optimizer(torch.optim.Optimizer):
         known = [k for k in HYPER_RANGES if k in self._hyper_names]
         return known + [k for k in self.defaults if k in self._hyper_names and k not in HYPER_RANGES] + sorted(self._hyper_names - set(self.defaults) - set(known))
 
+    # -- the chains as one list (one chain) or a dict (several), and what the step derives from them ---------
+    @property
+    def cbs(self): return {k: c.cbs for k, c in self.chains.items()} if self._multi else self.chains[self._first].cbs
+    @cbs.setter
+    def cbs(self, cbs):
+        new = cbs if self._multi else {self._first: cbs}
+        if not isinstance(new, dict) or set(new) != set(self.chains):
+            raise ValueError(f"`cbs` must be {'a dict with the labels ' + str(list(self.chains)) if self._multi else 'a list of callbacks'}, got {cbs!r}")
+        for k, v in new.items(): self.chains[k] = Chain(v, self.fused, self.compiled)
+        self._relive()
+
+    def _relive(self):
+        "After a chain changed: the group dicts' live torch names follow their chains."
+        for g in getattr(self, 'param_groups', ()):
+            if isinstance(g, HyperDict): g.live = self.chain_of(g).live
+
+    def _chains_checked(self):
+        if any([c.changed() for c in self.chains.values()]): self._relive()   # someone changed `cbs` in place
+
+    def _main_chain(self) -> Chain:
+        self._chains_checked()
+        return self.chains[self._first]
+    _fast = property(lambda self: self._main_chain().fast)
+    _roles = property(lambda self: self._main_chain().roles)
+    _live = property(lambda self: frozenset().union(*(c.live for c in self.chains.values())))
+    _compiled_fns = property(lambda self: {k: f for c in self.chains.values() for k, f in c._compiled_fns.items()})
+
     # -- fastai's face --------------------------------------------------------------------------------------
     @property
     def hypers(self) -> list[HyperView]: return [HyperView(self, i) for i in range(len(self.param_groups))]
@@ -339,11 +437,18 @@ class Optimizer(torch.optim.Optimizer):
         for h, new in zip(self.hypers, hs):
             for k, v in new.items(): h[k] = v
 
+    def _layers(self) -> tuple[list[int], int]:
+        "Each group's layer (its `'layer'` key, else its index) as a rank among the layers, and the number of layers."
+        ls = [g.get('layer', i) for i, g in enumerate(self.param_groups)]
+        rank = {l: r for r, l in enumerate(sorted(set(ls)))}
+        return [rank[l] for l in ls], len(rank)
+
     def set_hyper(self, k:str, v):
-        "Set hyper `k` to `v`: a scalar, one value per group (list/array) or a `slice` spread over the groups."
-        vs = [check_hyper(k, x) for x in per_group(k, v, len(self.param_groups))]
+        "Set hyper `k` to `v`: a scalar, one value per layer group (list/array) or a `slice` spread over the layer groups."
+        layers, n = self._layers()
+        vs = [check_hyper(k, x) for x in per_group(k, v, n)]
         self._hyper_names.add(k)
-        for g, x in zip(self.param_groups, vs): g[k] = x
+        for g, l in zip(self.param_groups, layers): g[k] = vs[l]
 
     def set_hypers(self, **kwargs):
         "`set_hyper` for each keyword."
@@ -363,18 +468,19 @@ class Optimizer(torch.optim.Optimizer):
         return [o for o in res if o[0].grad is not None] if with_grad else res
 
     def freeze_to(self, n:int):
-        "Freeze the groups before `n` (their params keep training if their state says `force_train`)."
-        self.frozen_idx = n if n >= 0 else len(self.param_groups) + n
-        if self.frozen_idx >= len(self.param_groups):
-            warnings.warn(f"Freezing {self.frozen_idx} groups; model has {len(self.param_groups)}; whole model is frozen.")
-        for i, g in enumerate(self.param_groups):
+        "Freeze the layer groups before `n` (their params keep training if their state says `force_train`)."
+        layers, nl = self._layers()
+        self.frozen_idx = n if n >= 0 else nl + n
+        if self.frozen_idx >= nl:
+            warnings.warn(f"Freezing {self.frozen_idx} groups; model has {nl}; whole model is frozen.")
+        for l, g in zip(layers, self.param_groups):
             for p in g['params']:
-                p.requires_grad_(i >= self.frozen_idx or self.state.get(p, {}).get('force_train', False))
+                p.requires_grad_(l >= self.frozen_idx or self.state.get(p, {}).get('force_train', False))
 
     def freeze(self):
-        "Freeze every group but the last."
-        if len(self.param_groups) < 2:
-            raise ValueError(f"`freeze` needs at least 2 parameter groups, got {len(self.param_groups)}: pass a splitter")
+        "Freeze every layer group but the last."
+        if self._layers()[1] < 2:
+            raise ValueError(f"`freeze` needs at least 2 parameter groups, got {self._layers()[1]}: pass a splitter")
         self.freeze_to(-1)
 
     def unfreeze(self): self.freeze_to(0)
@@ -392,41 +498,49 @@ class Optimizer(torch.optim.Optimizer):
     def _group_hypers(self, g:dict) -> dict:
         return {k: check_hyper(k, g[k]) for k in self._hyper_names if k in g}
 
-    def _compiled_group(self, key:tuple, grp, hyper:dict) -> bool:
-        "Run the compiled chain on sub-group `grp` (`key`: group index, device, dtype); False while its state is not made yet."
-        keys = self._warm.get(key)
-        if keys is None or not all(keys <= s.keys() for s in grp.states): return False
-        fn = self._compiled_fns.get(key)
-        if fn is None: fn = self._compiled_fns[key] = torch.compile(_fresh_copy(_chain_update), **self.compiled)
-        try: fn(tuple(self.cbs), grp.params, grp.grads, grp.states, grp._orig, _hyper_tensors(hyper, key[1]))
-        except torch._dynamo.exc.TorchDynamoException as e:
-            raise RuntimeError(f"`compiled`: torch.compile failed on the chain {[cb_name(c) for c in self.cbs]}: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0]}. Pass compiled=False to run the callbacks (compiled, a callback gets its "
-                               f"hypers as 0-d tensors)") from e
+    def _run(self, ps:list[Tensor], fn) -> bool:
+        "`fn` on the `ParamGroupView` of `ps` (one device and dtype); its answer (False: it could not run here)."
+        return fn(_group_view(ps, [self.state[p] for p in ps]))
+
+    def _run_chain(self, chain:Chain, key:tuple, grp, hyper:dict) -> bool:
+        if chain.compiled and chain.run_compiled(key, grp, hyper): return True
+        chain.run(grp, hyper)
+        if chain.compiled: chain.warmed(key, grp)   # the state it made: the compiled chain runs from the next step
         return True
+
+    def _step_group(self, i:int, g:dict, params:list[Tensor]):
+        "Step `params` of group `i` that have a gradient: the fused kernel on those it computes correctly, the chain on the rest."
+        ps = [p for p in params if p.grad is not None]
+        if not ps: return
+        chain, hyper = self.chain_of(g), self._group_hypers(g)
+        if any(p.grad.is_sparse for p in ps): raise ValueError("fastopts optimizers do not support sparse gradients")
+        for idx in _device_dtype_groups(ps) or [None]:
+            sub = _pick(ps, idx)
+            if chain.fast is not None:
+                fit, rest = kernel_layout(sub, self.state)
+                if fit and self._run(fit, lambda grp: chain.fast(grp, **hyper)): sub = rest
+                if not sub: continue
+            key = (i, sub[0].device, sub[0].dtype)
+            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper))
 
     @torch.no_grad()
     def step(self, closure=None):
-        "Run the chain (or its fused kernel) on each param group that has gradients; return the closure's loss, if any."
+        "Run each param group's chain (or its fused kernel) on its params that have gradients; return the closure's loss, if any."
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
-        if tuple(self.cbs) != self._chain_key: self._check_chain()   # someone changed `cbs`
-        for i, g in enumerate(self.param_groups):
-            ps = [p for p in g['params'] if p.grad is not None]
-            if not ps: continue
-            hyper = self._group_hypers(g)
-            if any(p.grad.is_sparse for p in ps): raise ValueError("fastopts optimizers do not support sparse gradients")
-            for idx in _device_dtype_groups(ps) or [None]:
-                sub = _pick(ps, idx)
-                grp = _group_view(sub, [self.state[p] for p in sub])
-                if self._fast is not None and self._fast(grp, **hyper): continue
-                if self.compiled:
-                    key = (i, sub[0].device, sub[0].dtype)
-                    if self._compiled_group(key, grp, hyper): continue
-                for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
-                if self.compiled: self._warm[key] = frozenset.intersection(*map(frozenset, grp.states))   # the state it made
+        self._chains_checked()
+        for i, g in enumerate(self.param_groups): self._step_group(i, g, g['params'])
         return loss
+
+    @torch.no_grad()
+    def step_params(self, params):
+        "Step only `params` (each with its group's chain and hypers), outside torch's step hooks: for gradient release."
+        want = set(map(id, params))
+        self._chains_checked()
+        for i, g in enumerate(self.param_groups):
+            ps = [p for p in g['params'] if id(p) in want]
+            if ps: self._step_group(i, g, ps)
 
     # -- checkpoints: our own format, and torch.optim's -----------------------------------------------------
     def state_dict(self) -> dict:
@@ -437,7 +551,12 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict:dict):
         "torch's `load_state_dict`; a `torch.optim` state dict of the same rule (Adam, AdamW, SGD, RMSprop, RAdam) is translated first."
-        super().load_state_dict(from_torch_state_dict(self, state_dict))
+        sd = from_torch_state_dict(self, state_dict)
+        for i, (g, cur) in enumerate(zip(sd.get('param_groups', ()), self.param_groups)):
+            if g.get('chain', self._first) != cur.get('chain', self._first):
+                raise ValueError(f"param_groups[{i}] of the state dict runs chain {g.get('chain', self._first)!r}, this optimizer's group "
+                                 f"{i} runs {cur.get('chain', self._first)!r}: build the optimizer the checkpoint was saved from")
+        super().load_state_dict(sd)
 
     def torch_state_dict(self) -> dict:
         "This optimizer's state dict in the format of the `torch.optim` optimizer that computes the same rule (`torch_rule`)."
@@ -446,18 +565,18 @@ class Optimizer(torch.optim.Optimizer):
     # -- pickling keeps the callbacks ------------------------------------------------------------------------
     def __getstate__(self):
         # everything but what torch re-creates itself: hooks, and `step` wrappers that torch schedulers patch in
-        return {k: ({} if k == '_compiled_fns' else v) for k, v in self.__dict__.items()
-                if not k.startswith('_optimizer_') and k not in ('step', 'zero_grad')}   # compiled code is rebuilt, not pickled
+        return {k: v for k, v in self.__dict__.items() if not k.startswith('_optimizer_') and k not in ('step', 'zero_grad')}
     def __setstate__(self, state):
-        state = {'compiled': False, '_compiled_fns': {}, '_warm': {}, **state}
         super().__setstate__(state)
         if 'param_groups' in state:   # torch's load_state_dict hands us plain dicts: make them HyperDicts again
-            self.param_groups = [g if isinstance(g, HyperDict) else self._normalize(g) for g in self.param_groups]
+            self.param_groups = [g if isinstance(g, HyperDict) else self._normalize(g, self.chain_of(g)) for g in self.param_groups]
 
     def __repr__(self):
-        cbs = ', '.join(cb_name(cb) for cb in self.cbs)
-        return (f"{type(self).__name__}(groups={len(self.param_groups)}, cbs=[{cbs}], fused={bool(self._fast)}, "
+        chains = {k: f"[{', '.join(c.names)}]" for k, c in self.chains.items()}
+        cbs = f"cbs={chains[self._first]}" if not self._multi else 'chains={' + ', '.join(f'{k}: {v}' for k, v in chains.items()) + '}'
+        return (f"{type(self).__name__}(groups={len(self.param_groups)}, {cbs}, fused={any(c.fast for c in self.chains.values())}, "
                 f"compiled={bool(self.compiled)}, hypers={[dict(h) for h in self.hypers]})")
+
 
 # %% ../nbs/01_optimizer.ipynb #c023
 def _is_t(a) -> bool: return isinstance(a, Tensor) or (isinstance(a, list) and bool(a) and isinstance(a[0], Tensor))
@@ -669,6 +788,29 @@ def lion_step(grp, lr, mom, sqr_mom, **_):
 # %% ../nbs/01_optimizer.ipynb #c034
 _FUSED_DEVICES = set(torch.utils._foreach_utils._get_fused_kernels_supported_devices())
 
+def _dense(t:Tensor) -> bool:
+    "Whether `t` covers its memory densely, without overlap, in some order of its dims (a permuted contiguous tensor)."
+    if t.is_contiguous(): return True
+    want = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != want: return False
+        want *= size
+    return True
+
+def _same_layout(a:Tensor, b:Tensor) -> bool:
+    "Whether `a` and `b` (of one shape) lay their elements out in memory in the same order (size-1 dims aside)."
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(x == y for x, y, n in zip(sa, sb, a.shape) if n != 1)
+
+def kernel_layout(ps:list[Tensor], state) -> tuple[list[Tensor], list[Tensor]]:
+    "`ps` split into the params a fused kernel steps correctly (dense, grad and state tensors laid out alike) and the rest."
+    fit, rest = [], []
+    for p in ps:
+        ok = _dense(p) and _same_layout(p, p.grad) and all(
+            _same_layout(p, v) for v in state[p].values() if isinstance(v, Tensor) and v.shape == p.shape)
+        (fit if ok else rest).append(p)
+    return fit, rest
+
 def _fusable(grp) -> bool:
     p = grp.params[0]
     return p.device.type in _FUSED_DEVICES and p.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -717,7 +859,7 @@ def fused_sgd(grp, lr, mom=0., wd=0., wd_role=None, momentum=None, **_) -> bool:
 
 def fused_rmsprop(grp, lr, sqr_mom, eps, wd=0., wd_role=None, **_) -> bool:
     "RMSProp without momentum in one `torch._fused_adam_` pass (see above); L2 decay steps aside (the kernel would write it into the grads)."
-    if not _fusable(grp) or wd_role == 'l2' or any(not g.is_contiguous() for g in grp.grads): return False
+    if not _fusable(grp) or wd_role == 'l2': return False
     if wd_role == 'wd': weight_decay(grp, lr=lr, wd=wd)
     ps, gs, sqrs = _local(grp.params), _local(grp.grads), _local(grp.state('sqr_avg'))
     t = torch.tensor(1e30, dtype=torch.float32, device=ps[0].device)   # sqr_mom**t == 0: no bias correction
@@ -786,6 +928,13 @@ def torch_names(f):
                 if n in given: raise ValueError(f"both `{k}` and `{n}` given to {f.__name__}: pass one")
                 out[n] = x; given.add(n)
         if torch_wd and 'decouple_wd' in sig.parameters and 'decouple_wd' not in given: out['decouple_wd'] = False
+        for n, v in sig.bind_partial(*args, **out).arguments.items():   # the hypers first: before `params` is looked at
+            if n not in HYPER_RANGES: continue
+            try: check_hyper(n, v)
+            except ValueError as e:
+                torch_k = next((k for k in kw if k in TORCH_ALIASES and n in TORCH_ALIASES[k]), None)
+                if torch_k is None: raise
+                raise ValueError(f"`{torch_k}={kw[torch_k]!r}`: {e}") from None
         return f(*args, **out)
     return _f
 
@@ -802,7 +951,7 @@ def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=
     return Optimizer(groups, cbs, fused=fused, compiled=compiled, lr=lr, mom=mom, wd=wd)
 
 @torch_names
-def Momentum(params, lr, mom=0.9, wd=0., fused=None, compiled=False) -> Optimizer:
+def Momentum(params, lr=1e-3, mom=0.9, wd=0., fused=None, compiled=False) -> Optimizer:
     "The lecture's momentum: `V = mom*V + (1-mom)*g` (an EMA from `V=0`), `p -= lr*V`; decoupled weight decay."
     return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], fused=fused, compiled=compiled, lr=lr, mom=mom, wd=wd)
 
@@ -834,12 +983,12 @@ def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=
     return Optimizer(params, _adam_cbs(decouple_wd, radam_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def Lamb(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0., fused=None, compiled=False) -> Optimizer:
+def Lamb(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0., fused=None, compiled=False) -> Optimizer:
     "LAMB (You et al. 2019): Adam's step with a per-tensor trust ratio; decoupled weight decay, as fastai's `Lamb`."
     return Optimizer(params, _adam_cbs(True, lamb_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def Lion(params, lr, mom=0.9, sqr_mom=0.99, wd=0., fused=None, compiled=False) -> Optimizer:
+def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0., fused=None, compiled=False) -> Optimizer:
     "Lion (Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'): sign of an interpolated momentum; `mom`=beta1, `sqr_mom`=beta2."
     return Optimizer(params, [weight_decay, lion_step], fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
 
@@ -904,28 +1053,31 @@ def _check_torch_group(i, g, rule, wd_role, roles):
 def from_torch_state_dict(opt, sd:dict) -> dict:
     "`sd` in fastopts' format: unchanged if it is, translated if it is a `torch.optim` state dict of `opt`'s rule."
     if not _is_torch_format(sd): return sd
-    rule = torch_rule(opt._roles)
-    if rule is None: raise ValueError(f"a torch.optim state dict cannot be loaded: no torch.optim optimizer computes the chain {[cb_name(c) for c in opt.cbs]}")
-    rule, wd_role = rule
-    groups = []
+    groups, bufs = [], {}
     for i, (g, cur) in enumerate(zip(sd['param_groups'], opt.param_groups)):
-        _check_torch_group(i, g, rule, wd_role, opt._roles)
+        chain = opt.chain_of(cur)
+        rule = torch_rule(chain.roles)
+        if rule is None: raise ValueError(f"a torch.optim state dict cannot be loaded: no torch.optim optimizer computes the chain {chain.names}")
+        rule, wd_role = rule
+        _check_torch_group(i, g, rule, wd_role, chain.roles)
+        for k in g['params']: bufs[k] = rule
         new = {k: v for k, v in g.items() if k not in _RULE_KEYS or k in TORCH_ALIASES or k in TORCH_FLAGS}
         new.pop('dampening', None); new.pop('centered', None)
         out = {}
         for k, v in new.items():
             if k in TORCH_ALIASES:
                 for n, x in alias_values(k, v).items():
-                    if n in opt._live or x != _NEUTRAL.get(n, object()): out[n] = x
+                    if n in chain.live or x != _NEUTRAL.get(n, object()): out[n] = x
             elif k in TORCH_FLAGS: check_flag(k, v)
             else: out[k] = v
         for k in opt._hyper_names:   # hypers torch does not save (e.g. SGD's eps) keep their current values
             if k not in out and k in cur: out[k] = cur[k]
+        if 'chain' in cur: out['chain'] = cur['chain']
         groups.append(out)
-    buf_name = 'grad_avg' if rule == 'SGD' else 'rms_buf'
     state = {}
     for k, s in sd['state'].items():
-        new = {}
+        new, rule = {}, bufs.get(k)
+        buf_name = 'grad_avg' if rule == 'SGD' else 'rms_buf'
         for n, v in s.items():
             if n in _TORCH_ONLY_STATE: raise ValueError(f"state of param {k} has `{n}`, which fastopts' {rule} does not compute")
             if n == 'step':
@@ -944,25 +1096,28 @@ def _torch_flags(rule:str, wd_role) -> dict:
     return {**common, 'fused': None, 'dampening': 0}
 
 def to_torch_state_dict(opt) -> dict:
-    "`opt`'s state dict in the format of the torch.optim optimizer `torch_rule(opt._roles)` names."
-    rule = torch_rule(opt._roles)
-    if rule is None: raise ValueError(f"no torch.optim optimizer computes the chain {[cb_name(c) for c in opt.cbs]}")
-    rule, wd_role = rule
+    "`opt`'s state dict in the format of the torch.optim optimizer that computes its rule (`torch_rule` of each group's chain)."
     sd = opt.state_dict()
-    groups = []
+    groups, rules = [], {}
     for g, live in zip(sd['param_groups'], opt.param_groups):
-        out = {k: v for k, v in g.items() if k not in opt._hyper_names}
+        chain = opt.chain_of(live)
+        rule = torch_rule(chain.roles)
+        if rule is None: raise ValueError(f"no torch.optim optimizer computes the chain {chain.names}")
+        rule, wd_role = rule
+        for k in g['params']: rules[k] = rule
+        out = {k: v for k, v in g.items() if k not in opt._hyper_names and k != 'chain'}
         out.update(lr=g['lr'], weight_decay=g.get('wd', 0.) if wd_role else 0., **_torch_flags(rule, wd_role))
-        if rule == 'SGD': out.update(momentum=g.get('mom', 0.) if 'sgd' not in opt._roles else 0., nesterov='nesterov' in opt._roles)
-        elif rule == 'RMSprop': out.update(alpha=g['sqr_mom'], eps=g['eps'], momentum=g.get('mom', 0.) if 'rms_mom' in opt._roles else 0.)
+        if rule == 'SGD': out.update(momentum=g.get('mom', 0.) if 'sgd' not in chain.roles else 0., nesterov='nesterov' in chain.roles)
+        elif rule == 'RMSprop': out.update(alpha=g['sqr_mom'], eps=g['eps'], momentum=g.get('mom', 0.) if 'rms_mom' in chain.roles else 0.)
         else: out.update(betas=(g['mom'], g['sqr_mom']), eps=g['eps'])
         if out['weight_decay'] and any(not opt.state[p].get('do_wd', True) for p in live['params']):
             raise ValueError("params with do_wd=False share a group with weight decay: torch.optim would decay them")
         groups.append(out)
-    back = {'grad_avg': 'momentum_buffer' if rule == 'SGD' else 'exp_avg', 'sqr_avg': 'square_avg' if rule == 'RMSprop' else 'exp_avg_sq',
-            'rms_buf': 'momentum_buffer'}
     state = {}
     for k, s in sd['state'].items():
+        rule = rules[k]
+        back = {'grad_avg': 'momentum_buffer' if rule == 'SGD' else 'exp_avg', 'sqr_avg': 'square_avg' if rule == 'RMSprop' else 'exp_avg_sq',
+                'rms_buf': 'momentum_buffer'}
         new = {back.get(n, n): (torch.tensor(float(v)) if n == 'step' else v) for n, v in s.items() if n not in ('do_wd', 'force_train')}
         if rule == 'RMSprop': new['step'] = torch.tensor(0.)
         state[k] = new
