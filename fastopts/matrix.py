@@ -19,7 +19,8 @@ from .optimizer import (Optimizer, contract, torch_names, weight_decay, average_
 # %% auto #0
 __all__ = ['MUON_NS_COEFFICIENTS', 'MUON_ADJUST_LR', 'ADAMW_PART', 'newton_schulz', 'muon_lr', 'muon_step', 'muon_chain',
            'adafactor_step', 'soap_step', 'MatrixOptimizer', 'ratio_weight_decay', 'ratio_adam_step', 'muon_routes',
-           'Muon', 'Adafactor', 'SOAP', 'muon_from_torch', 'adafactor_from_torch', 'state_bytes_per_param']
+           'Muon', 'muon_groups', 'Adafactor', 'SOAP', 'muon_from_torch', 'adafactor_from_torch',
+           'state_bytes_per_param']
 
 # %% ../nbs/01a_matrix.ipynb #c006
 def _int_hyper(name:str, v, lo:int=1) -> int:
@@ -307,6 +308,16 @@ def _soap_refresh(lay, s, gg, qs) -> list:
 class MatrixOptimizer(Optimizer):
     "fastopts' `Optimizer`, which also loads the `torch.optim` state dicts of the rule named by `torch_rule_name` (Muon, Adafactor)."
     torch_rule_name = None
+    def set_hyper(self, k:str, v):
+        "`Optimizer.set_hyper`; also one value per param group when the values agree within each layer group."
+        layers, n = self._layers()
+        if n != len(self.param_groups) and not isinstance(v, (str, slice)) and hasattr(v, '__len__') and len(v) == len(self.param_groups):
+            # fastai's fit_one_cycle reads `lr` from `hypers` (one per param group) and sets its schedule back per param group
+            per_layer = {}
+            for l, x in zip(layers, v):
+                if per_layer.setdefault(l, x) != x: break
+            else: v = [per_layer[l] for l in range(n)]
+        super().set_hyper(k, v)
     def load_state_dict(self, state_dict:dict):
         conv = _FROM_TORCH.get(self.torch_rule_name)
         if conv is not None and _is_torch_sd(state_dict): state_dict = conv(self, state_dict)
@@ -327,6 +338,8 @@ def ratio_weight_decay(grp, lr, wd, lr_ratio=1., **_):
 def ratio_adam_step(grp, lr, mom, sqr_mom, eps, lr_ratio=1., **_):
     "`adam_step` at `lr*lr_ratio` (the AdamW part of the hybrid)."
     adam_step(grp, lr=lr*check_range('lr_ratio', lr_ratio, 0), mom=mom, sqr_mom=sqr_mom, eps=eps)
+
+ratio_weight_decay.defaults = ratio_adam_step.defaults = dict(lr_ratio=1.)
 
 ADAMW_PART = [ratio_weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, ratio_adam_step]
 
@@ -365,31 +378,42 @@ def Muon(params, lr=1e-3, mom=0.95, wd=0.1, nesterov=True, ns_coefficients=MUON_
     ns_coefficients = tuple(check_range(f'ns_coefficients[{i}]', c) for i, c in enumerate(ns_coefficients))
     check_choice('adjust_lr_fn', adjust_lr_fn, MUON_ADJUST_LR)
     check_choice('ns_dtype', ns_dtype, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
-    if adamw_lr_ratio is None: adamw_lr_ratio = 1. if adjust_lr_fn == 'match_rms_adamw' else 0.015
     _pop_flag(groups, 'nesterov', nesterov, 'Muon')
-    pick = _adamw_pick(adamw)
-    muon_gs, adam_gs = [], []
+    split = muon_groups(groups, adamw, adamw_lr_ratio, adamw_mom, adamw_sqr_mom, adamw_eps, adamw_wd, adjust_lr_fn)
+    hypers = dict(lr=lr, mom=mom, wd=wd, eps=eps, ns_coefficients=ns_coefficients, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+    chain = muon_chain(nesterov, ns_dtype)
+    if not any('chain' in g for g in groups) and not any(g['params'] for g in split if g['chain'] == 'adamw'):
+        # matrices only: torch.optim.Muon's case, one chain
+        split = [{k: v for k, v in g.items() if k not in ('layer', 'chain')} for g in split if g['chain'] == 'muon']
+        return _build('Muon', split, chain, fused=fused, compiled=compiled, **hypers)
+    return _build('Muon', split, {'muon': chain, 'adamw': ADAMW_PART}, fused=fused, compiled=compiled, **hypers)
+
+def muon_groups(params, adamw=None, adamw_lr_ratio=None, adamw_mom=0.9, adamw_sqr_mom=0.999, adamw_eps=1e-8, adamw_wd=0.01,
+                adjust_lr_fn=None) -> list[dict]:
+    """The param groups `Muon` runs: each group split into a Muon group and an AdamW group (keys `'chain'`, `'layer'`,
+    AdamW's hypers); a group that already has a `'chain'` is kept as it is, even empty. Give these to
+    `ZeroRedundancyOptimizer` (its local optimizers must have its groups)."""
+    groups, names = _named_groups(params)
+    if adamw_lr_ratio is None: adamw_lr_ratio = 1. if adjust_lr_fn == 'match_rms_adamw' else 0.015
+    pick, out = _adamw_pick(adamw), []
     for i, g in enumerate(groups):
+        if 'chain' in g: out.append(g); continue
         keys = {k: v for k, v in g.items() if k != 'params'}
         mu = [x for x in g['params'] if _tensor(x).ndim >= 2 and not pick(names.get(id(_tensor(x))), _tensor(x))]
         ids = {id(_tensor(x)) for x in mu}
         ad = [x for x in g['params'] if id(_tensor(x)) not in ids]
-        muon_gs.append({**keys, 'params': mu, 'layer': keys.get('layer', i)})
-        adam_gs.append({'mom': adamw_mom, 'sqr_mom': adamw_sqr_mom, 'eps': adamw_eps, 'wd': adamw_wd, 'lr_ratio': adamw_lr_ratio,
-                        **keys, 'params': ad, 'layer': keys.get('layer', i), 'chain': 'adamw'})
-    hypers = dict(lr=lr, mom=mom, wd=wd, eps=eps, ns_coefficients=ns_coefficients, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
-    chain = muon_chain(nesterov, ns_dtype)
-    if not any(g['params'] for g in adam_gs):   # matrices only: torch.optim.Muon's case, one chain
-        return _build('Muon', [{k: v for k, v in g.items() if k != 'layer'} for g in muon_gs], chain,
-                      fused=fused, compiled=compiled, **hypers)
-    both = [g for pair in zip(muon_gs, adam_gs) for g in pair if g['params']]
-    for g in both: g.setdefault('chain', 'muon')
-    return _build('Muon', both, {'muon': chain, 'adamw': ADAMW_PART}, fused=fused, compiled=compiled, **hypers)
+        layer = keys.pop('layer', i)
+        if mu: out.append({**keys, 'params': mu, 'layer': layer, 'chain': 'muon'})
+        if ad: out.append({'mom': adamw_mom, 'sqr_mom': adamw_sqr_mom, 'eps': adamw_eps, 'wd': adamw_wd, 'lr_ratio': adamw_lr_ratio,
+                           **keys, 'params': ad, 'layer': layer, 'chain': 'adamw'})
+    return out
 
-@torch_names
-def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=0.0, foreach=None, maximize=False,
-              fused=None, compiled=False) -> MatrixOptimizer:
+def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=None, foreach=None, maximize=False,
+              fused=None, compiled=False, weight_decay=None) -> MatrixOptimizer:
     "Adafactor as torch.optim.Adafactor (its keywords and defaults; `eps` is the pair `(eps1, eps2)`, `eps1=None` the dtype's epsilon)."
+    # not `torch_names`: it checks `eps` as fastai's single epsilon, and torch's Adafactor's is a pair
+    if wd is not None and weight_decay is not None: raise ValueError("both `weight_decay` and `wd` given to Adafactor: pass one")
+    wd = 0.0 if wd is None and weight_decay is None else wd if wd is not None else weight_decay
     groups, names = _named_groups(params)
     _refuse_complex(groups, names, 'Adafactor')
     _refuse_shards(groups, names, "Adafactor's column statistics need whole weights")
@@ -431,7 +455,7 @@ def SOAP(params, lr=3e-3, mom=0.95, sqr_mom=0.95, shampoo_beta=-1, eps=1e-8, wd=
                   eps=eps, wd=wd, precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                   merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias)
 
-# %% ../nbs/01a_matrix.ipynb #c025
+# %% ../nbs/01a_matrix.ipynb #c027
 _TORCH_KEYS = {'weight_decay', 'momentum', 'nesterov', 'foreach', 'maximize', 'betas'}
 
 def _is_torch_sd(sd:dict) -> bool:
@@ -440,9 +464,7 @@ def _is_torch_sd(sd:dict) -> bool:
 
 def _chain_of(opt, i:int) -> list:
     "The callbacks that run param group `i`."
-    cbs = opt.cbs
-    if isinstance(cbs, dict): return cbs[opt.param_groups[i].get('chain', next(iter(cbs)))]
-    return cbs
+    return opt.chain_of(opt.param_groups[i]).cbs
 
 def _chain_option(opt, i:int, fn, name:str, default):
     for cb in _chain_of(opt, i):
@@ -493,7 +515,7 @@ def adafactor_from_torch(opt, sd:dict) -> dict:
 
 _FROM_TORCH = {'Muon': muon_from_torch, 'Adafactor': adafactor_from_torch}
 
-# %% ../nbs/01a_matrix.ipynb #c027
+# %% ../nbs/01a_matrix.ipynb #c029
 def state_bytes_per_param(opt) -> dict:
     "Bytes of optimizer state per parameter element: `{'total': ..., state name: ...}` (tensors counted once)."
     n = sum(p.numel() for g in opt.param_groups for p in g['params'])

@@ -16,12 +16,12 @@ def model(bias=True, square=False):
 def optimizers():
     "name -> (opt_func(params), `model` keywords). Muon's Newton-Schulz in float32: the ranks' averaged gradients differ from one process's in the last bits, which bfloat16 rounding would magnify."
     from fastopts.matrix import Muon, SOAP, Adafactor
-    return {'muon': (lambda ps: Muon(ps, lr=0.05, ns_dtype=torch.float32), dict(bias=MUON_BIAS)),
-            'muon_nesterov_off': (lambda ps: Muon(ps, lr=0.05, nesterov=False, adjust_lr_fn='match_rms_adamw', ns_dtype=torch.float32), dict(bias=MUON_BIAS)),
+    return {'muon': (lambda ps: Muon(ps, lr=0.05, ns_dtype=torch.float32, adamw_lr_ratio=0.1), dict(bias=MUON_BIAS)),
+            'muon_nesterov_off': (lambda ps: Muon(ps, lr=0.05, nesterov=False, adjust_lr_fn='match_rms_adamw', ns_dtype=torch.float32, adamw_lr_ratio=0.1), dict(bias=MUON_BIAS)),
             'soap': (lambda ps: SOAP(ps, lr=1e-2, precondition_frequency=2, eps=1e-4), dict(square=True)),
             'adafactor': (lambda ps: Adafactor(ps, lr=1e-2, weight_decay=0.1), {})}
 
-MUON_BIAS = False   # True once `Optimizer` takes a chain per param group (the Muon/AdamW hybrid)
+MUON_BIAS = True   # the hybrid: weights take Muon, biases AdamW
 
 def reference(name, steps=STEPS, world=2):
     """One process, the whole batch, its gradient the mean of the `world` slices' gradients as DDP forms it. (Muon and
@@ -48,7 +48,9 @@ def train(mode, name, rank, world, steps=STEPS):
     elif mode == 'zero':
         from torch.distributed.optim import ZeroRedundancyOptimizer
         net = torch.nn.parallel.DistributedDataParallel(m)
-        opt = ZeroRedundancyOptimizer(list(net.parameters()), optimizer_class=lambda ps, **kw: make(ps))
+        from fastopts.matrix import muon_groups   # ZeRO's groups must be the local optimizers': Muon's split, for every rule alike
+        opt = ZeroRedundancyOptimizer(muon_groups(list(net.parameters()), adamw_lr_ratio=0.1) if name.startswith('muon') else list(net.parameters()),
+                                      optimizer_class=lambda ps, **kw: make(ps))
     elif mode == 'fsdp2':
         from torch.distributed.fsdp import fully_shard
         for layer in m:

@@ -297,3 +297,43 @@ def test_state_bytes_per_param():
     assert out['Muon']['total'] == 4. and out['Muon']['grad_avg'] == 4.
     assert out['Adafactor']['total'] == 4*(64 + 32 + 16*8*3 + 16*8*3)/n
     assert out['SOAP']['total'] == 4*(2*n + 2*(64**2 + 32**2 + 16**2 + 8**2 + 3**2 + 3**2))/n
+
+# ------------------------------------------------------------------------------------------------------------ hybrid
+def _cnn():
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(6, 3))
+
+def test_hybrid_routes_and_equals_torch_muon_plus_adamw():
+    "Muon on a CNN's named parameters: conv weights take torch.optim.Muon's rule (as out x rest), biases, the norm and the head (by name) torch.optim.AdamW's at lr*adamw_lr_ratio."
+    m1, m2 = _cnn(), _cnn()
+    routes = muon_routes(m1.named_parameters(), adamw='7.')
+    assert routes == [('0.weight', (4, 1, 3, 3), 'muon'), ('0.bias', (4,), 'adamw'), ('1.weight', (4,), 'adamw'), ('1.bias', (4,), 'adamw'),
+                      ('3.weight', (6, 4, 3, 3), 'muon'), ('3.bias', (6,), 'adamw'), ('7.weight', (3, 6), 'adamw'), ('7.bias', (3,), 'adamw')]
+    ours = Muon(m1.named_parameters(), lr=0.02, adamw='7.', adamw_lr_ratio=0.1, adamw_mom=0.8, adamw_sqr_mom=0.95, adamw_eps=1e-10, adamw_wd=0.05)
+    assert [g['chain'] for g in ours.param_groups] == ['muon', 'adamw']
+    ps2 = dict(m2.named_parameters())
+    mats = [torch.nn.Parameter(ps2[n].detach().reshape(s[0], -1).clone()) for n, s, r in routes if r == 'muon']
+    rest = [ps2[n] for n, s, r in routes if r == 'adamw']
+    t_muon = torch.optim.Muon(mats, lr=0.02)
+    t_adamw = torch.optim.AdamW(rest, lr=0.002, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.05)
+    x = torch.randn(8, 1, 7, 7, generator=torch.Generator().manual_seed(0)); y = torch.arange(8) % 3
+    for _ in range(STEPS):
+        ours.zero_grad(); torch.nn.functional.cross_entropy(m1(x), y).backward(); ours.step()
+        with torch.no_grad():   # m2 runs with the reference's matrices written back into its convs
+            for (n, s, r), q in zip([r for r in routes if r[2] == 'muon'], mats): ps2[n].copy_(q.view(s))
+        t_muon.zero_grad(); t_adamw.zero_grad(); m2.zero_grad()
+        torch.nn.functional.cross_entropy(m2(x), y).backward()
+        for (n, s, r), q in zip([r for r in routes if r[2] == 'muon'], mats): q.grad = ps2[n].grad.reshape(q.shape).clone()
+        t_muon.step(); t_adamw.step()
+        with torch.no_grad():
+            for (n, s, r), q in zip([r for r in routes if r[2] == 'muon'], mats): ps2[n].copy_(q.view(s))
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda msg: f'{n}: {msg}')
+    assert not torch.equal(m1[7].weight, _cnn()[7].weight)
+
+def test_hybrid_lr_ratio_default_follows_adjust_lr_fn():
+    ps = make([(4, 6), (4,)])
+    assert Muon(ps).param_groups[1]['lr_ratio'] == 0.015
+    assert Muon(ps, adjust_lr_fn='match_rms_adamw').param_groups[1]['lr_ratio'] == 1.0
