@@ -6,9 +6,10 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #c002
-from . import core, optimizer, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape
+from . import core, optimizer, matrix, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape
 from .core import *
 from .optimizer import *
+from .matrix import *
 from .schedule import *
 from .lr_finder import *
 from .surfaces import *
@@ -18,4 +19,4 @@ from .fit_viz import *
 from .landscape import *
 
 # every module's public names, so that `import *` brings them all
-__all__ = [n for m in (core, optimizer, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape) for n in m.__all__]
+__all__ = [n for m in (core, optimizer, matrix, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape) for n in m.__all__]
