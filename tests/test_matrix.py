@@ -263,7 +263,7 @@ def test_torch_checkpoint_of_another_rule_refused():
 
 @pytest.mark.parametrize('fac', [Muon, Adafactor, SOAP], ids=lambda f: f.__name__)
 def test_own_state_dict_round_trip_and_pickle(fac):
-    shapes = [(6, 4), (3, 2, 2)]
+    shapes = [(6, 4), (3, 2, 2), (5,)]   # Muon: the hybrid, two chains
     ps = make(shapes)
     opt = fac(ps, lr=0.01)
     for step in range(4):
@@ -337,3 +337,14 @@ def test_hybrid_lr_ratio_default_follows_adjust_lr_fn():
     ps = make([(4, 6), (4,)])
     assert Muon(ps).param_groups[1]['lr_ratio'] == 0.015
     assert Muon(ps, adjust_lr_fn='match_rms_adamw').param_groups[1]['lr_ratio'] == 1.0
+
+def test_muon_groups_under_zero_keep_their_chains():
+    "Groups that already name a chain (ZeroRedundancyOptimizer hands each rank its share of `muon_groups`) stay as they are, empty ones too."
+    from fastopts.matrix import muon_groups
+    ps = make([(4, 6), (4,), (3, 4)])
+    gs = muon_groups([ps[:2], ps[2:]], adamw_lr_ratio=0.1)
+    assert [(g['chain'], g['layer'], len(g['params'])) for g in gs] == [('muon', 0, 1), ('adamw', 0, 1), ('muon', 1, 1)]
+    share = [{**g, 'params': g['params'] if i != 0 else []} for i, g in enumerate(gs)]
+    opt = Muon(share)
+    assert [(g['chain'], len(g['params'])) for g in opt.param_groups] == [('muon', 0), ('adamw', 1), ('muon', 1)]
+    assert opt.param_groups[1]['lr_ratio'] == 0.1
