@@ -24,7 +24,8 @@ __all__ = ['MUON_NS_COEFFICIENTS', 'MUON_ADJUST_LR', 'ADAMW_PART', 'newton_schul
 
 # %% ../nbs/01a_matrix.ipynb #c006
 def _int_hyper(name:str, v, lo:int=1) -> int:
-    "An integer-valued hyper (stored as a float in the group) as an int, else a `ValueError` naming it."
+    "An integer-valued hyper (stored as a float in the group; a 0-d tensor in a compiled step) as an int, else a `ValueError` naming it."
+    if isinstance(v, Tensor) and v.numel() == 1: v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != int(v) or v < lo:
         raise ValueError(f"`{name}` must be an integer >= {lo}, got {v!r}")
     return int(v)

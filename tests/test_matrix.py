@@ -348,3 +348,17 @@ def test_muon_groups_under_zero_keep_their_chains():
     opt = Muon(share)
     assert [(g['chain'], len(g['params'])) for g in opt.param_groups] == [('muon', 0), ('adamw', 1), ('muon', 1)]
     assert opt.param_groups[1]['lr_ratio'] == 0.1
+
+@pytest.mark.slow   # inductor compiles the chains (~40 s on CPU)
+@pytest.mark.parametrize('fac,kw', [(Muon, dict(ns_dtype=torch.float32)), (Adafactor, {})], ids=['muon', 'adafactor'])
+def test_compiled_equals_callbacks(fac, kw):
+    shapes = [(8, 4), (4, 3), (5,)]
+    runs = []
+    for compiled in (False, True):
+        ps = make(shapes)
+        opt = fac(ps, lr=0.02, compiled=compiled, **kw)
+        for step in range(4):
+            for p, g in zip(ps, grads(shapes, step)): p.grad = g
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs): assert_close(a, b, rtol=1e-5, atol=1e-6)
