@@ -128,13 +128,13 @@ def muon_step(grp, lr, mom, eps, ns_coefficients, ns_steps, adjust_lr_fn, nester
     by_shape = defaultdict(list)
     for i, p in enumerate(grp.params): by_shape[(p.shape[0], p[0].numel())].append(i)
     for (rows, cols), idx in by_shape.items():
-        O = newton_schulz(torch.stack([_matrix(_full(upd[i])) for i in idx]), ns_coefficients, steps, eps, ns_dtype)
+        # each matrix cast before stacking: one copy in `ns_dtype`, as torch's `.bfloat16()` makes
+        O = newton_schulz(torch.stack([_matrix(_full(upd[i])).to(ns_dtype) for i in idx]), ns_coefficients, steps, eps, ns_dtype)
         ps = [grp.params[i] for i in idx]
-        O = O.to(ps[0].dtype)
-        us = [u.view(p.shape) for u, p in zip(O.unbind(0), ps)]
+        us = [u.view(p.shape) for u, p in zip(O.unbind(0), ps)]   # added in the params' dtype, as torch's `add_` does
         if isinstance(ps[0], DTensor): ps, us = [p.to_local() for p in ps], [_own_shard(u, p) for u, p in zip(us, ps)]
         step = muon_lr(lr, adjust_lr_fn, rows, cols)
-        if isinstance(step, Tensor): torch._foreach_add_(ps, torch._foreach_mul(us, -step))
+        if isinstance(step, Tensor): torch._foreach_add_(ps, torch._foreach_mul([u.to(p.dtype) for u, p in zip(us, ps)], -step))
         else: torch._foreach_add_(ps, us, alpha=-step)
 muon_step.defaults = dict(eps=1e-7, ns_coefficients=MUON_NS_COEFFICIENTS, ns_steps=5, adjust_lr_fn=None)
 
