@@ -6,10 +6,11 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #c002
-from . import core, optimizer, matrix, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape
+from . import core, optimizer, matrix, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release
 from .core import *
 from .optimizer import *
 from .matrix import *
+from .lr_free import *
 from .schedule import *
 from .lr_finder import *
 from .surfaces import *
@@ -17,6 +18,8 @@ from .viz import *
 from .data import *
 from .fit_viz import *
 from .landscape import *
+from .precision import *
+from .release import *
 
 # every module's public names, so that `import *` brings them all
-__all__ = [n for m in (core, optimizer, matrix, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape) for n in m.__all__]
+__all__ = [n for m in (core, optimizer, matrix, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release) for n in m.__all__]

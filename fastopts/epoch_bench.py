@@ -20,7 +20,7 @@ from fastai.torch_core import set_seed
 from . import optimizer as fo
 from .core import check_int, check_range
 from .data import load_xy, tabular_dls
-from .step_bench import check_device
+from .step_bench import check_device, _displacement_error
 
 # %% auto #0
 __all__ = ['digits_cnn', 'digits_dls', 'epoch_contenders', 'StepTimer', 'epoch_benchmark', 'format_epoch_table',
@@ -58,11 +58,11 @@ class StepTimer(Callback):
     def after_step(self): self.sync(); self.secs[-1] += time.perf_counter() - self.t0
 
 def epoch_benchmark(epochs:int=6, warmup:int=1, lr:float=1e-3, bs:int=64, channels=(32, 64, 128), seed:int=0,
-                    device='cpu', contenders:dict|None=None) -> dict:
-    "Seconds per epoch (training and validation) of `digits_cnn` with each optimizer, epochs interleaved across them."
+                    device='cpu', contenders:dict|None=None, tol:float=1e-4) -> dict:
+    "Seconds per epoch (training and validation) of `digits_cnn` with each optimizer, epochs interleaved across them; final weights checked."
     device = check_device(device)
     epochs, warmup, bs = check_int('epochs', epochs, 1), check_int('warmup', warmup, 0), check_int('bs', bs, 1)
-    lr = check_range('lr', lr, 0, lo_open=True)
+    lr, tol = check_range('lr', lr, 0, lo_open=True), check_range('tol', tol, 0, lo_open=True)
     channels = tuple(check_int('channels', c, 1) for c in channels)
     contenders = epoch_contenders() if contenders is None else contenders
     set_seed(seed)
@@ -91,17 +91,24 @@ def epoch_benchmark(epochs:int=6, warmup:int=1, lr:float=1e-3, bs:int=64, channe
                          accuracy=float(vals[2]), steps_per_epoch=len(dls.train))
     ref = out[order[-1]]['median']
     for r in out.values(): r['ratio'] = r['median'] / ref
+    # the check: all computed the same rule from the same start on the same batches, so all end at the same weights
+    w0, weights = list(model0.parameters()), {name: list(l.model.parameters()) for name, l in learners.items()}
+    w0 = [w.detach().to(device) for w in w0]
+    for name, r in out.items():
+        r['weights_err'] = _displacement_error(weights[name], [w.detach() for w in weights[order[-1]]], w0)
+        r['check'] = 'reference' if name == order[-1] else 'ok' if r['weights_err'] <= tol else 'WRONG'
     return out
 
 # %% ../nbs/09a_epoch_bench.ipynb #e011
 def format_epoch_table(res:dict) -> str:
-    "Markdown: median seconds per epoch, its ratio to the last contender's, the optimizer steps' share, the final validation loss and accuracy."
+    "Markdown: median seconds per epoch, its ratio to the last contender's, the optimizer steps' share, the final validation loss and accuracy, the weights' check."
     ref = list(res)[-1]
-    lines = [f'| optimizer | s / epoch (median) | vs {ref} | min–max s | of which optimizer steps, s | valid loss | accuracy |',
-             '|---|---:|---:|---:|---:|---:|---:|']
+    lines = [f'| optimizer | s / epoch (median) | vs {ref} | min–max s | of which optimizer steps, s | valid loss | accuracy | weights vs {ref} |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|']
     for name, r in res.items():
+        check = 'reference' if r['check'] == 'reference' else f"{r['weights_err']:.1e}" + (' ✗WRONG' if r['check'] == 'WRONG' else '')
         lines.append(f"| {name} | {r['median']:.3f} | {r['ratio']:.2f} | {min(r['seconds']):.3f}–{max(r['seconds']):.3f} "
-                     f"| {r['step_median']:.4f} | {r['valid_loss']:.4f} | {r['accuracy']:.2%} |")
+                     f"| {r['step_median']:.4f} | {r['valid_loss']:.4f} | {r['accuracy']:.2%} | {check} |")
     return '\n'.join(lines)
 
 def plot_epoch_times(res:dict, fname, title:str='') -> Path:
@@ -135,13 +142,14 @@ def add_epoch_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1)')
     p.add_argument('--out', default='fastopts-bench', help='folder for epoch_bench.md and epoch_bench.png')
+    p.add_argument('--tol', type=float, default=1e-4, help="final weights' check: max |Δw - Δw_ref| / max |Δw_ref| (default 1e-4)")
     return p
 
 def epoch_bench_main(args) -> dict:
-    "`fastopts bench epoch`: print the table, write it and the figure to `--out`."
+    "`fastopts bench epoch`: print the table, write it and the figure to `--out`; exit 1 if some contender's weights disagree."
     device = check_device(args.device)
     torch.set_num_threads(check_int('threads', args.threads, 1))
-    res = epoch_benchmark(args.epochs, args.warmup, args.lr, args.bs, tuple(args.channels), device=device)
+    res = epoch_benchmark(args.epochs, args.warmup, args.lr, args.bs, tuple(args.channels), device=device, tol=args.tol)
     n_par = sum(p.numel() for p in digits_cnn(tuple(args.channels)).parameters())
     steps = next(iter(res.values()))['steps_per_epoch']
     head = (f"digits CNN ({n_par/1e3:.0f}k parameters), bs {args.bs}, {steps} steps per epoch; torch {torch.__version__}, "
@@ -153,4 +161,6 @@ def epoch_bench_main(args) -> dict:
     (out/'epoch_bench.md').write_text(head + '\n\n' + table + '\n')
     png = plot_epoch_times(res, out/'epoch_bench.png', title=f'digits CNN, {device.type}: seconds per epoch')
     print(f'\nwrote {out/"epoch_bench.md"} and {png}')
+    wrong = [f"{name} (error {r['weights_err']:.2g})" for name, r in res.items() if r['check'] == 'WRONG']
+    if wrong: raise SystemExit(f'fastopts bench epoch: final weights differ from {list(res)[-1]}\'s: ' + '; '.join(wrong))
     return res

@@ -13,13 +13,14 @@ import fastai.optimizer as fai
 from fastcore.foundation import L
 from . import optimizer as fo
 from . import matrix as fm
+from . import lr_free as lf
 from .core import check_choice, check_int
 
 # %% auto #0
 __all__ = ['PROBLEMS', 'GRAD_SCALES', 'MOM', 'SQR_MOM', 'EPS', 'WD', 'LOOKAHEAD', 'RULES', 'RULE_NAMES', 'FASTOPTS_VARIANTS',
-           'COLUMNS', 'check_device', 'problem_shapes', 'make_params', 'contenders', 'state_bytes', 'time_rule',
-           'step_benchmark', 'format_step_table', 'format_state_table', 'wrong_results', 'add_step_bench_args',
-           'step_bench_main']
+           'COLUMNS', 'CHECK_STEPS', 'CHECK_TOL', 'check_device', 'problem_shapes', 'make_params', 'contenders',
+           'state_bytes', 'check_rule', 'time_rule', 'step_benchmark', 'format_step_table', 'format_state_table',
+           'wrong_results', 'add_step_bench_args', 'step_bench_main']
 
 # %% ../nbs/09_step_bench.ipynb #c021
 def check_device(device) -> torch.device:
@@ -151,6 +152,19 @@ def _rules() -> dict:
                           torch=lambda lr: _torch_lookahead(lr=lr, **adam),
                           fastai=lambda lr: lambda ps: fai.Lookahead(fai.RAdam(ps, lr, mom=MOM, sqr_mom=SQR_MOM, eps=EPS, beta=0.), **LOOKAHEAD),
                           unchecked={'fastai': _RADAM_EPS}),
+        # the schedule-free and lr-free optimizers against their reference packages (the `bench` extra)
+        'sf_adamw': dict(lr=1e-3, fastopts=lambda ps, lr, **kw: lf.ScheduleFreeAdamW(ps, lr, mom=MOM, sqr_mom=SQR_MOM, eps=EPS, **kw).train(),
+                         torch=lambda lr: _reference('schedulefree', 'AdamWScheduleFree', keep_grads=True, lr=lr, betas=(MOM, SQR_MOM), eps=EPS),
+                         fastai=None),
+        'sf_sgd': dict(lr=1e-2, fastopts=lambda ps, lr, **kw: lf.ScheduleFreeSGD(ps, lr, mom=MOM, **kw).train(),
+                       torch=lambda lr: _reference('schedulefree', 'SGDScheduleFree', lr=lr, momentum=MOM), fastai=None),
+        'prodigy': dict(lr=1., fastopts=partial(lf.Prodigy, mom=MOM, sqr_mom=SQR_MOM, eps=EPS),
+                        torch=lambda lr: _reference('prodigyopt', 'Prodigy', lr=lr, betas=(MOM, SQR_MOM), eps=EPS), fastai=None),
+        'adopt': dict(lr=1e-3, fastopts=partial(lf.ADOPT, mom=MOM, sqr_mom=0.9999, eps=1e-6),
+                      torch=lambda lr: _reference('adopt', 'ADOPT', lr=lr, betas=(MOM, 0.9999), eps=1e-6), fastai=None),
+        'ademamix': dict(lr=1e-3, fastopts=partial(lf.AdEMAMix, mom=MOM, sqr_mom=SQR_MOM, eps=EPS), torch=lambda lr: {}, fastai=None,
+                         unchecked={n: "no AdEMAMix package: tests/test_lr_free.py checks it against the paper's update"
+                                    for n in ('fastopts', 'fastopts fused=False')}),
         # matrix-aware rules (fastopts.matrix). Muon: every contender gets the problem's 2+-dim tensors only (the step
         # that Muon adds; torch.optim.Muon takes 2-D weights, so conv weights go in as 2-D views sharing storage and grad)
         'muon': dict(lr=2e-2, fastopts=_fastopts_muon, fastai=None,
@@ -161,9 +175,31 @@ def _rules() -> dict:
                      unchecked={k: _SOAP_NOTE for k in ('fastopts', 'fastopts fused=False')}),
     }
 
-RULES = ('sgd', 'momentum', 'rmsprop', 'adam', 'adamw', 'radam', 'lamb', 'lion', 'lookahead', 'muon', 'adafactor', 'soap')
+def _reference(module:str, cls:str, keep_grads:bool=False, **kw) -> dict:
+    """The reference package's optimizer (in train mode, for Schedule-Free) as the contender `reference (module)`; {} if
+    not installed. `keep_grads`: its step divides `p.grad` in place (schedulefree's AdamW), and the benchmark reuses the
+    gradients: they are put back after each step, inside the timed step (two copies of the gradients: slower)."""
+    try: make = getattr(__import__(module), cls)
+    except ImportError: return {}
+    def build(ps):
+        o = make(ps, **kw)
+        if hasattr(o, 'train'): o.train()
+        if keep_grads:
+            inner = o.step
+            def step(closure=None):
+                gs = [p.grad.clone() for p in ps]
+                loss = inner(closure)
+                torch._foreach_copy_([p.grad for p in ps], gs)
+                return loss
+            o.step = step
+        return o
+    return {f'reference ({module})': build}
+
+RULES = ('sgd', 'momentum', 'rmsprop', 'adam', 'adamw', 'radam', 'lamb', 'lion', 'lookahead',
+         'sf_adamw', 'sf_sgd', 'prodigy', 'adopt', 'ademamix', 'muon', 'adafactor', 'soap')
 RULE_NAMES = dict(sgd='SGD(mom=0.9)', momentum='Momentum', rmsprop='RMSProp', adam='Adam', adamw='AdamW',
-                  radam='RAdam', lamb='Lamb', lion='Lion', lookahead='Lookahead(RAdam)',
+                  radam='RAdam', lamb='Lamb', lion='Lion', lookahead='Lookahead(RAdam)', sf_adamw='ScheduleFreeAdamW',
+                  sf_sgd='ScheduleFreeSGD', prodigy='Prodigy', adopt='ADOPT', ademamix='AdEMAMix',
                   muon='Muon (2+-dim tensors)', adafactor='Adafactor', soap='SOAP')
 FASTOPTS_VARIANTS = {'fastopts': {}, 'fastopts fused=False': dict(fused=False), 'fastopts compiled': dict(compiled=True)}
 COLUMNS = (*FASTOPTS_VARIANTS, 'torch (for-loop)', 'torch (foreach)', 'torch (fused)', 'fastai')
@@ -213,15 +249,64 @@ def _build(name:str, make, ps):
 
 def _sync(device): return torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
+_CHECK_ORDER = ('torch (for-loop)', 'torch (foreach)', 'torch (fused)', 'fastai')
+
+def _reference_name(spec, names):
+    "The contender of `names` the check compares with: torch's per-tensor loop first, fastai's last (None: no reference)."
+    order = (*_CHECK_ORDER, *[c for c in names if c.startswith('reference (')])   # a reference package, where torch has no such rule
+    return next((c for c in order if c in names and c not in spec.get('unchecked', {})), None)
+
 def _displacement_error(ps, ref, p0) -> float:
     "max |(p - p0) - (ref - p0)| / max |ref - p0|: how far `ps` moved from where the reference moved."
     err = max(float((p.detach() - r).abs().max()) for p, r in zip(ps, ref))
     moved = max(float((r - q).abs().max()) for r, q in zip(ref, p0))
     return err / moved if moved > 0 else float('inf')
 
+CHECK_STEPS, CHECK_TOL = 50, 1e-9
+_CHECK_SHAPES = [(24, 16), (16,), (16, 16), (16,), (16, 10), (10,), (3, 4, 5)] + [(7,)] * 8
+
+def _run_steps(name, make, p0, g0, scales) -> list[torch.Tensor]:
+    "Params after `len(scales)` steps of `make`'s optimizer from `p0`, the gradient of step k being `scales[k]*g0`."
+    ps = [torch.nn.Parameter(p.clone()) for p in p0]
+    for p, g in zip(ps, g0): p.grad = g.clone()
+    o = _build(name, make, ps)
+    for k in range(len(scales)):
+        if k: torch._foreach_mul_([p.grad for p in ps], scales[k] / scales[k-1])
+        o.step()
+    return [p.detach() for p in ps]
+
+def check_rule(rule:str, makers:dict|None=None, lr:float|None=None, device='cpu', steps:int=CHECK_STEPS,
+               tol:float=CHECK_TOL, seed:int=0) -> dict:
+    """name -> (float64 displacement error or None, note): each of `makers` (default: `contenders(rule, lr)`) run
+    untimed for `steps` float64 steps on small params, against the rule's reference (always built from `contenders`)."""
+    device, spec = check_device(device), _rules()[check_choice('rule', rule, RULES)]
+    steps = check_int('steps', steps, 1)
+    lr = spec['lr'] if lr is None else lr
+    full = contenders(rule, lr)
+    makers = full if makers is None else makers
+    g = torch.Generator().manual_seed(seed)
+    p0, g0 = ([torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in _CHECK_SHAPES] for _ in range(2))
+    scales = [GRAD_SCALES[k % len(GRAD_SCALES)] for k in range(steps)]
+    ref_name = _reference_name(spec, full)
+    if 'expected' in spec: ref = [spec['expected'](q, gr, scales, lr) for q, gr in zip(p0, g0)]
+    elif ref_name is not None: ref = _run_steps(ref_name, full[ref_name], p0, g0, scales)
+    else: return {name: (None, f'no reference for {rule}: not checked') for name in makers}
+    out = {}
+    for name, make in makers.items():
+        if name in spec.get('unchecked', {}): out[name] = (None, spec['unchecked'][name]); continue
+        try: out[name] = (_displacement_error(_run_steps(name, make, p0, g0, scales), ref, p0), '')
+        except _Unavailable as e: out[name] = (None, str(e))
+        except Exception as e:   # as in `time_rule`: only torch's implementations and a compiled step may fail here
+            if not (name.startswith('torch') or name == 'fastopts compiled'): raise
+            out[name] = (None, f'float64 check failed: {type(e).__name__}: {str(e)[:300]}')
+    return out
+
 def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names=None, tol:float=1e-3,
-              seed:int=0, lr:float|None=None, makers:dict|None=None) -> list[dict]:
-    "Median seconds per `step()` of each contender of `rule` on `problem`, steps interleaved; then the correctness check."
+              seed:int=0, lr:float|None=None, makers:dict|None=None, check_tol:float=CHECK_TOL,
+              check_cache:dict|None=None) -> list[dict]:
+    """Median seconds per `step()` of each contender of `rule` on `problem`, steps interleaved; then the correctness
+    checks: the timed steps against the reference's (`tol`), and `check_rule`'s float64 steps (`check_tol`;
+    `check_cache`, a dict, keeps its results by rule for the next problem)."""
     device, spec = check_device(device), _rules()[check_choice('rule', rule, RULES)]
     warmup = check_int('warmup', warmup, 2)   # a compiled step compiles at its 2nd step: never in the timed ones
     lr = spec['lr'] if lr is None else lr
@@ -233,7 +318,7 @@ def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names
     for name, make in makers.items():
         ps = _clone_params(base)
         rows[name] = dict(problem=problem, rule=rule, contender=name, us_per_step=None, ratio=None, check=None,
-                          err=None, state_bytes_per_param=None, warmup_ms=None, note='')
+                          err=None, err64=None, state_bytes_per_param=None, warmup_ms=None, note='')
         try: opts[name], params[name] = _build(name, make, ps), ps
         except _Unavailable as e: rows[name]['note'] = str(e)
     del base
@@ -266,19 +351,28 @@ def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names
     for name, o in opts.items():
         rows[name].update(us_per_step=float(np.median(times[name])) * 1e6,
                           state_bytes_per_param=state_bytes(o, params[name]) / nparams)
-    # correctness: every contender must have moved its params where the reference moved them (after `steps` steps)
-    check_ref = next((c for c in ('torch (for-loop)', 'torch (foreach)', 'torch (fused)', 'fastai') if c in opts), None)
+    # correctness: every contender must have moved its params where the reference moved them (after `steps` steps);
+    # a reference not among the contenders is run here, untimed
+    check_ref, full = _reference_name(spec, opts), contenders(rule, lr)
     if 'expected' in spec: ref = [spec['expected'](q, g, scales, lr) for q, g in zip(p0, grads)]
     elif check_ref is not None: ref = [p.detach() for p in params[check_ref]]
+    elif (ref_name := _reference_name(spec, full)) is not None:
+        ref = _run_steps(ref_name, full[ref_name], p0, grads, scales)
     else: ref = None
+    if check_cache is None: check_cache = {}
+    if rule not in check_cache: check_cache[rule] = check_rule(rule, {k: makers[k] for k in opts}, lr, device, tol=check_tol)
+    checked = check_cache[rule]
     for name in opts:
         r = rows[name]
+        r['err64'], note64 = checked.get(name, (None, 'float64 check not run'))
         if name in spec.get('unchecked', {}): r.update(check='unchecked', note=spec['unchecked'][name]); continue
-        if ref is None: continue
-        if name == check_ref and 'expected' not in spec: r['check'] = 'reference'; continue
-        r['err'] = _displacement_error(params[name], ref, p0)
-        r['check'] = 'ok' if r['err'] <= tol else 'WRONG'
-    time_ref = next((c for c in ('torch (fused)', 'torch (foreach)', 'torch (for-loop)', 'fastai', 'fastopts') if c in opts), None)
+        if ref is None: r.update(check='unchecked', note=note64 or f'no reference for {rule}: not checked'); continue
+        if name != check_ref or 'expected' in spec: r['err'] = _displacement_error(params[name], ref, p0)
+        if (r['err'] or 0) > tol or (r['err64'] or 0) > check_tol: r['check'] = 'WRONG'
+        elif r['err64'] is None: r.update(check='unchecked', note=note64)
+        else: r['check'] = 'reference' if name == check_ref and 'expected' not in spec else 'ok'
+    refs = [c for c in opts if c.startswith('reference (')]   # a reference package, where torch has no such rule
+    time_ref = next((c for c in ('torch (fused)', 'torch (foreach)', 'torch (for-loop)', 'fastai', *refs, 'fastopts') if c in opts), None)
     if time_ref is None: time_ref = next(iter(opts))
     for r in rows.values():
         r['reference'] = time_ref
@@ -287,17 +381,18 @@ def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names
 
 # %% ../nbs/09_step_bench.ipynb #c009
 def step_benchmark(rules=RULES, problems=('resnet18', 'gpt2', 'small'), n:int=10, warmup:int=2, device='cpu',
-                   names=None, tol:float=1e-3, progress=None) -> list[dict]:
+                   names=None, tol:float=1e-3, progress=None, check_tol:float=CHECK_TOL) -> list[dict]:
     "`time_rule` for every rule on every problem: one row per contender, `ratio` = its time / the reference's time."
     device = check_device(device)   # early: a bad device fails before anything is built
     for r in rules: check_choice('rule', r, RULES)
     for p in problems: check_choice('problem', p, list(PROBLEMS))
     n, warmup = check_int('n', n, 1), check_int('warmup', warmup, 2)
-    rows = []
+    rows, check_cache = [], {}   # the float64 check runs once per rule, not once per problem
     for prob in problems:
         for rule in rules:
             if progress: progress(f'{prob} / {RULE_NAMES[rule]}')
-            rows += time_rule(rule, prob, n=n, warmup=warmup, device=device, names=names, tol=tol)
+            rows += time_rule(rule, prob, n=n, warmup=warmup, device=device, names=names, tol=tol,
+                              check_tol=check_tol, check_cache=check_cache)
     return rows
 
 def _cell(r) -> str:
@@ -338,7 +433,9 @@ def format_state_table(rows) -> str:
 
 def wrong_results(rows) -> list[str]:
     "'problem / rule / contender (error)' for every contender whose params did not follow the reference's."
-    return [f"{r['problem']} / {r['rule']} / {r['contender']} (error {r['err']:.2g})" for r in rows if r['check'] == 'WRONG']
+    g = lambda x: 'n/a' if x is None else f'{x:.2g}'
+    return [f"{r['problem']} / {r['rule']} / {r['contender']} (error {g(r['err'])}, float64 error {g(r['err64'])})"
+            for r in rows if r['check'] == 'WRONG']
 
 # %% ../nbs/09_step_bench.ipynb #c012
 def add_step_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -351,6 +448,7 @@ def add_step_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads (default 1; see above)')
     p.add_argument('--tol', type=float, default=1e-3, help='correctness check: max displacement error / max displacement')
+    p.add_argument('--check-tol', type=float, default=CHECK_TOL, help=f'the same after {CHECK_STEPS} float64 steps (default {CHECK_TOL:g})')
     p.add_argument('--csv', default=None, help='also write every row to this CSV file')
     return p
 
@@ -365,7 +463,7 @@ def step_bench_main(args) -> list[dict]:
     torch.set_num_threads(check_int('threads', args.threads, 1))
     say = lambda s: print(f'  {s} ...', flush=True)
     rows = step_benchmark(args.rules, args.problems, n=args.n, warmup=args.warmup, device=device,
-                          names=args.contenders, tol=args.tol, progress=say)
+                          names=args.contenders, tol=args.tol, progress=say, check_tol=args.check_tol)
     print(f"\ntorch {torch.__version__}, {_device_name(device)}; median of {args.n} interleaved steps "
           f"after {args.warmup} warm-up steps; ratio = step time / the reference's (below 1: faster than it)\n")
     print(format_step_table(rows))

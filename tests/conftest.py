@@ -8,6 +8,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; only with --slow")
     os.environ.setdefault("MPLBACKEND", "Agg")
 
+def pytest_collect_file(file_path, parent):
+    "tests/gpu_checks.py keeps its name (the README runs it as a script) and is collected too: its tests skip without CUDA."
+    if file_path.name == 'gpu_checks.py' and not parent.session.isinitpath(file_path):   # (a path given: pytest's own)
+        return pytest.Module.from_parent(parent, path=file_path)
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--slow"): return
     skip = pytest.mark.skip(reason="slow: run with --slow")

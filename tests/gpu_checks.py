@@ -1,4 +1,5 @@
-"""Checks that need a CUDA GPU (run by hand where one exists: `python tests/gpu_checks.py`; CI has none).
+"""Checks that need a CUDA GPU: collected by pytest (tests/conftest.py collects this file by name), each test skipped,
+with the reason in the report, where no CUDA device exists; or run by hand: `python tests/gpu_checks.py`.
 
 1. every torch-referenced optimizer matches torch.optim on CUDA float32 (torch's foreach path), 200 steps;
 2. fastai's `MixedPrecision` (CUDA-only) trains digits with fastopts optimizers to the CPU accuracy bar;
@@ -7,8 +8,10 @@
    fused optimizer's, 200 steps, two groups, some params with do_wd=False.
 Exits non-zero on the first failure and prints one line per check.
 """
-import sys, torch, torch.nn.functional as F
+import sys, pytest, torch, torch.nn.functional as F
 from functools import partial
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (torch.cuda.is_available() is False)')
 
 def reference_on_cuda():
     from fastopts.optimizer import SGD, Adam, AdamW, RAdam, RMSProp
@@ -120,8 +123,13 @@ def compiled_on_cuda():
         assert graphs == 2, f'{name}: {graphs} graphs for 2 groups'
         print(f'ok  compiled {name} on CUDA: equals the callbacks, {graphs} graphs for 2 groups over 30 scheduled steps')
 
+CHECKS = [reference_on_cuda, fused_on_cuda, compiled_on_cuda, mixed_precision_fit, find_lr_restores_under_mixed_precision]
+
+@pytest.mark.parametrize('check', CHECKS, ids=[c.__name__ for c in CHECKS])
+def test_gpu(check): check()
+
 if __name__ == '__main__':
     assert torch.cuda.is_available(), 'no CUDA device'
     print('device:', torch.cuda.get_device_name(), 'torch', torch.__version__)
-    reference_on_cuda(); fused_on_cuda(); compiled_on_cuda(); mixed_precision_fit(); find_lr_restores_under_mixed_precision()
+    for check in CHECKS: check()
     print('all GPU checks passed')

@@ -75,3 +75,18 @@ def seeded_params(shapes, dtype=torch.float32, seed=0, frozen=()):
     ps = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
     for i, p in enumerate(ps): p.requires_grad_(i not in frozen)
     return ps
+
+# Schedule-Free and LR-free optimizers (fastopts.lr_free). Kept out of OPTIMIZERS: Schedule-Free starts in eval mode,
+# as schedulefree's optimizers do (`opt.train()` before the first step), and none has a compiled step, which the shared
+# tests above assume. tests/test_lr_free.py reads these; `torch_cls` builds the reference package's optimizer
+# (imported when called: the packages are test-only, in the `dev` extra).
+def _ref(module, cls): return lambda ps, **kw: getattr(__import__(module), cls)(ps, **kw)
+from fastopts.lr_free import ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix
+LR_FREE = [
+    OptSpec('sf_adamw', ScheduleFreeAdamW, dict(lr=1e-2), _ref('schedulefree', 'AdamWScheduleFree'), dict(lr=1e-2)),
+    OptSpec('sf_sgd', ScheduleFreeSGD, dict(lr=1e-2), _ref('schedulefree', 'SGDScheduleFree'), dict(lr=1e-2)),
+    OptSpec('prodigy', Prodigy, dict(lr=1.), _ref('prodigyopt', 'Prodigy'), dict(lr=1.)),
+    OptSpec('adopt', ADOPT, dict(lr=1e-3), _ref('adopt', 'ADOPT'), dict(lr=1e-3)),
+    OptSpec('ademamix', AdEMAMix, dict(lr=1e-3)),   # no package: tests/test_lr_free.py writes the paper's update
+]
+LR_FREE_STATE_BYTES = {'sf_adamw': 8, 'sf_sgd': 4, 'prodigy': 16, 'adopt': 8, 'ademamix': 12}   # float32 state per parameter

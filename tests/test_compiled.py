@@ -28,10 +28,10 @@ def have_cxx() -> bool:
     return any(c and shutil.which(c) for c in config.cpp.cxx)
 
 def compiled_or_named_failure(run):
-    "`run()` where inductor can compile; without a C++ compiler, the step must say so clearly instead."
+    "`run()` where inductor can compile; without a C++ compiler, the step must say so clearly instead (then a reported skip)."
     if have_cxx(): return run()
     with pytest.raises(RuntimeError, match=r"torch.compile failed on the chain .*C\+\+ compiler.*compiled=False"): run()
-    return None
+    pytest.skip("no C++ compiler for inductor: checked that the step says so; the compiled numbers are not checked here")
 
 def drive(make, dtype=torch.float32, steps=8, no_grad_at=None, schedule=True):
     "Two groups; `lr`, `mom` (and `sqr_mom`) change at every step when `schedule`; the final params and the optimizer."
@@ -64,7 +64,6 @@ def test_compiled_equals_callbacks(name, dtype):
     spec = BY_NAME[name]
     eager, _ = drive(lambda gs: spec.make(gs, fused=False), dtype)
     out = compiled_or_named_failure(lambda: drive(lambda gs: spec.make(gs, compiled=True), dtype))
-    if out is None: return
     compiled, opt = out
     assert_same(compiled, eager, dtype)
     assert opt._compiled_fns, "the compiled step never ran"
@@ -122,7 +121,6 @@ def test_fastai_fit_one_cycle():
         return [p.detach() for p in learn.model.parameters()], graphs() - before, learn
     eager, _, _ = fit(fused=False)
     out = compiled_or_named_failure(lambda: fit(compiled=True))
-    if out is None: return
     compiled, n, learn = out
     assert_same(compiled, eager)
     assert n == 1, n
@@ -177,3 +175,10 @@ def test_complex_params(name):
         assert all(v.is_complex() for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim())
     assert opt._compiled_fns
     assert_same([runs[1]], [runs[0]])
+
+def test_without_a_compiler_the_numeric_tests_skip():
+    "Without a C++ compiler `compiled_or_named_failure` checks the step's named error, then skips (reported), never passes."
+    from torch._inductor import config
+    with config.patch({'cpp.cxx': (None, '/nonexistent/g++')}):
+        with pytest.raises(pytest.skip.Exception, match=r'no C\+\+ compiler'):
+            compiled_or_named_failure(lambda: drive(lambda gs: Adam(gs, lr=0.01, compiled=True), steps=2))

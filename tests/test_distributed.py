@@ -19,12 +19,12 @@ def _spawn(fn, args, init_file, world, timeout):
 
 def run_ranks(fn, args, tmp_path, world=2, timeout=TIMEOUT):
     """Spawn `world` ranks of `fn(rank, world, init_file, *args)`; fail (and kill them) after `timeout` seconds. A
-    rank killed by a signal (gloo's C++ threads once aborted a rank in CI: SIGABRT, "terminate called without an
-    active exception", no Python error) gets one more try of the whole job, said on stderr; a Python exception,
-    a hang or a second signal fails the test."""
+    rank aborted (gloo's C++ threads once aborted a rank in CI: SIGABRT, "terminate called without an active
+    exception", no Python error) gets one more try of the whole job, said on stderr; a Python exception, a hang,
+    any other signal (a crash, a kill) or a second abort fails the test."""
     try: _spawn(fn, args, str(tmp_path / 'init'), world, timeout)
     except mp.ProcessExitedException as e:
-        if not e.signal_name: raise
+        if e.signal_name != 'SIGABRT': raise
         print(f'rank {e.error_index} was killed by {e.signal_name}: running the ranks once more', file=sys.stderr)
         _spawn(fn, args, str(tmp_path / 'init2'), world, timeout)
 
@@ -37,6 +37,13 @@ def test_a_rank_killed_by_a_signal_gets_one_more_try(times, tmp_path):
     else:
         with pytest.raises(mp.ProcessExitedException, match='SIGABRT'): run_ranks(w.abort_job, (str(marker), times), tmp_path)
     assert (tmp_path / 'runs.1').read_text() == '2'
+
+def test_another_signal_is_not_retried(tmp_path):
+    "A rank killed by a signal other than SIGABRT (here a crash, SIGSEGV) fails the test at once, without a second run."
+    from signal_worker import signal_job
+    marker = tmp_path / 'runs'
+    with pytest.raises(mp.ProcessExitedException, match='SIGSEGV'): run_ranks(signal_job, (str(marker), 1, 'SIGSEGV'), tmp_path)
+    assert (tmp_path / 'runs.1').read_text() == '1'
 
 @pytest.mark.parametrize('mode', ['ddp', 'zero', 'fsdp2'])
 def test_every_optimizer_matches_one_process(mode, tmp_path):

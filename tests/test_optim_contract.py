@@ -86,6 +86,7 @@ def test_bad_hyper_in_set_hyper(name, value):
     with pytest.raises(ValueError) as err: opt.set_hyper(name, [DEFAULTS[Adam].get(name, 1e-3) or 1e-3, value])
     assert_names(err, name, value)
     with pytest.raises(ValueError) as err: opt.set_hypers(**{name: value})
+    assert_names(err, name, value)
     assert [dict(h) for h in opt.hypers] == before, "a refused set_hyper must not change any group"
 
 def test_bad_numpy_and_tensor_hypers():
@@ -184,7 +185,7 @@ def test_callback_returning_dict_of_wrong_length():
     ps = make_params()
     opt = Optimizer(ps, [bad, sgd_step], lr=0.1)
     set_grads(ps, 0)
-    with pytest.raises(ValueError): opt.step()
+    with pytest.raises(ValueError, match=r'callback `bad` returned `n` with \[1\]; expected a list with one value per param \(3\)'): opt.step()
 
 def test_compose_callbacks_into_momentum_sgd():
     "The shipped callbacks compose: weight_decay + average_grad + momentum_step is torch SGD with momentum (+ decay)."

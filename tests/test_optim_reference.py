@@ -18,7 +18,10 @@ GROUPS = [[0, 1, 2], [3, 4, 5]]       # indices of SHAPES in each param group
 FROZEN = {4}                          # requires_grad=False: never gets a grad
 SKIP = {1: 3, 3: 4}                   # param index -> its grad is None at steps t with t % k == 0
 STEPS, CHECK_EVERY = 200, 50
-TOL = {torch.float64: dict(rtol=1e-6, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+# float64: every rule reaches max |ours - ref| <= 8.9e-16 and max elementwise |ours - ref|/|ref| <= 1.5e-13 over 200
+# steps (momentum, on entries near 0; the others <= 8e-15; measured with `trajectory` on every case, both builds):
+# atol 1e-13 and rtol 1e-12 keep a ~100x margin and still catch a float32 step anywhere in the chain (~1e-8 relative)
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-13), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 
 def make_params(dtype, seed=0): return seeded_params(SHAPES, dtype, seed, FROZEN)
 
@@ -276,3 +279,29 @@ def test_group_dicts_fill_missing_hypers_from_defaults():
     theirs, _ = trajectory(lambda groups: torch.optim.Adam([{'params': g, **hp} for g, hp in zip(groups, hps)], lr=1.,
                                                             betas=(0.9, 0.999), eps=1e-8), torch.float64)
     assert_same_trajectory(ours, theirs, torch.float64)
+
+# ---------------------------------------------------------------- Lamb in float64 (issue 23)
+LAMB_F64 = dict(lr=1e-2, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01)
+
+def lamb_f64_gap(steps=50):
+    "Max elementwise |ours - fastai's| / |fastai's| of `Lamb` in float64 over `steps` steps, both groups with `LAMB_F64`."
+    hps = [LAMB_F64, LAMB_F64]
+    ours, _ = trajectory(build_fastopts(Lamb, hps, 'lists'), torch.float64, steps=steps)
+    theirs, _ = trajectory(lambda groups: fastai_lamb(groups, hps), torch.float64, steps=steps)
+    return max(float(((x - y).abs() / y.abs()).max()) for a, b in zip(ours, theirs) for x, y in zip(a, b))
+
+def test_lamb_f64_equals_fastai():
+    "float64 Lamb computes its trust ratio in float64: fastai's Lamb to 1e-12 relative over 50 steps (measured 3.2e-15)."
+    assert lamb_f64_gap() <= 1e-12
+
+def test_lamb_f64_gate_rejects_a_float32_trust_ratio(monkeypatch):
+    "The gate above can fail: norms upcast with `.float()` (the bug it was written for) put Lamb 6.8e-8 away."
+    import fastopts.optimizer as fopt
+    full_norms = fopt._full_norms
+    monkeypatch.setattr(fopt, '_full_norms', lambda xs: full_norms(xs).float())
+    assert lamb_f64_gap() > 1e-12
+    # and the 200-step reference test's float64 tolerance rejects it too
+    fn, kw, hps, ref = CASES['lamb_wd']
+    ours, _ = trajectory(build_fastopts(fn, hps, 'lists', **kw), torch.float64, steps=50)
+    theirs, _ = trajectory(ref(hps), torch.float64, steps=50)
+    with pytest.raises(AssertionError, match='Tensor-likes are not close'): assert_same_trajectory(ours, theirs, torch.float64)

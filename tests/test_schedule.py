@@ -80,6 +80,56 @@ def test_one_cycle_vs_torch(N, pct, anneal, three):
     assert np.abs(ol - tl).max() <= shift * np.abs(np.diff(tl)).max() * (1 + 1e-9)
     assert np.abs(om - tm).max() <= shift * np.abs(np.diff(tm)).max() * (1 + 1e-9)
 
+def torch_phase_fractions(N, pct, three):
+    "For each of torch's `N` OneCycleLR steps: (its phase, the fraction of it done), as `OneCycleLR.get_lr` computes them."
+    ends = [pct * N - 1, 2 * pct * N - 2, N - 1] if three else [pct * N - 1, N - 1]
+    out = []
+    for i in range(N):
+        start = 0.
+        for k, end in enumerate(ends):
+            if i <= end or k == len(ends) - 1: out.append((k, (i - start) / (end - start))); break
+            start = end
+    return out
+
+def assert_phases_match_torch(sched, N, lr_max, div, fdiv, pct, anneal, three):
+    """Each annealing phase of `sched` (a OneCycle) is torch's: at every step torch takes, our schedule at the same
+    fraction of the same phase gives torch's lr and momentum to rtol 1e-9 (the phases' discretisation differs, see above)."""
+    tl, tm = torch_one_cycle(N, lr_max, div, fdiv, pct, anneal, three)
+    fs = sched.schedules(dict(lr=[lr_max]))
+    widths = [pct, pct, 1 - 2 * pct] if three else [pct, 1 - pct]
+    starts = np.cumsum([0.] + widths[:-1])
+    for i, (k, x) in enumerate(torch_phase_fractions(N, pct, three)):
+        pos = starts[k] + x * widths[k]
+        np.testing.assert_allclose(np.asarray(fs['lr'](pos)), tl[i], rtol=1e-9, err_msg=f'lr, step {i}, phase {k}')
+        np.testing.assert_allclose(np.asarray(fs['mom'](pos)), tm[i], rtol=1e-9, err_msg=f'mom, step {i}, phase {k}')
+
+@pytest.mark.parametrize('N', [100, 257, 1000])
+@pytest.mark.parametrize('pct', [.25, .3, .45])
+@pytest.mark.parametrize('anneal', ['cos', 'linear'])
+@pytest.mark.parametrize('three', [False, True])
+def test_one_cycle_phases_are_torchs(N, pct, anneal, three):
+    "Start, peak, end and the curve between, of every phase, to rtol 1e-9: a wrong `div`/`div_final`/shape fails."
+    lr_max, div, fdiv = 1e-2, 25., 1e4
+    sched = OneCycle(div=div, div_final=div * fdiv, pct_start=pct, anneal=anneal, three_phase=three, moms=(.95, .85, .95))
+    assert_phases_match_torch(sched, N, lr_max, div, fdiv, pct, anneal, three)
+    # and the plan takes its step i at the position i/N of those phases (fastai's `ParamScheduler`)
+    v, fs = schedule_values(sched, 1, N, lr=lr_max), sched.schedules(dict(lr=[lr_max]))
+    np.testing.assert_allclose(v['lr'][:, 0], [float(np.asarray(fs['lr'](i / N))[0]) for i in range(N)], rtol=1e-12)
+    np.testing.assert_allclose(v['mom'][:, 0], [float(np.asarray(fs['mom'](i / N))) for i in range(N)], rtol=1e-12)
+
+@pytest.mark.parametrize('anneal', ['cos', 'linear'])
+@pytest.mark.parametrize('three', [False, True])
+def test_one_cycle_wrong_div_final_fails(anneal, three):
+    "A `div_final` 100x too large passed the one-step-shift comparison above in all 36 cases; the phase check rejects it."
+    lr_max, div, fdiv, pct, N = 1e-2, 25., 1e4, .3, 100
+    wrong = OneCycle(div=div, div_final=div * fdiv * 100, pct_start=pct, anneal=anneal, three_phase=three)
+    tl, _ = torch_one_cycle(N, lr_max, div, fdiv, pct, anneal, three)
+    ol = schedule_values(wrong, 1, N, lr=lr_max)['lr'][:, 0]
+    shift = 2 if three else 1
+    assert np.abs(ol - tl).max() <= shift * np.abs(np.diff(tl)).max() * (1 + 1e-9)   # the loose check: passes
+    with pytest.raises(AssertionError, match='lr, step'):
+        assert_phases_match_torch(wrong, N, lr_max, div, fdiv, pct, anneal, three)
+
 def test_one_cycle_exp_is_geometric():
     v = schedule_values(OneCycle(anneal='exp', pct_start=.5, div=100., div_final=1e4), 1, 4, lr=1.)['lr'][:, 0]
     np.testing.assert_allclose(v, [1e-2, 1e-1, 1., 1e-2])

@@ -1,0 +1,212 @@
+"""Precision: Kahan summation and stochastic rounding of 16-bit params, bf16 / blockwise int8 moments, checkpoints.
+
+References are independent of fastopts: torch.optim.AdamW in float32 for the Kahan run, the bf16 neighbours of a
+value (torch.nextafter) and the exact mean for stochastic rounding, a per-block bound derived from the map's
+largest gap for int8, and the saved tensors themselves for checkpoints.
+"""
+from functools import partial
+import pytest, torch
+import torch.nn.functional as F
+from fastopts.optimizer import ParamGroupView, average_grad, average_sqr_grad, step_stat, adam_step, weight_decay, fused_adam
+from fastopts.precision import Precision, quantize_blockwise, dequantize_blockwise, dynamic_map, stochastic_round, QUANT_BLOCK, QUANT_MIN_NUMEL
+
+ADAMW = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, adam_step]
+HYPER = dict(mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01)
+
+def run_chain(ps, states, prec, cbs=ADAMW, lr=1e-4):
+    "One step of `cbs` on `ps` through `prec` (None: the chain alone), as the Optimizer does per sub-group."
+    with torch.no_grad():
+        grp = ParamGroupView(ps, [p.grad for p in ps], states)
+        work = prec.enter(grp) if prec else grp
+        for cb in cbs: work.update(cb(work, lr=lr, **HYPER), cb)
+        if work is not grp: prec.exit(work, grp)
+
+def _mlp_params(dtype):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(s, generator=g) * 0.2).to(dtype).requires_grad_() for s in [(64, 32), (64,), (8, 64), (8,)]]
+
+def _loss(ps, x, y):
+    w1, b1, w2, b2 = [p.float() for p in ps]   # forward in float32; a bf16 param's grad comes back in bf16
+    return F.mse_loss(F.linear(torch.relu(F.linear(x, w1, b1)), w2, b2), y)
+
+def train(dtype, prec=None, steps=100, lr=1e-4, torch_ref=False):
+    ps = _mlp_params(dtype)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 32, generator=g), torch.randn(256, 8, generator=g)
+    opt = torch.optim.AdamW(ps, lr=lr, weight_decay=0.01) if torch_ref else None
+    states = [{} for _ in ps]
+    for _ in range(steps):
+        for p in ps: p.grad = None
+        _loss(ps, x, y).backward()
+        if opt: opt.step()
+        else: run_chain(ps, states, prec, lr=lr)
+    return [p.detach() for p in ps], states
+
+def frac_outside(a, b, atol=1e-3, rtol=1e-2):
+    "optimi's bf16 criterion: the fraction of elements of `a` outside atol + rtol*|b| of `b`."
+    a, b = (torch.cat([t.float().reshape(-1) for t in xs]) for xs in (a, b))
+    return ((a - b).abs() > atol + rtol * b.abs()).float().mean().item()
+
+@pytest.fixture(scope='module')
+def fp32_run(): return train(torch.float32, torch_ref=True)[0]
+
+def test_kahan_bf16_tracks_fp32(fp32_run):
+    ps, states = train(torch.bfloat16, Precision(kahan_sum=True))
+    assert all(p.dtype == torch.bfloat16 for p in ps)
+    assert all(s['kahan_comp'].dtype == torch.bfloat16 and s['grad_avg'].dtype == torch.bfloat16 for s in states)
+    assert frac_outside(ps, fp32_run) <= 0.01
+
+def test_plain_bf16_does_not(fp32_run):
+    ps, _ = train(torch.bfloat16, None)
+    assert frac_outside(ps, fp32_run) > 0.5          # updates of 1e-4 round away on weights near 0.2
+    assert frac_outside(_mlp_params(torch.float32), fp32_run) > 0.5   # ... and the fp32 run did move
+
+def test_kahan_default_on_for_16bit_only():
+    assert Precision().rounding(torch.bfloat16) == 'kahan' and Precision().rounding(torch.float16) == 'kahan'
+    assert Precision().rounding(torch.float32) is None and Precision(kahan_sum=False).rounding(torch.bfloat16) is None
+    p = torch.randn(10, requires_grad=True); p.grad = torch.randn(10)
+    grp = ParamGroupView([p], [p.grad], [{}])
+    assert Precision(kahan_sum=True).enter(grp) is grp      # float32 params: nothing to compensate
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('x0', [0.1234567, -3.3333333, 1e-3 + 1e-7])
+def test_stochastic_rounding_unbiased(dtype, x0):
+    x = torch.full((1_000_000,), x0)
+    r = stochastic_round(x, dtype, torch.Generator().manual_seed(0))
+    assert r.dtype == dtype
+    down = torch.tensor(x0).to(dtype)
+    if down.float() > x0: down = torch.nextafter(down, torch.tensor(-1e9, dtype=dtype))
+    up = torch.nextafter(down, torch.tensor(1e9, dtype=dtype))
+    assert set(r.float().unique().tolist()) <= {down.float().item(), up.float().item()}   # only the two neighbours
+    assert abs(r.double().mean().item() - x0) <= 3e-5 * max(1, abs(x0))
+
+def test_stochastic_rounding_seeded_through_precision():
+    def sgd(grp, lr, **_): torch._foreach_add_(grp.params, grp.grads, alpha=-lr)
+    def step(seed):
+        p = torch.full((1_000_000,), 0.3).bfloat16(); p.grad = torch.full((1_000_000,), 1.).bfloat16()
+        run_chain([p], [{}], Precision(stochastic_round=True, seed=seed), cbs=[sgd], lr=1e-4)
+        return p
+    a, b, c = step(0), step(0), step(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len(a.unique()) == 2                         # rounded both ways, no Kahan buffer
+    assert abs(a.double().mean().item() - (torch.tensor(0.3).bfloat16().double().item() - 1e-4)) < 3e-5
+
+def test_int8_round_trip_bounded_per_block():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 777, generator=g) * torch.logspace(-8, 0, 5)[:, None]
+    for t in (x, x.abs()):
+        codes, absmax = quantize_blockwise(t)
+        n = -(-t.numel() // QUANT_BLOCK)
+        assert codes.shape == t.shape and absmax.shape == (n,) and absmax.dtype == torch.float32
+        flat = torch.cat([t.reshape(-1), t.new_zeros(n * QUANT_BLOCK - t.numel())]).view(n, QUANT_BLOCK)
+        torch.testing.assert_close(absmax, flat.abs().amax(1), rtol=0, atol=0)
+        err = (dequantize_blockwise(codes, absmax) - t).reshape(-1)
+        err = torch.cat([err, err.new_zeros(n * QUANT_BLOCK - t.numel())]).view(n, QUANT_BLOCK).abs().amax(1)
+        gap = dynamic_map(codes.dtype == torch.int8).diff().max()
+        assert (err <= absmax * gap / 2 * (1 + 1e-4)).all()
+        assert gap < 0.015    # the map's widest step: 1.4% of the block's absmax at most
+
+def _adam_states(prec, dtype=torch.float32, n=QUANT_MIN_NUMEL * 2, steps=3):
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(n, generator=g).to(dtype), torch.randn(10, generator=g).to(dtype)]
+    states = [{'do_wd': True} for _ in ps]
+    for _ in range(steps):
+        for p in ps: p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        run_chain(ps, states, prec, lr=1e-3)
+    return ps, states
+
+def test_state_storage_and_bytes():
+    _, st = _adam_states(Precision(state_dtype='int8'))
+    big, small = st
+    assert big['grad_avg'].dtype == torch.int8 and big['sqr_avg'].dtype == torch.uint8
+    assert big['grad_avg.absmax'].dtype == torch.float32 and big['step'] == 3 and big['do_wd'] is True
+    assert small['grad_avg'].dtype == torch.float32 and 'grad_avg.absmax' not in small   # small: full precision
+    nbytes = sum(v.numel() * v.element_size() for k, v in big.items() if isinstance(v, torch.Tensor))
+    assert nbytes / (QUANT_MIN_NUMEL * 2) <= 2.1
+    _, st = _adam_states(Precision(state_dtype=torch.bfloat16))
+    assert all(s[k].dtype == torch.bfloat16 for s in st for k in ('grad_avg', 'sqr_avg'))
+
+@pytest.mark.parametrize('state_dtype', [torch.bfloat16, 'int8'])
+def test_low_state_close_to_fp32_state(state_dtype):
+    ref, _ = _adam_states(None, steps=20)
+    got, _ = _adam_states(Precision(state_dtype=state_dtype), steps=20)
+    p0 = torch.randn(QUANT_MIN_NUMEL * 2, generator=torch.Generator().manual_seed(0))
+    move = (ref[0] - p0).abs().mean()
+    assert (got[0] - ref[0]).abs().mean() < 0.05 * move     # the moments' rounding changes the path by a few %
+
+def test_fused_kernel_runs_on_the_working_view():
+    "The fused kernel is one more chain: on the working view it gives what the callbacks give."
+    out = []
+    for fused in (False, True):
+        g = torch.Generator().manual_seed(0)
+        p = torch.randn(QUANT_MIN_NUMEL * 2, generator=g).bfloat16(); st = [{}]
+        prec = Precision(state_dtype='int8')
+        for _ in range(3):
+            p.grad = torch.randn(p.shape, generator=g).bfloat16()
+            if fused:
+                grp = ParamGroupView([p], [p.grad], st); work = prec.enter(grp)
+                assert fused_adam(work, lr=1e-3, **HYPER, wd_role='wd'); prec.exit(work, grp)
+            else: run_chain([p], st, prec, lr=1e-3)
+        out.append((p, st[0]))
+    (p1, s1), (p2, s2) = out
+    assert s1.keys() == s2.keys()
+    torch.testing.assert_close(p1.float(), p2.float(), rtol=0, atol=2 ** -8)
+    torch.testing.assert_close(s1['kahan_comp'].float(), s2['kahan_comp'].float(), rtol=0, atol=2e-5)
+
+def test_other_state_untouched_and_copied_back():
+    p = torch.randn(QUANT_MIN_NUMEL * 2).bfloat16(); p.grad = torch.randn(QUANT_MIN_NUMEL * 2).bfloat16()
+    flag, other = object(), torch.zeros(3)
+    st = [{'do_wd': False, 'mine': flag, 'vec': other}]
+    def cb(grp, **_):
+        s = grp.states[0]
+        assert s['mine'] is flag and s['vec'] is other
+        s['count'] = s.get('count', 0) + 1; s['vec'] = torch.ones(3)
+        del s['mine']
+    run_chain([p], st, Precision(state_dtype='int8'), cbs=[cb])
+    assert st[0]['count'] == 1 and torch.equal(st[0]['vec'], torch.ones(3)) and 'mine' not in st[0] and st[0]['do_wd'] is False
+
+class TinyOpt(torch.optim.Optimizer):
+    "The smallest optimizer that saves and loads state through torch, with the precision layer's restore."
+    def __init__(self, ps, prec): super().__init__(ps, {}); self.prec = prec
+    def load_state_dict(self, sd): super().load_state_dict(sd); self.prec.restore_loaded(self, sd)
+
+@pytest.mark.parametrize('prec,dtype,torch_casts', [(Precision(state_dtype='int8'), torch.bfloat16, True),
+    (Precision(state_dtype='int8'), torch.float32, True), (Precision(state_dtype=torch.bfloat16), torch.float32, True),
+    (Precision(state_dtype=torch.float32), torch.bfloat16, True), (Precision(), torch.bfloat16, False)])
+def test_checkpoint_bit_for_bit(prec, dtype, torch_casts, tmp_path):
+    ps, states = _adam_states(prec, dtype=dtype)
+    o = TinyOpt(ps, prec)
+    for p, s in zip(ps, states): o.state[p] = s
+    torch.save(o.state_dict(), tmp_path / 'o.pt')
+    sd = torch.load(tmp_path / 'o.pt', weights_only=True)
+    fresh = [p.clone() for p in ps]
+    o2 = TinyOpt(fresh, prec)
+    o2.load_state_dict(sd)
+    for p, p2 in zip(ps, fresh):
+        s, s2 = o.state[p], o2.state[p2]
+        assert s.keys() == s2.keys()
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor): assert v.dtype == s2[k].dtype and torch.equal(v, s2[k]), k
+            else: assert v == s2[k]
+    plain = torch.optim.SGD([p.clone() for p in ps], lr=0.1)   # torch alone casts all state (int8 codes too) to the param's dtype
+    plain.load_state_dict({**sd, 'param_groups': plain.state_dict()['param_groups']})
+    changed = any(v.dtype != plain.state[p2][k].dtype for p, p2 in zip(ps, plain.param_groups[0]['params'])
+                  for k, v in o.state[p].items() if isinstance(v, torch.Tensor))
+    assert changed == torch_casts
+    # the loaded state steps on exactly as the saved one does
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(p.shape, generator=g) for p in ps]
+    for pp, st in ((ps, [o.state[p] for p in ps]), (fresh, [o2.state[p] for p in fresh])):
+        for p, gr in zip(pp, grads): p.grad = gr.to(dtype)
+        run_chain(pp, st, prec, lr=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(ps, fresh))
+
+def test_refusals():
+    for kw, msg in [(dict(kahan_sum=True, stochastic_round=True), 'pick one'), (dict(state_dtype='int4'), "'int4'"),
+                    (dict(state_dtype=torch.int8), 'torch.int8'), (dict(kahan_sum='yes'), "`kahan_sum`"),
+                    (dict(stochastic_round=None), '`stochastic_round`'), (dict(seed=0), 'stochastic_round=True'),
+                    (dict(stochastic_round=True, seed=1.5), '`seed`')]:
+        with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace("'", "'")): Precision(**kw)
+    p = torch.randn(3, dtype=torch.complex64); g = torch.randn(3, dtype=torch.complex64)
+    grp = ParamGroupView([torch.view_as_real(p)], [torch.view_as_real(g)], [{}], orig=[p])
+    with pytest.raises(ValueError, match='complex'): Precision(state_dtype=torch.bfloat16).enter(grp)
