@@ -6,7 +6,7 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #c002
-from . import core, hypers, callbacks, fused, torch_state, optimizer, lookahead, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release
+from . import core, hypers, callbacks, fused, torch_state, optimizer, lookahead, matrix, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release
 from .core import *
 from .hypers import *
 from .callbacks import *
@@ -14,6 +14,7 @@ from .fused import *
 from .torch_state import *
 from .optimizer import *
 from .lookahead import *
+from .matrix import *
 from .lr_free import *
 from .schedule import *
 from .lr_finder import *
@@ -26,4 +27,4 @@ from .precision import *
 from .release import *
 
 # every module's public names, so that `import *` brings them all
-__all__ = [n for m in (core, hypers, callbacks, fused, torch_state, optimizer, lookahead, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release) for n in m.__all__]
+__all__ = [n for m in (core, hypers, callbacks, fused, torch_state, optimizer, lookahead, matrix, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release) for n in m.__all__]

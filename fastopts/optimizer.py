@@ -270,8 +270,10 @@ class Optimizer(torch.optim.Optimizer):
         return [rank[l] for l in ls], len(rank)
 
     def set_hyper(self, k:str, v):
-        "Set hyper `k` to `v`: a scalar, one value per layer group (list/array) or a `slice` spread over the layer groups."
+        "Set hyper `k` to `v`: a scalar, one value per layer group or per param group (list/array), or a `slice` spread over the layer groups."
         layers, n = self._layers()
+        if n != len(layers) and not isinstance(v, (str, slice)) and hasattr(v, '__len__') and len(v) == len(layers):
+            n = len(layers); layers = list(range(n))   # one value per param group: fastai's schedules read `hypers` and set it back
         vs = [check_hyper(k, x) for x in per_group(k, v, n)]
         self._hyper_names.add(k)
         for g, l in zip(self.param_groups, layers): g[k] = vs[l]
@@ -387,6 +389,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"param_groups[{i}] of the state dict runs chain {g.get('chain', self._first)!r}, this optimizer's group "
                                  f"{i} runs {cur.get('chain', self._first)!r}: build the optimizer the checkpoint was saved from")
         super().load_state_dict(sd)
+        self._hyper_names.update(k for g in self.param_groups for k in g if k in HYPER_RANGES or k in self.defaults)   # e.g. a scheduled `mom`
         if self.precision.state_dtype is not None: self.precision.restore_loaded(self, sd)   # torch cast codes and scales to the param dtype
 
     def torch_state_dict(self) -> dict:

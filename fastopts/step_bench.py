@@ -13,6 +13,7 @@ import fastai.optimizer as fai
 from fastcore.foundation import L
 from . import optimizer as fo
 from .lookahead import Lookahead
+from . import matrix as fm
 from . import lr_free as lf
 from .core import check_choice, check_int
 
@@ -98,6 +99,22 @@ def _lion_sign_sum(scales, b1, b2) -> float:
         a = b2*a + (1 - b2)*c
     return total
 
+def _matrices(ps) -> list: return [p for p in ps if p.ndim >= 2]
+
+def _fastopts_muon(ps, lr, **kw): return fm.Muon(_matrices(ps), lr, **kw)
+
+def _as_matrix(p):
+    "A 2-D leaf sharing `p`'s storage and grad (a conv weight as out x rest): how torch.optim.Muon, 2-D only, takes it."
+    q = torch.nn.Parameter(p.detach().view(p.shape[0], -1))
+    q.grad = p.grad.view(q.shape)
+    return q
+
+def _fastopts_soap(ps, lr, compiled=False, **kw):
+    if compiled: raise TypeError("SOAP takes no `compiled=True` keyword: its eigendecompositions run eagerly")
+    return fm.SOAP(ps, lr, **kw)
+
+_SOAP_NOTE = "no SOAP in torch or fastai: tests/test_matrix.py checks it against one written from the paper"
+
 _RADAM_EPS = "fastai's RAdam adds eps to sqrt(S/(1-sqr_mom^t)), torch's and fastopts' to sqrt(S): not checked"
 
 def _rules() -> dict:
@@ -149,6 +166,14 @@ def _rules() -> dict:
         'ademamix': dict(lr=1e-3, fastopts=partial(lf.AdEMAMix, mom=MOM, sqr_mom=SQR_MOM, eps=EPS), torch=lambda lr: {}, fastai=None,
                          unchecked={n: "no AdEMAMix package: tests/test_lr_free.py checks it against the paper's update"
                                     for n in ('fastopts', 'fastopts fused=False')}),
+        # matrix-aware rules (fastopts.matrix). Muon: every contender gets the problem's 2+-dim tensors only (the step
+        # that Muon adds; torch.optim.Muon takes 2-D weights, so conv weights go in as 2-D views sharing storage and grad)
+        'muon': dict(lr=2e-2, fastopts=_fastopts_muon, fastai=None,
+                     torch=lambda lr: {'torch (for-loop)': lambda ps: torch.optim.Muon([_as_matrix(p) for p in _matrices(ps)], lr=lr)}),
+        'adafactor': dict(lr=1e-2, fastopts=fm.Adafactor, fastai=None,
+                          torch=lambda lr: _torch(torch.optim.Adafactor, impls=('for-loop', 'foreach'), lr=lr)),
+        'soap': dict(lr=3e-3, fastopts=_fastopts_soap, torch=lambda lr: {}, fastai=None,
+                     unchecked={k: _SOAP_NOTE for k in ('fastopts', 'fastopts fused=False')}),
     }
 
 def _reference(module:str, cls:str, keep_grads:bool=False, **kw) -> dict:
@@ -172,10 +197,11 @@ def _reference(module:str, cls:str, keep_grads:bool=False, **kw) -> dict:
     return {f'reference ({module})': build}
 
 RULES = ('sgd', 'momentum', 'rmsprop', 'adam', 'adamw', 'radam', 'lamb', 'lion', 'lookahead',
-         'sf_adamw', 'sf_sgd', 'prodigy', 'adopt', 'ademamix')
+         'sf_adamw', 'sf_sgd', 'prodigy', 'adopt', 'ademamix', 'muon', 'adafactor', 'soap')
 RULE_NAMES = dict(sgd='SGD(mom=0.9)', momentum='Momentum', rmsprop='RMSProp', adam='Adam', adamw='AdamW',
                   radam='RAdam', lamb='Lamb', lion='Lion', lookahead='Lookahead(RAdam)', sf_adamw='ScheduleFreeAdamW',
-                  sf_sgd='ScheduleFreeSGD', prodigy='Prodigy', adopt='ADOPT', ademamix='AdEMAMix')
+                  sf_sgd='ScheduleFreeSGD', prodigy='Prodigy', adopt='ADOPT', ademamix='AdEMAMix',
+                  muon='Muon (2+-dim tensors)', adafactor='Adafactor', soap='SOAP')
 FASTOPTS_VARIANTS = {'fastopts': {}, 'fastopts fused=False': dict(fused=False), 'fastopts compiled': dict(compiled=True)}
 COLUMNS = (*FASTOPTS_VARIANTS, 'torch (for-loop)', 'torch (foreach)', 'torch (fused)', 'fastai')
 

@@ -120,7 +120,7 @@ def test_layers_count_for_set_hyper_and_freeze():
     assert [g['lr'] for g in opt.param_groups] == [1e-3, 1e-3, 1e-1]
     opt.set_hyper('wd', [0.1, 0.2])
     assert [g['wd'] for g in opt.param_groups] == [0.1, 0.1, 0.2]
-    with pytest.raises(ValueError, match='`lr` got 3 values'): opt.set_hyper('lr', [1e-3, 1e-2, 1e-1])
+    with pytest.raises(ValueError, match='`lr` got 4 values'): opt.set_hyper('lr', [1e-3, 1e-2, 1e-1, 1.])
     opt.freeze()
     assert [p.requires_grad for p in ps] == [False, False, True] and opt.frozen_idx == 1
     opt.unfreeze()
@@ -180,3 +180,19 @@ def test_run_options_reach_every_factory_through_one_place():
     with pytest.raises(ValueError, match='no fused kernel computes the chain'): Lion(ps, fused=True)
     with pytest.raises(ValueError, match='`kahan` is not a keyword of SGD.*run options'): SGD(ps, kahan=True)
     with pytest.raises(ValueError, match='`fusd` is not a run option'): Adam(ps).configure(fusd=True)
+
+def test_set_hyper_takes_one_value_per_param_group_too():
+    "fastai's schedules read `lr` from `hypers` (one per param group) and set their values back per param group."
+    ps = seeded_params(SHAPES)
+    opt = layered(ps)
+    opt.set_hyper('lr', [1e-3, 2e-3, 3e-3])
+    assert [g['lr'] for g in opt.param_groups] == [1e-3, 2e-3, 3e-3]
+    with pytest.raises(ValueError, match='`lr` got 4 values'): opt.set_hyper('lr', [1e-3] * 4)
+
+def test_loaded_hypers_are_hypers():
+    "A hyper a checkpoint's groups carry (fit_one_cycle's `mom` on a plain SGD) is in `hypers` after loading, as before saving."
+    ps = seeded_params(SHAPES)
+    opt = SGD(ps, lr=0.1); opt.set_hyper('mom', 0.9)
+    sd = opt.state_dict()
+    opt2 = SGD(seeded_params(SHAPES), lr=0.1); opt2.load_state_dict(sd)
+    assert dict(opt2.hypers[0]) == dict(opt.hypers[0]) and 'mom' in opt2.hypers[0]

@@ -1,0 +1,25 @@
+"""Muon, SOAP and Adafactor under data parallelism with 2 `gloo` ranks on CPU: DDP and ZeroRedundancyOptimizer equal
+one process on the whole batch; under FSDP2 Muon gathers each matrix before orthogonalising (and equals one process),
+SOAP and Adafactor refuse the sharded parameters by name. One spawn runs every mode (the ranks' start-up is most of the time)."""
+import pytest, torch
+from torch.testing import assert_close
+import distributed_matrix_worker as w
+from test_distributed import run_ranks
+
+NAMES, MODES = list(w.optimizers()), ['ddp', 'zero', 'fsdp2']
+REFUSED = {'fsdp2 soap': '`0.weight` (6, 6)', 'fsdp2 adafactor': '`0.weight` (8, 6)'}
+
+def test_matrix_optimizers_match_one_process(tmp_path):
+    out = tmp_path / 'out.pt'
+    run_ranks(w.job, (str(out), MODES, NAMES), tmp_path)
+    res = torch.load(out, weights_only=True)
+    for key, label in REFUSED.items():
+        assert isinstance(res[key], str) and 'FSDP2' in res[key] and label in res[key], res[key]
+    errors = {k: r for k, r in res.items() if isinstance(r, str) and k not in REFUSED}
+    assert not errors, errors
+    refs = {name: w.reference(name) for name in NAMES}
+    for name, ref in refs.items():
+        assert any(not torch.equal(a, b) for a, b in zip(ref, [p.detach() for p in w.model(**w.optimizers()[name][1]).parameters()])), name
+    for key in set(res) - set(REFUSED):
+        mode, name = key.split()
+        for a, b in zip(res[key], refs[name]): assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f'{key}: {m}')
