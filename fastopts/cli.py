@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 from .core import check_int
 from .optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion
 from .lookahead import Lookahead
+from .matrix import Muon, SOAP, Adafactor
+from .lr_free import ScheduleFreeAdamW, Prodigy, ADOPT, AdEMAMix
 from .data import sklearn_dls, dls_mlp
 
 # %% auto #0
@@ -37,6 +39,13 @@ DEMO_OPTIMIZERS = {
     'Lamb':         (Lamb, 3e-2),
     'Lion':         (Lion, 3e-3),
     'Lookahead(RAdam)': (_lookahead_radam, 3e-2),
+    'Muon':         (Muon, 5e-2),             # the hidden matrices; biases and the head's AdamW part at lr*0.015
+    'SOAP':         (SOAP, 1e-2),
+    'Adafactor':    (Adafactor, 3e-2),
+    'ScheduleFreeAdamW': (ScheduleFreeAdamW, 1e-2),   # under fit_one_cycle too: its `mom` moves exactly
+    'Prodigy':      (Prodigy, 1.),             # lr is a multiplier of the estimated step `d`
+    'ADOPT':        (ADOPT, 1e-2),
+    'AdEMAMix':     (AdEMAMix, 1e-2),
 }
 
 # %% ../nbs/07_cli.ipynb #c006
