@@ -128,15 +128,15 @@ LR_FREE = dict(schedulefree=('schedulefree', 'fit', 0.0025), prodigy=('prodigy',
 # %% ../nbs/08_bench.ipynb #c006
 OPT_FUNCS = dict(adam=Adam, sgd=partial(SGD, mom=0.9))
 GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 2))          # 1e-4, 3.2e-4, ..., 1, 3.2
-FINE_STEPS = (-3, -2, -1, 1, 2, 3)   # the oracle's fine grid: eighth-decade steps around the best fixed grid lr
+FINE_STEPS = (-2, -1, 1, 2)   # the oracle's fine grid: eighth-decade steps around the best fixed grid lr
 DEFAULT_LR = 1e-3                    # fastai's default lr: what a user left without a suggestion trains with
 DATASETS = ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic')   # the MLP families
 NEW_FAMILIES = ('cnn', 'rescnn', 'diabetes', 'gru', 'gru_memory')
 ALL_FAMILIES = DATASETS + NEW_FAMILIES
 FASTAI_METHODS = dict(valley=valley, slide=slide, minimum=minimum, steep=steep)
-# what a sweep that knows nothing could suggest, measured on every row: the edge, a third and a tenth of it, and
+# what a sweep that knows nothing could suggest, measured on every row: the edge, a tenth of it, and
 # fastai's default lr (what `suggested=None` leaves the user with)
-FLAT_METHODS = {'edge/1': 1., 'edge/3': 3., 'edge/10': 10., 'lr=1e-3': None}
+FLAT_METHODS = {'edge/1': 1., 'edge/10': 10., 'lr=1e-3': None}
 METHODS = ('find_lr', 'find_lr_epochs', *FASTAI_METHODS, *FLAT_METHODS, *LR_FREE)
 
 def bench_learner(name:str, seed:int, opt:str, bs:int=64, hidden=(64, 64), path=None) -> Learner:
