@@ -26,7 +26,7 @@ from .lr_finder import *
 __all__ = ['FAMILIES', 'LR_FREE_OPTS', 'LR_FREE', 'OPT_FUNCS', 'GRID', 'FINE_STEPS', 'DEFAULT_LR', 'DATASETS', 'NEW_FAMILIES',
            'ALL_FAMILIES', 'FASTAI_METHODS', 'FLAT_METHODS', 'METHODS', 'LOTTERY', 'digits_images', 'diabetes_dls',
            'sequence_dls', 'small_cnn', 'ResBlock', 'res_cnn', 'GRUClassifier', 'TrainEvalMode',
-           'ref_schedulefree_adamw', 'ref_prodigy', 'bench_learner', 'lr_find_benchmark', 'summarise',
+           'ref_schedulefree_adamw', 'ref_prodigy', 'bench_learner', 'lr_find_benchmark', 'summarise', 'write_table',
            'add_lr_bench_args', 'lr_bench_main', 'seed_study', 'fixed_lr_regret', 'add_seed_study_args', 'lr_range',
            'seed_study_main']
 
@@ -313,6 +313,21 @@ def summarise(df:pd.DataFrame) -> pd.DataFrame:
         piv.index = pd.MultiIndex.from_tuples([(a, f'{b} (lottery)' if b and oracle.get((a, b), 0) > 100 * LOTTERY else b)
                                                for a, b in piv.index])
     return piv.round(1)
+
+def _markdown(df:pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    idx = [' / '.join(str(i) for i in (ix if isinstance(ix, tuple) else (ix,)) if str(i)) for ix in df.index]
+    lines = ['| | ' + ' | '.join(cols) + ' |', '|---|' + '---:|' * len(cols)]
+    for i, (_, r) in zip(idx, df.iterrows()): lines.append(f'| {i} | ' + ' | '.join(f'{v:g}' for v in r.values) + ' |')
+    return '\n'.join(lines)
+
+def write_table(df:pd.DataFrame, out):
+    "Write the long table as CSV, or (`.md`) the summary followed by the long table as markdown."
+    out = Path(out)
+    if out.suffix == '.md':
+        long = df.set_index(['dataset', 'opt', 'method'])[['lr', 'loss', 'regret', 'cost_iters', 'cost_runs']]
+        out.write_text('## Expected regret (%) by method\n\n' + _markdown(summarise(df)) + '\n\n## All runs\n\n' + _markdown(long) + '\n')
+    else: df.to_csv(out, index=False, float_format='%.6g')
 
 # %% ../nbs/08_bench.ipynb #c013
 def add_lr_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
