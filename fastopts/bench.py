@@ -368,9 +368,10 @@ def seed_study(name:str, opt:str, lrs, seeds, epochs:int=5, bs:int=64, hidden=(6
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('seed')
 
 def fixed_lr_regret(study:pd.DataFrame, lrs, grid=GRID, reps:int=1) -> pd.DataFrame:
-    """Regret of each fixed lr on consecutive blocks of `2 * reps` seeds of `study`, as the benchmark scores a row
-    whose two finder seeds both suggested that lr with `score_reps=reps` (L0 and L_best, the best of `grid`, from
-    each block's mean losses): one row per block, then rows 'mean' (negatives as 0, as in `summarise`) and 'worst'."""
+    """Regret of each fixed lr on consecutive blocks of `2 * reps` seeds of `study`, as round 2's benchmark scored a
+    row whose two finder seeds both suggested that lr with `score_reps=reps` (L0 and L_best, the best fixed lr of
+    `grid`, from each block's mean losses; today's benchmark gives each seed its own best, see `lr_find_benchmark`):
+    one row per block, then rows 'mean' (negatives as 0) and 'worst'."""
     check_int('reps', reps, 1)
     n = 2 * reps
     if len(study) < n or len(study) % n:
