@@ -10,16 +10,16 @@ from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from .core import check_int, check_range, is_rank0, rank_same
 from .snapshot import LearnerState
-from .lr_sweep import (LRFinder, run_sweep, read_sweep, _trim, _as_lr, SWEEP_RULES, SWEEP_METHOD, FASTAI_RULES,
+from .lr_sweep import (LRFinder, run_sweep, read_sweep, _trim, _as_lr, SWEEP_RULES, SWEEP_METHOD, FASTAI_RULES, EDGE_FACTOR,
                        sugg_half_min, sugg_edge, sugg_valley, sugg_slide, sugg_minimum, sugg_steep)
 from .lr_trials import TrialSearch
-_all_ = ['LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep', 'SWEEP_RULES', 'SWEEP_METHOD', 'sugg_half_min',
+_all_ = ['LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep', 'SWEEP_RULES', 'SWEEP_METHOD', 'EDGE_FACTOR', 'sugg_half_min',
          'sugg_edge', 'sugg_valley', 'sugg_slide', 'sugg_minimum', 'sugg_steep']
 
 # %% auto #0
 __all__ = ['SWEEP_EPOCHS', 'SWEEP_PLAN_SHARE', 'LRFindResult', 'LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep',
-           'SWEEP_RULES', 'SWEEP_METHOD', 'sugg_half_min', 'sugg_edge', 'sugg_valley', 'sugg_slide', 'sugg_minimum',
-           'sugg_steep']
+           'SWEEP_RULES', 'SWEEP_METHOD', 'EDGE_FACTOR', 'sugg_half_min', 'sugg_edge', 'sugg_valley', 'sugg_slide',
+           'sugg_minimum', 'sugg_steep']
 
 # %% ../nbs/03_lr_finder.ipynb #c018
 class LRFindResult:
