@@ -282,6 +282,7 @@ def lr_find_benchmark(
                 lrs = [lr for lr, _, _ in got if math.isfinite(lr)]
                 row(m, float(np.exp(np.mean(np.log(lrs)))) if lrs else math.nan, float(np.mean(losses)),
                     float(np.mean([c for _, c, _ in got])), ' | '.join(sorted({g for _, _, g in got if g})))
+            if out is not None: write_table(pd.DataFrame(rows), out)   # row by row: a run cut short keeps what it did
             if verbose:
                 done = [r for r in rows if r['dataset'] == name and r['opt'] == opt and r['method'] != 'best_grid']
                 print(f"[{time.time()-t0:6.0f}s] {name}/{opt}: " +
