@@ -14,17 +14,22 @@ from sklearn.model_selection import train_test_split
 from fastai.basics import Learner, set_seed, CrossEntropyLossFlat, MSELossFlat, noop
 from fastai.data.core import DataLoaders
 from fastai.callback.progress import ProgressCallback
+from fastai.callback.core import Callback
+from fastai.optimizer import OptimWrapper
 from fastai.callback.schedule import valley, slide, minimum, steep
 from .core import check_choice, check_int, check_range
 from .data import sklearn_dls, dls_mlp, mlp, standardise
 from .optimizer import Adam, SGD
+from .lr_free import ScheduleFreeAdamW, Prodigy
 from .lr_finder import *
 
 # %% auto #0
-__all__ = ['FAMILIES', 'OPT_FUNCS', 'GRID', 'DATASETS', 'NEW_FAMILIES', 'ALL_FAMILIES', 'FASTAI_METHODS', 'METHODS',
-           'digits_images', 'diabetes_dls', 'sequence_dls', 'small_cnn', 'ResBlock', 'res_cnn', 'GRUClassifier',
-           'bench_learner', 'lr_find_benchmark', 'summarise', 'write_table', 'add_lr_bench_args', 'lr_bench_main',
-           'seed_study', 'fixed_lr_regret', 'add_seed_study_args', 'lr_range', 'seed_study_main']
+__all__ = ['FAMILIES', 'LR_FREE_OPTS', 'LR_FREE', 'OPT_FUNCS', 'GRID', 'FINE_STEPS', 'DEFAULT_LR', 'DATASETS', 'NEW_FAMILIES',
+           'ALL_FAMILIES', 'FASTAI_METHODS', 'FLAT_METHODS', 'METHODS', 'LOTTERY', 'digits_images', 'diabetes_dls',
+           'sequence_dls', 'small_cnn', 'ResBlock', 'res_cnn', 'GRUClassifier', 'TrainEvalMode',
+           'ref_schedulefree_adamw', 'ref_prodigy', 'bench_learner', 'lr_find_benchmark', 'summarise', 'write_table',
+           'add_lr_bench_args', 'lr_bench_main', 'seed_study', 'fixed_lr_regret', 'add_seed_study_args', 'lr_range',
+           'seed_study_main']
 
 # %% ../nbs/08_bench.ipynb #b001
 def _dls(xt, yt, xv, yv, bs:int, ydtype) -> DataLoaders:
@@ -92,23 +97,61 @@ FAMILIES = dict(
 for _n in ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic'):
     FAMILIES[_n] = (lambda seed, bs, _n=_n: sklearn_dls(_n, bs=bs, seed=seed), dls_mlp, CrossEntropyLossFlat)
 
+# %% ../nbs/08_bench.ipynb #lf01
+class TrainEvalMode(Callback):
+    "Train mode for training batches, eval mode (a schedule-free optimizer's averaged weights) for validation and after `fit`."
+    order = -5
+    def _mode(self, m:str):
+        opt = getattr(self.learn, 'opt', None)
+        for o in (opt, getattr(opt, 'opt', None)):   # an optimizer of its own, or the torch one inside `OptimWrapper`
+            f = getattr(o, m, None)
+            if callable(f): f(); return
+    def before_train(self): self._mode('train')
+    def before_validate(self): self._mode('eval')
+    def after_fit(self): self._mode('eval')
+
+def ref_schedulefree_adamw(params, lr=0.0025, **kwargs) -> OptimWrapper:
+    "The reference `schedulefree.AdamWScheduleFree` (its defaults) as a fastai optimizer."
+    import schedulefree
+    return OptimWrapper(params, schedulefree.AdamWScheduleFree, lr=lr, **kwargs)
+
+def ref_prodigy(params, lr=1., **kwargs) -> OptimWrapper:
+    "The reference `prodigyopt.Prodigy` (its defaults) as a fastai optimizer."
+    import prodigyopt
+    return OptimWrapper(params, prodigyopt.Prodigy, lr=lr, **kwargs)
+
+# learning-rate-free optimizers: name -> fastai `opt_func`: fastopts' own (the references' numbers, tests/test_lr_free.py;
+# the table in nbs/lr_find_bench.csv was made with the references, `ref_schedulefree_adamw` and `ref_prodigy`)
+LR_FREE_OPTS = dict(schedulefree=ScheduleFreeAdamW, prodigy=Prodigy)
+_REFS = (ref_schedulefree_adamw, ref_prodigy)   # they need `TrainEvalMode`; fastopts' own add their callback themselves
+# the benchmark's columns: name -> (optimizer, how it trains for `epochs`, lr): the references' default lrs
+LR_FREE = dict(schedulefree=('schedulefree', 'fit', 0.0025), prodigy=('prodigy', 'fit', 1.),
+               prodigy_1cycle=('prodigy', 'fit_one_cycle', 1.))
+
 # %% ../nbs/08_bench.ipynb #c006
 OPT_FUNCS = dict(adam=Adam, sgd=partial(SGD, mom=0.9))
 GRID = tuple(float(10 ** (k / 2)) for k in range(-8, 2))          # 1e-4, 3.2e-4, ..., 1, 3.2
+FINE_STEPS = (-2, -1, 1, 2)   # the oracle's fine grid: eighth-decade steps around the best fixed grid lr
+DEFAULT_LR = 1e-3                    # fastai's default lr: what a user left without a suggestion trains with
 DATASETS = ('digits', 'iris', 'wine', 'breast_cancer', 'synthetic')   # the MLP families
 NEW_FAMILIES = ('cnn', 'rescnn', 'diabetes', 'gru', 'gru_memory')
 ALL_FAMILIES = DATASETS + NEW_FAMILIES
 FASTAI_METHODS = dict(valley=valley, slide=slide, minimum=minimum, steep=steep)
-METHODS = ('find_lr', 'find_lr_epochs', *FASTAI_METHODS)
+# what a sweep that knows nothing could suggest, measured on every row: the edge, a tenth of it, and
+# fastai's default lr (what `suggested=None` leaves the user with)
+FLAT_METHODS = {'edge/1': 1., 'edge/10': 10., 'lr=1e-3': None}
+METHODS = ('find_lr', 'find_lr_epochs', *FASTAI_METHODS, *FLAT_METHODS, *LR_FREE)
 
 def bench_learner(name:str, seed:int, opt:str, bs:int=64, hidden=(64, 64), path=None) -> Learner:
-    "The benchmark's learner for family `name`: seeded, fresh `DataLoaders` (no worker processes), quiet."
-    opt_func = OPT_FUNCS[check_choice('opt', opt, OPT_FUNCS)]
+    "The benchmark's learner for family `name`: seeded, fresh `DataLoaders` (no worker processes), quiet. `opt`: a key of `OPT_FUNCS` or `LR_FREE_OPTS`."
+    opts = {**OPT_FUNCS, **LR_FREE_OPTS}
+    opt_func = opts[check_choice('opt', opt, opts)]
     make_dls, make_model, loss = FAMILIES[check_choice('name', name, FAMILIES)]
     set_seed(seed, reproducible=True)
     dls = make_dls(seed, bs)
     for dl in dls.loaders: dl.fake_l.num_workers = 0   # processes cost more than they save on data this small
-    learn = Learner(dls, make_model(dls, hidden), loss_func=loss(), opt_func=opt_func, path=path or tempfile.gettempdir())
+    learn = Learner(dls, make_model(dls, hidden), loss_func=loss(), opt_func=opt_func, path=path or tempfile.gettempdir(),
+                    cbs=[TrainEvalMode()] if opt_func in _REFS else None)
     if hasattr(learn, 'progress'): learn.remove_cb(ProgressCallback)
     learn.logger = noop
     return learn
@@ -123,20 +166,20 @@ def _regret(loss:float, l0:float, lbest:float) -> float:
     return (loss - lbest) / (l0 - lbest) if l0 > lbest else math.nan
 
 class _Runs:
-    "Final validation losses of `fit_one_cycle(epochs, lr)` runs, each computed once."
+    "Final validation losses of `fit_one_cycle(epochs, lr)` (or `fit`, with `how='fit'`) runs, each computed once."
     def __init__(self, epochs, bs, hidden): self.epochs, self.bs, self.hidden, self.cache = epochs, bs, hidden, {}
-    def __call__(self, name, seed, opt, lr) -> float:
-        key = (name, seed, opt, float(f'{lr:.12g}'))
+    def __call__(self, name, seed, opt, lr, how='fit_one_cycle') -> float:
+        key = (name, seed, opt, float(f'{lr:.12g}'), how)
         if key not in self.cache:
             learn = bench_learner(name, seed, opt, self.bs, self.hidden)
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore')
-                learn.fit_one_cycle(self.epochs, lr)
+                getattr(learn, how)(self.epochs, lr)
             self.cache[key] = _final_loss(learn)
         return self.cache[key]
 
 def _fastai_suggestions(learn:Learner, num_it:int) -> dict:
-    "fastai's `lr_find` and its four rules, each on fastai's own trimmed curve (a rule that fails gives nan)."
+    "fastai's `lr_find` and its four rules, each on fastai's own trimmed curve (a rule that fails gives nan and its error)."
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         learn.lr_find(num_it=num_it, show_plot=False, suggest_funcs=None)
@@ -146,47 +189,64 @@ def _fastai_suggestions(learn:Learner, num_it:int) -> dict:
     if len(nan): lrs, losses = lrs[:int(nan.min())], losses[:int(nan.min())]
     out = {}
     for k, f in FASTAI_METHODS.items():
-        try: out[k] = float(f(lrs, losses, num_it)[0])
-        except Exception: out[k] = math.nan
+        try: out[k] = (float(f(lrs, losses, num_it)[0]), '')
+        except Exception as e: out[k] = (math.nan, f"fastai's {k} failed on this curve ({len(losses)} points): {type(e).__name__}: {e}")
     return out, len(learn.recorder.losses)
 
+def _find_lr(name, seed, opt, bs, hidden, cache, **kw):
+    "`find_lr` on the benchmark's learner, once per set of arguments."
+    key = ('fastopts', name, seed, opt, tuple(sorted(kw.items())))
+    if key not in cache:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            cache[key] = bench_learner(name, seed, opt, bs, hidden).find_lr(show_plot=False, **kw)
+    return cache[key]
+
 def _suggest(method, name, seed, opt, epochs, bs, hidden, num_it, tmp, cache) -> tuple[float, int, str]:
-    "A method's suggested lr for one seed, what it cost in training iterations, and the finder's message."
+    "A method's suggested lr for one seed (nan: none), what it cost in training iterations, and the finder's message."
     if method in FASTAI_METHODS:
         key = ('fastai', name, seed, opt)
         if key not in cache: cache[key] = _fastai_suggestions(bench_learner(name, seed, opt, bs, hidden, path=tmp), num_it or 100)
         sugg, cost = cache[key]
-        return sugg[method], cost, ''
-    kw = dict(epochs=epochs) if method == 'find_lr_epochs' else {} if num_it is None else dict(num_it=num_it)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        res = bench_learner(name, seed, opt, bs, hidden).find_lr(show_plot=False, **kw)
+        return *sugg[method][:1], cost, sugg[method][1]
+    sweep_kw = {} if num_it is None else dict(num_it=num_it)
+    if method in FLAT_METHODS:
+        if FLAT_METHODS[method] is None: return DEFAULT_LR, 0, ''
+        res = _find_lr(name, seed, opt, bs, hidden, cache, **sweep_kw)
+        edge = res.reading.get('lr_edge')
+        return (math.nan if edge is None else edge / FLAT_METHODS[method]), int(res.cost['sweep']), ''
+    res = _find_lr(name, seed, opt, bs, hidden, cache, **(dict(epochs=epochs) if method == 'find_lr_epochs' else sweep_kw))
     lr = math.nan if res.suggested is None else float(res.suggested)
     return lr, int(res.cost['total']), getattr(res, 'message', '')
 
 # %% ../nbs/08_bench.ipynb #c009
+def _expected(runs, name, opt, seeds, lr, how='fit_one_cycle') -> float:
+    return float(np.mean([runs(name, s, opt, lr, how) for s in seeds]))
+
 def lr_find_benchmark(
     datasets=ALL_FAMILIES,       # family names (keys of `FAMILIES`)
     opt_names=tuple(OPT_FUNCS),  # keys of `OPT_FUNCS`
     seeds=(0, 1),                # seeds the suggestions are found with
     score_seeds=None,            # seeds their lrs are scored with, k per finder seed: seeds[i] is scored with score_seeds[i::len(seeds)]
-    score_reps:int=3,            # k when `score_seeds` is None: seeds[i] + j*len(seeds), j = 1..k (held out)
-    methods=METHODS,             # 'find_lr' (the sweep), 'find_lr_epochs' (with trials), and fastai's four
+    score_reps:int=2,            # k when `score_seeds` is None: seeds[i] + j*len(seeds), j = 1..k (held out)
+    methods=METHODS,             # 'find_lr' (the sweep), 'find_lr_epochs' (with trials), fastai's four, `FLAT_METHODS`, `LR_FREE`
     epochs:int=5,                # the plan: `fit_one_cycle(epochs, lr)`
-    grid=GRID,                   # lrs whose best sets L_best
+    grid=GRID,                   # lrs whose per-seed best sets L_best
+    fine=FINE_STEPS,             # the oracle's fine grid: the best fixed grid lr times 10**(k/8) for k in `fine`
     bs:int=64,
     hidden=(64, 64),
     num_it:int|None=None,        # sweep length of `find_lr()` and fastai's `lr_find` (None: each one's default, 100 for fastai's)
     out=None,                    # write the table here (.csv, or .md for a markdown table)
     verbose:bool=True,
 ) -> pd.DataFrame:
-    "Regret and cost of each lr suggestion method per family and optimizer, as one table (rows `best_grid` too)."
+    "Expected regret and cost of each lr suggestion method per family and optimizer, as one table (rows `best_grid` and `oracle` too)."
     for d in datasets: check_choice('datasets', d, FAMILIES)
     for o in opt_names: check_choice('opt_names', o, OPT_FUNCS)
     for m in methods: check_choice('methods', m, METHODS)
     check_int('epochs', epochs, 1)
     if num_it is not None: check_int('num_it', num_it, 5)
     if not seeds: raise ValueError(f"`seeds` must not be empty, got {seeds!r}")
+    if not grid: raise ValueError(f"`grid` must not be empty, got {grid!r}")
     n = len(seeds)
     if score_seeds is None:
         check_int('score_reps', score_reps, 1)
@@ -194,27 +254,38 @@ def lr_find_benchmark(
     score_seeds = tuple(score_seeds)
     if not score_seeds or len(score_seeds) % n:
         raise ValueError(f"`score_seeds` must hold k seeds for each of `seeds` {tuple(seeds)!r} (a multiple of {n}), got {score_seeds!r}")
-    runs, rows, t0, fa_cache = _Runs(epochs, bs, hidden), [], time.time(), {}
+    runs, rows, t0, cache = _Runs(epochs, bs, hidden), [], time.time(), {}
     tmp = tempfile.mkdtemp(prefix='fastopts-bench-')    # fastai's lr_find writes its temp model here
     for name in datasets:
         for opt in opt_names:
             l0 = float(np.mean([_final_loss(bench_learner(name, s, opt, bs, hidden)) for s in score_seeds]))
             full = epochs * len(bench_learner(name, score_seeds[0], opt, bs, hidden).dls.train)
-            lg = [float(np.mean([runs(name, s, opt, lr) for s in score_seeds])) for lr in grid]
-            ib = int(np.argmin(lg)); lbest = lg[ib]
+            per_seed = np.array([[runs(name, s, opt, lr) for lr in grid] for s in score_seeds])   # seed x lr
+            lbest = float(per_seed.min(1).mean())          # every scoring seed at its own best grid lr
+            ib = int(np.argmin(per_seed.mean(0)))          # the best fixed grid lr
+            fine_lrs = sorted({*grid, *(grid[ib] * 10 ** (k / 8) for k in fine)})
+            fl = [_expected(runs, name, opt, score_seeds, lr) for lr in fine_lrs]
+            io = int(np.argmin(fl))
             def row(method, lr, loss, cost, message=''):
                 rows.append(dict(dataset=name, opt=opt, method=method, lr=lr, loss=loss,
                                  regret=_regret(loss, l0, lbest),
                                  cost_iters=cost, cost_runs=cost / full, L0=l0, L_best=lbest, full_iters=full,
                                  message=message))
-            row('best_grid', grid[ib], lbest, len(grid) * full)
+            row('best_grid', grid[ib], float(per_seed.mean(0)[ib]), len(grid) * len(score_seeds) * full)
+            row('oracle', fine_lrs[io], fl[io], len(fine_lrs) * len(score_seeds) * full)
             for m in methods:
-                got = [_suggest(m, name, s, opt, epochs, bs, hidden, num_it, tmp, fa_cache) for s in seeds]
-                losses = [runs(name, s, opt, lr) if math.isfinite(lr) else l0
+                if m in LR_FREE:
+                    o, how, lr = LR_FREE[m]
+                    row(m, lr, _expected(runs, name, o, score_seeds, lr, how), full)
+                    continue
+                got = [_suggest(m, name, s, opt, epochs, bs, hidden, num_it, tmp, cache) for s in seeds]
+                # no suggestion: the user trains with fastai's default lr
+                losses = [runs(name, s, opt, lr if math.isfinite(lr) else DEFAULT_LR)
                           for i, (lr, _, _) in enumerate(got) for s in score_seeds[i::n]]
                 lrs = [lr for lr, _, _ in got if math.isfinite(lr)]
                 row(m, float(np.exp(np.mean(np.log(lrs)))) if lrs else math.nan, float(np.mean(losses)),
                     float(np.mean([c for _, c, _ in got])), ' | '.join(sorted({g for _, _, g in got if g})))
+            if out is not None: write_table(pd.DataFrame(rows), out)   # row by row: a run cut short keeps what it did
             if verbose:
                 done = [r for r in rows if r['dataset'] == name and r['opt'] == opt and r['method'] != 'best_grid']
                 print(f"[{time.time()-t0:6.0f}s] {name}/{opt}: " +
@@ -224,17 +295,27 @@ def lr_find_benchmark(
     return df
 
 # %% ../nbs/08_bench.ipynb #c011
+LOTTERY = 0.10   # a row whose oracle regret is above this is reported as a lottery: no fixed lr does better in expectation
+
 def summarise(df:pd.DataFrame) -> pd.DataFrame:
-    "Regret (%) per family/optimizer and method, plus mean (clipped at 0), max, and the cost in full runs and iterations."
+    """Expected regret (%) per family/optimizer (rows marked `lottery` where the oracle is above `LOTTERY`) and method,
+    then: the mean (each row clipped to 0-100%), the worst row, the worst excess over the row's oracle (points), and
+    the cost in full runs and iterations."""
     d = df[df.method != 'best_grid']
     piv = d.pivot_table(index=['dataset', 'opt'], columns='method', values='regret', sort=False) * 100
     piv = piv[[m for m in d.method.unique()]]
-    piv.loc[('mean', ''), :] = piv.clip(lower=0).mean()
-    piv.loc[('max', ''), :] = piv.iloc[:-1].max()
+    oracle = piv['oracle'] if 'oracle' in piv else None
+    n = len(piv)
+    piv.loc[('mean', ''), :] = piv.iloc[:n].clip(lower=0, upper=100).mean()
+    piv.loc[('max', ''), :] = piv.iloc[:n].max()
+    if oracle is not None: piv.loc[('max over oracle (points)', ''), :] = piv.iloc[:n].sub(oracle, axis=0).max()
     piv.loc[('cost (runs, median)', ''), :] = d.groupby('method', sort=False).cost_runs.median()
     if 'full_iters' in d and (d.full_iters >= 100).any():
         piv.loc[('cost (runs, max, plans >= 100 it)', ''), :] = d[d.full_iters >= 100].groupby('method', sort=False).cost_runs.max()
     piv.loc[('cost (iterations, mean)', ''), :] = d.groupby('method', sort=False).cost_iters.mean()
+    if oracle is not None:   # name the lotteries in the row labels
+        piv.index = pd.MultiIndex.from_tuples([(a, f'{b} (lottery)' if b and oracle.get((a, b), 0) > 100 * LOTTERY else b)
+                                               for a, b in piv.index])
     return piv.round(1)
 
 def _markdown(df:pd.DataFrame) -> str:
@@ -249,7 +330,7 @@ def write_table(df:pd.DataFrame, out):
     out = Path(out)
     if out.suffix == '.md':
         long = df.set_index(['dataset', 'opt', 'method'])[['lr', 'loss', 'regret', 'cost_iters', 'cost_runs']]
-        out.write_text('## Regret (%) by method\n\n' + _markdown(summarise(df)) + '\n\n## All runs\n\n' + _markdown(long) + '\n')
+        out.write_text('## Expected regret (%) by method\n\n' + _markdown(summarise(df)) + '\n\n## All runs\n\n' + _markdown(long) + '\n')
     else: df.to_csv(out, index=False, float_format='%.6g')
 
 # %% ../nbs/08_bench.ipynb #c013
@@ -261,7 +342,7 @@ def add_lr_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1], help='seeds the suggestions are found with')
     p.add_argument('--score-seeds', nargs='+', type=int, default=None,
                    help='seeds the suggestions are scored with, k per --seeds: seed i is scored with every len(seeds)-th from the i-th')
-    p.add_argument('--score-reps', type=int, default=3,
+    p.add_argument('--score-reps', type=int, default=2,
                    help='k without --score-seeds: seed s is scored with s + j*len(seeds), j = 1..k')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     p.add_argument('--epochs', type=int, default=5, help='the plan: fit_one_cycle(EPOCHS, lr)')
@@ -291,9 +372,10 @@ def seed_study(name:str, opt:str, lrs, seeds, epochs:int=5, bs:int=64, hidden=(6
     return pd.DataFrame.from_dict(rows, orient='index').rename_axis('seed')
 
 def fixed_lr_regret(study:pd.DataFrame, lrs, grid=GRID, reps:int=1) -> pd.DataFrame:
-    """Regret of each fixed lr on consecutive blocks of `2 * reps` seeds of `study`, as the benchmark scores a row
-    whose two finder seeds both suggested that lr with `score_reps=reps` (L0 and L_best, the best of `grid`, from
-    each block's mean losses): one row per block, then rows 'mean' (negatives as 0, as in `summarise`) and 'worst'."""
+    """Regret of each fixed lr on consecutive blocks of `2 * reps` seeds of `study`, as round 2's benchmark scored a
+    row whose two finder seeds both suggested that lr with `score_reps=reps` (L0 and L_best, the best fixed lr of
+    `grid`, from each block's mean losses; today's benchmark gives each seed its own best, see `lr_find_benchmark`):
+    one row per block, then rows 'mean' (negatives as 0) and 'worst'."""
     check_int('reps', reps, 1)
     n = 2 * reps
     if len(study) < n or len(study) % n:

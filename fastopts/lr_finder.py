@@ -10,15 +10,16 @@ from fastcore.basics import patch, store_attr
 from fastai.learner import Learner
 from .core import check_int, check_range, is_rank0, rank_same
 from .snapshot import LearnerState
-from .lr_sweep import (LRFinder, run_sweep, read_sweep, _trim, _as_lr, SWEEP_RULES, SWEEP_METHOD, FASTAI_RULES,
+from .lr_sweep import (LRFinder, run_sweep, read_sweep, _trim, _as_lr, SWEEP_RULES, SWEEP_METHOD, FASTAI_RULES, EDGE_FACTOR,
                        sugg_half_min, sugg_edge, sugg_valley, sugg_slide, sugg_minimum, sugg_steep)
 from .lr_trials import TrialSearch
-_all_ = ['LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep', 'SWEEP_RULES', 'SWEEP_METHOD', 'sugg_half_min',
+_all_ = ['LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep', 'SWEEP_RULES', 'SWEEP_METHOD', 'EDGE_FACTOR', 'sugg_half_min',
          'sugg_edge', 'sugg_valley', 'sugg_slide', 'sugg_minimum', 'sugg_steep']
 
 # %% auto #0
-__all__ = ['SWEEP_EPOCHS', 'LRFindResult', 'LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep', 'SWEEP_RULES', 'SWEEP_METHOD',
-           'sugg_half_min', 'sugg_edge', 'sugg_valley', 'sugg_slide', 'sugg_minimum', 'sugg_steep']
+__all__ = ['SWEEP_EPOCHS', 'SWEEP_PLAN_SHARE', 'LRFindResult', 'LearnerState', 'LRFinder', 'TrialSearch', 'read_sweep',
+           'SWEEP_RULES', 'SWEEP_METHOD', 'EDGE_FACTOR', 'sugg_half_min', 'sugg_edge', 'sugg_valley', 'sugg_slide',
+           'sugg_minimum', 'sugg_steep']
 
 # %% ../nbs/03_lr_finder.ipynb #c018
 class LRFindResult:
@@ -50,10 +51,8 @@ class LRFindResult:
                 mk = '*' if k == self.method else 'o'
                 ax.plot(x, y, mk, ms=12 if mk == '*' else 7, color=f'C{i+1}', label=f'{k}: {x:.2g}')
         ax.set_xscale('log'); ax.set_xlabel('learning rate'); ax.set_ylabel('loss')
-        fin = self.losses[np.isfinite(self.losses)]
-        if len(sm) and len(fin):
-            lo, hi = min(fin.min(), sm.min()), sm.max()
-            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
+        lim = _ylim(self.losses, sm, self.reading)
+        if lim is not None: ax.set_ylim(*lim)
         ax.legend(fontsize=8)
         if self.message: ax.set_title(self.message, fontsize=7, wrap=True)
         return fig
@@ -61,12 +60,28 @@ class LRFindResult:
 def _last_lr(v):
     return v.stop if isinstance(v, slice) else v
 
+def _ylim(losses, sm, reading:dict|None=None, skip_end:int=5):
+    """The plot's y-range: where the curve says something, as fastai's plot (which drops the last `skip_end` points),
+    up to the edge of stability, so that the divergence spike does not squash the curve."""
+    n = len(sm)
+    if n == 0: return None
+    end = max(1, n - skip_end) if n > 2 * skip_end else n   # fastai's plot drops the last five points
+    if reading and reading.get('n') == n and 'i_edge' in reading: end = min(end, reading['i_edge'] + 1)
+    raw = np.asarray(losses, float)[:end]
+    raw = raw[np.isfinite(raw)]
+    lo, hi = float(sm[:end].min()), float(sm[:end].max())
+    if len(raw): lo = min(lo, float(raw.min()))
+    pad = (hi - lo) or abs(hi) or 1.
+    return lo - 0.05 * pad, hi + 0.25 * pad
+
 # %% ../nbs/03_lr_finder.ipynb #f001
 SWEEP_EPOCHS = 30   # passes over the training set a default sweep may make
 
+SWEEP_PLAN_SHARE = 0.4   # told the plan, the sweep takes at most this share of it (the trials take two more runs)
+
 def _sweep_length(n_batches:int, full:int|None=None) -> int:
-    "The default sweep: 100 steps, no longer than the plan (`full` iterations) or `SWEEP_EPOCHS` epochs, at least 30."
-    n = 100 if full is None else min(100, full)
+    "The default sweep: 100 steps, at most `SWEEP_PLAN_SHARE` of the plan (`full` iterations) or `SWEEP_EPOCHS` epochs, at least 30."
+    n = 100 if full is None else min(100, round(SWEEP_PLAN_SHARE * full))
     return int(max(30, min(n, SWEEP_EPOCHS * n_batches)))
 
 def _suggestions(lrs, sm, losses, num_it, beta=0.98) -> dict:
@@ -85,6 +100,16 @@ def _silent_sweep_message(r:dict, lrs) -> str:
                               f"sweep too short to show a fall")
     return msg
 
+def _cut_short(stop_reason:str, n:int, num_it:int) -> bool:
+    "Did the sweep diverge within its start-up window (the first `max(5, num_it // 10)` steps)?"
+    return stop_reason in ('diverged', 'non-finite') and n <= max(5, num_it // 10) + 1
+
+def _cut_short_message(lrs, epochs:int|None) -> str:
+    msg = (f"the sweep diverged in its first {len(lrs)} steps (by lr {lrs[-1]:.2g}), before the loss could say anything "
+           "about lrs that train: check the model and its initialisation, or lower `start_lr`")
+    return msg + ('; the trials decide' if epochs is not None else
+                  "; no suggestion: pass `epochs=` (the plan, fit_one_cycle(epochs)) to let trials of the plan decide")
+
 def _sweep_rule(reading:dict, sugg:dict) -> str|None:
     "The sweep's own rule for this curve: `half_min` if it fell, else `edge` if the loss left its band, else none."
     if reading['fell']: return SWEEP_METHOD
@@ -95,8 +120,9 @@ def _sweep_notes(reading:dict, lrs, method:str|None, epochs:int|None) -> list[st
     if reading['fell']: return []
     msgs = [_silent_sweep_message(reading, lrs)]
     if epochs is not None: msgs.append('the trials decide')
-    elif method == 'edge': msgs.append(f"suggesting the lr where the loss left its flat band ({reading['lr_edge']:.2g}): "
-                                       "no smaller lr moved the model; find_lr(epochs=N) measures instead")
+    elif method == 'edge': msgs.append(f"suggesting a tenth of the lr where the loss left its flat band ({reading['lr_edge']:.2g}), "
+                                       "a guess that keeps clear of the blow-up: pass `epochs=` (the plan, fit_one_cycle(epochs)) "
+                                       "to let trials of the plan measure instead")
     else: msgs.append('no suggestion: raise `end_lr`, or pass `epochs` to let trials of the plan decide')
     return msgs
 
@@ -147,6 +173,9 @@ def find_lr(self:Learner,
             if not reading['fell']: sugg.pop(SWEEP_METHOD, None)   # the minimum of a curve that did not fall is noise
             method = _sweep_rule(reading, sugg)
             msgs, trials = _sweep_notes(reading, lrs, method, epochs), []
+            if _cut_short(cb.stop_reason, len(sm), num_it):
+                # blown up before the start-up window was over: the curve holds no lr that trained safely
+                sugg, method, msgs = {}, None, [_cut_short_message(lrs, epochs)]
             if epochs is not None:
                 cb.active = False
                 ts = TrialSearch(self, state, reading, epochs, fit_kwargs, n_candidates, budget, keep, cb.like)

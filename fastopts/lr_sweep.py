@@ -12,8 +12,8 @@ from .core import check_range, check_choice, check_int, per_group, rank_mean
 from .snapshot import LearnerState
 
 # %% auto #0
-__all__ = ['FASTAI_RULES', 'SWEEP_RULES', 'SWEEP_METHOD', 'check_lr', 'LRFinder', 'run_sweep', 'sugg_minimum', 'sugg_steep',
-           'sugg_valley', 'sugg_slide', 'read_sweep', 'sugg_half_min', 'sugg_edge']
+__all__ = ['FASTAI_RULES', 'EDGE_FACTOR', 'SWEEP_RULES', 'SWEEP_METHOD', 'check_lr', 'LRFinder', 'run_sweep', 'sugg_minimum',
+           'sugg_steep', 'sugg_valley', 'sugg_slide', 'read_sweep', 'sugg_half_min', 'sugg_edge']
 
 # %% ../nbs/03b_lr_sweep.ipynb #c011
 def check_lr(name:str, lr) -> float:
@@ -203,7 +203,7 @@ def read_sweep(lrs, losses, sm, num_it:int=100, beta:float=0.98) -> dict:
     i_edge = min(cands) if cands else len(sm) - 1
     return dict(start=start, noise=noise, band=band, drop=start - float(sm[n0:].min()) if len(sm) > n0 else 0.,
                 fell=i_fall is not None, at_start=i_min < n0, lr_min=float(lrs[i_min]),
-                lr_fall=None if i_fall is None else float(lrs[i_fall]), lr_edge=float(lrs[i_edge]), edge_seen=bool(cands),
+                lr_fall=None if i_fall is None else float(lrs[i_fall]), lr_edge=float(lrs[i_edge]), i_edge=int(i_edge), edge_seen=bool(cands),
                 n=len(sm))
 
 # %% ../nbs/03b_lr_sweep.ipynb #c022
@@ -216,8 +216,10 @@ def sugg_half_min(lrs, sm, num_it=100, losses=None, tol:float=0.05):
         if i is not None: lr = min(lr, lrs[i])
     return float(lr / 2)
 
-def sugg_edge(lrs, sm, num_it=100, losses=None, factor:float=1., beta:float=0.98):
-    "For a curve without a measurable fall: the first lr where the loss left its flat band (divided by `factor`)."
+EDGE_FACTOR = 10.   # a flat curve's suggestion: a decade below where the loss left its band (measured: see the benchmark)
+
+def sugg_edge(lrs, sm, num_it=100, losses=None, factor:float=EDGE_FACTOR, beta:float=0.98):
+    "For a curve without a measurable fall: the first lr where the loss left its flat band, divided by `factor`."
     r = read_sweep(lrs, losses if losses is not None else sm, sm, num_it, beta)
     if not r['edge_seen']: raise ValueError('the loss never left its flat band: no edge to read')
     return r['lr_edge'] / factor

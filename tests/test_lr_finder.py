@@ -136,13 +136,14 @@ def test_trials_grow_the_ladder_past_its_edge():
     assert float(learn.validate()[0]) == min(t['loss'] for t in res.trials)
 
 def test_edge_rule_suggests_where_a_flat_curve_first_moves():
-    "A noise-free flat curve (band: 1% of its level) that rises from step 70: `edge` suggests the first lr whose"
+    "A noise-free flat curve (band: 1% of its level) that rises from step 70: `edge` with factor 1 finds the first lr whose"
     " bias-corrected EMA left the band, so no lr below the suggestion moved the loss, and none at or above it is flat."
     from fastopts.lr_sweep import sugg_edge
     lrs, level = np.logspace(-7, 1, 100), math.log(10)
     raw = np.full(100, level); raw[70:] += 0.05 * np.arange(30) ** 2
     sm = ema(raw, 0.98, bias_correction=True)
     first = next(i for i in range(100) if sm[i] > level * 1.01)
-    lr = sugg_edge(lrs, sm, 100, raw)
+    lr = sugg_edge(lrs, sm, 100, raw, factor=1)
     assert math.isclose(lr, lrs[first])
+    assert math.isclose(sugg_edge(lrs, sm, 100, raw), lrs[first] / 10)   # the default: a decade below the edge
     assert (sm[lrs < lr] <= level * 1.01).all() and (sm[lrs >= lr] > level * 1.01).all()
