@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser('viz', help="draw the lecture's figures from real runs (PNGs, GIFs and an index.html gallery)")
     from fastopts.gallery import add_viz_args, viz_main
     add_viz_args(v); v.set_defaults(run=viz_main)
+    s = sub.add_parser('docs', help='build the static HTML docs site from the notebooks (no Quarto, no network)')
+    from fastopts.docs import add_docs_args, docs_main
+    add_docs_args(s); s.set_defaults(run=docs_main)
     _bench_parsers(sub)
     return p
 

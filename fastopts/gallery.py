@@ -187,12 +187,17 @@ def viz_main(args) -> list[Path]:
 
 # %% ../nbs/12_gallery.ipynb #g018
 def screenshot(page, png, width:int=1400, height:int=4000, browser:str|None=None) -> Path:
-    "Save a screenshot of `page` (an HTML file) taken by headless Chromium to `png`."
+    """Save a screenshot of `page` (an HTML file) taken by headless Chromium to `png`. Chromium starts with a fresh
+    profile and without its background traffic (no sync, no component updates), so it also runs offline and as root."""
+    import tempfile
     browser = browser or shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
     if browser is None: raise ValueError("`browser`: no chromium found on PATH (install the system package `chromium`)")
     png, url = Path(png).resolve(), Path(page).resolve().as_uri()
-    subprocess.run([browser, '--headless', '--no-sandbox', '--disable-gpu', '--hide-scrollbars', f'--screenshot={png}',
-                    f'--window-size={width},{height}', url], check=True, capture_output=True, timeout=120)
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([browser, '--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
+                        '--disable-background-networking', '--disable-component-update', '--disable-sync',
+                        f'--user-data-dir={profile}', '--hide-scrollbars', f'--screenshot={png}',
+                        f'--window-size={width},{height}', url], check=True, capture_output=True, timeout=120)
     return png
 
 # %% ../nbs/12_gallery.ipynb #g020

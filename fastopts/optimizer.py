@@ -14,11 +14,12 @@ from torch import Tensor
 try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
 except ImportError: DTensor = ()
 from .core import as_float, check_range, check_int, per_group
+from .precision import Precision
 
 # %% auto #0
-__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'FUSED_CHAINS', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers',
-           'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView', 'Chain',
-           'Optimizer', 'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step',
+__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'RUN_OPTIONS', 'FUSED_CHAINS', 'ParamGroupView', 'contract', 'cb_name',
+           'cb_hypers', 'cb_role', 'check_chain', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView',
+           'Chain', 'Optimizer', 'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step',
            'momentum_step', 'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step',
            'kernel_layout', 'fused_adam', 'fused_sgd', 'fused_rmsprop', 'split_wd', 'fast_path', 'torch_names', 'SGD',
            'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb', 'Lion', 'torch_rule', 'from_torch_state_dict',
@@ -309,6 +310,9 @@ def _cb_defaults(cb) -> dict:
     f, _ = _unwrap(cb)
     return dict(getattr(cb, 'defaults', None) or getattr(f, 'defaults', None) or {})
 
+# how a step runs, not what it computes: every optimizer takes them (the last four: `Precision`, in 01c_precision)
+RUN_OPTIONS = {'fused': None, 'compiled': False, 'kahan_sum': None, 'stochastic_round': False, 'state_dtype': None, 'seed': None}
+
 def _check_fused(fused):
     if fused not in (None, True, False): raise ValueError(f"`fused` must be None, True or False, got {fused!r}")
     return fused
@@ -337,8 +341,13 @@ class Optimizer(torch.optim.Optimizer):
         cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order; or `{label: callbacks}`, a chain per label
         fused:bool|None=None, # None: a fused kernel where one computes the chain; False: always the callbacks; True: insist
         compiled:bool|dict=False, # True (or `torch.compile` keywords): run the chain compiled, hypers as tensors
+        kahan_sum:bool|None=None, # 16-bit float params: Kahan-compensated updates (None: on for them; False: plain rounding)
+        stochastic_round:bool=False, # 16-bit float params: round updates stochastically instead (lighter than Kahan)
+        state_dtype=None, # store moments as torch.bfloat16/float16/float32/float64 or "int8" (blockwise); None: the param's dtype
+        seed:int|None=None, # seed of stochastic rounding's generator (None: torch's global one)
         **defaults # hyper-parameters for every group (overrides the callbacks' `.defaults`); torch's names too
     ):
+        self.precision = Precision(kahan_sum, stochastic_round, state_dtype, seed)
         self.fused, self.compiled = _check_fused(fused), _check_compiled(compiled, fused)
         self._multi = isinstance(cbs, dict)
         if self._multi and not cbs: raise ValueError("`cbs` is an empty dict: give at least one chain `{label: callbacks}`")
@@ -356,6 +365,25 @@ class Optimizer(torch.optim.Optimizer):
         self._hyper_names = set(merged)
         self.frozen_idx = 0
         super().__init__(_to_groups(params), merged)
+
+    def configure(self, **opts):
+        "Change run options (`RUN_OPTIONS`: how the step runs, not what it computes) after construction; returns `self`."
+        bad = [k for k in opts if k not in RUN_OPTIONS]
+        if bad: raise ValueError(f"`{bad[0]}` is not a run option (they are {list(RUN_OPTIONS)})")
+        prec = [k for k in ('kahan_sum', 'stochastic_round', 'state_dtype', 'seed') if k in opts]
+        if prec:
+            p = self.precision
+            self.precision = Precision(**{'kahan_sum': p.kahan_sum, 'stochastic_round': p.stochastic_round, 'state_dtype': p.state_dtype,
+                                          'seed': p.seed, **{k: opts[k] for k in prec}})
+        fused = _check_fused(opts.get('fused', self.fused))
+        if 'compiled' in opts: self.compiled = _check_compiled(opts['compiled'], fused)
+        elif fused and self.compiled: raise ValueError("`fused=True` and `compiled` ask for two different steps: pick one")
+        self.fused = fused
+        self.chains = {k: Chain(c.cbs, self.fused, self.compiled) for k, c in self.chains.items()}
+        if self.compiled:
+            for g in self.param_groups: _check_compilable(g['params'])
+        self._relive()
+        return self
 
     def chain_of(self, g:dict) -> Chain:
         "The chain that param group `g` runs."
@@ -499,8 +527,12 @@ class Optimizer(torch.optim.Optimizer):
         return {k: check_hyper(k, g[k]) for k in self._hyper_names if k in g}
 
     def _run(self, ps:list[Tensor], fn) -> bool:
-        "`fn` on the `ParamGroupView` of `ps` (one device and dtype); its answer (False: it could not run here)."
-        return fn(_group_view(ps, [self.state[p] for p in ps]))
+        "`fn` on the `ParamGroupView` of `ps` (one device and dtype), through the precision layer; its answer (False: it could not run here)."
+        grp = _group_view(ps, [self.state[p] for p in ps])
+        work = self.precision.enter(grp)   # `grp` itself unless 16-bit params or `state_dtype` ask for a working copy
+        done = fn(work)
+        if work is not grp and done: self.precision.exit(work, grp)
+        return done
 
     def _run_chain(self, chain:Chain, key:tuple, grp, hyper:dict) -> bool:
         if chain.compiled and chain.run_compiled(key, grp, hyper): return True
@@ -557,6 +589,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"param_groups[{i}] of the state dict runs chain {g.get('chain', self._first)!r}, this optimizer's group "
                                  f"{i} runs {cur.get('chain', self._first)!r}: build the optimizer the checkpoint was saved from")
         super().load_state_dict(sd)
+        if self.precision.state_dtype is not None: self.precision.restore_loaded(self, sd)   # torch cast codes and scales to the param dtype
 
     def torch_state_dict(self) -> dict:
         "This optimizer's state dict in the format of the `torch.optim` optimizer that computes the same rule (`torch_rule`)."
@@ -575,7 +608,7 @@ class Optimizer(torch.optim.Optimizer):
         chains = {k: f"[{', '.join(c.names)}]" for k, c in self.chains.items()}
         cbs = f"cbs={chains[self._first]}" if not self._multi else 'chains={' + ', '.join(f'{k}: {v}' for k, v in chains.items()) + '}'
         return (f"{type(self).__name__}(groups={len(self.param_groups)}, {cbs}, fused={any(c.fast for c in self.chains.values())}, "
-                f"compiled={bool(self.compiled)}, hypers={[dict(h) for h in self.hypers]})")
+                f"compiled={bool(self.compiled)}, {self.precision!r}, hypers={[dict(h) for h in self.hypers]})")
 
 
 # %% ../nbs/01_optimizer.ipynb #c023
@@ -903,10 +936,12 @@ def _torch_wd_in_groups(params) -> bool:
     return isinstance(params, (list, tuple)) and any(isinstance(g, dict) and 'weight_decay' in g for g in params)
 
 def torch_names(f):
-    "Let optimizer factory `f` take torch.optim's keywords: aliases mapped to fastai's names, flags checked, the rest refused by name."
+    """Let optimizer factory `f` take torch.optim's keywords (aliases mapped to fastai's names, flags checked, the rest
+    refused by name) and every run option of `RUN_OPTIONS` (passed on to the optimizer it builds, unless `f` takes it)."""
     sig = inspect.signature(f)
     @wraps(f)
     def _f(*args, **kw):
+        run = {k: kw.pop(k) for k in list(kw) if k in RUN_OPTIONS and k not in sig.parameters}
         given = set(sig.bind_partial(*args).arguments) | (kw.keys() & sig.parameters.keys())
         out = {k: v for k, v in kw.items() if k in sig.parameters}
         torch_wd = 'weight_decay' in kw or (args and _torch_wd_in_groups(args[0])) or _torch_wd_in_groups(kw.get('params'))
@@ -922,7 +957,7 @@ def torch_names(f):
             elif k == 'nesterov':
                 if v: raise ValueError(f"`nesterov={v!r}`: {f.__name__} has no Nesterov form (SGD has)")
                 continue
-            else: raise ValueError(f"`{k}` is not a keyword of {f.__name__} (it takes {list(sig.parameters)[1:]} and torch's names for them)")
+            else: raise ValueError(f"`{k}` is not a keyword of {f.__name__} (it takes {list(sig.parameters)[1:]}, torch's names for them and the run options {list(RUN_OPTIONS)})")
             for n, x in new.items():
                 if n not in sig.parameters: raise ValueError(f"`{k}`={v!r} sets `{n}`, which {f.__name__} does not have")
                 if n in given: raise ValueError(f"both `{k}` and `{n}` given to {f.__name__}: pass one")
@@ -935,12 +970,16 @@ def torch_names(f):
                 torch_k = next((k for k in kw if k in TORCH_ALIASES and n in TORCH_ALIASES[k]), None)
                 if torch_k is None: raise
                 raise ValueError(f"`{torch_k}={kw[torch_k]!r}`: {e}") from None
-        return f(*args, **out)
+        opt = f(*args, **out)
+        return opt.configure(**run) if run else opt
+    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in RUN_OPTIONS.items() if k not in sig.parameters]
+    ps = list(sig.parameters.values())
+    _f.__signature__ = sig.replace(parameters=[p for p in ps if p.kind != p.VAR_KEYWORD] + extra + [p for p in ps if p.kind == p.VAR_KEYWORD])
     return _f
 
 # %% ../nbs/01_optimizer.ipynb #c042
 @torch_names
-def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=None, compiled=False) -> Optimizer:
+def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True) -> Optimizer:
     "SGD with torch-style momentum (`V = mom*V + g`), optional Nesterov, decoupled or L2 weight decay."
     groups = _to_groups(params)
     mom, nesterov = check_range('mom', mom, 0, 1, hi_open=True), _group_flag(groups, 'nesterov', nesterov)
@@ -948,49 +987,49 @@ def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, fused=
     cbs = [_wd_cb(decouple_wd)]
     if _momentum_wanted(groups, mom): cbs += [average_grad, nesterov_step if nesterov else momentum_step]
     else: cbs.append(sgd_step)
-    return Optimizer(groups, cbs, fused=fused, compiled=compiled, lr=lr, mom=mom, wd=wd)
+    return Optimizer(groups, cbs, lr=lr, mom=mom, wd=wd)
 
 @torch_names
-def Momentum(params, lr=1e-3, mom=0.9, wd=0., fused=None, compiled=False) -> Optimizer:
+def Momentum(params, lr=1e-3, mom=0.9, wd=0.) -> Optimizer:
     "The lecture's momentum: `V = mom*V + (1-mom)*g` (an EMA from `V=0`), `p -= lr*V`; decoupled weight decay."
-    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], fused=fused, compiled=compiled, lr=lr, mom=mom, wd=wd)
+    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], lr=lr, mom=mom, wd=wd)
 
 @torch_names
-def RMSProp(params, lr=1e-2, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True, fused=None, compiled=False) -> Optimizer:
+def RMSProp(params, lr=1e-2, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
     "RMSProp (Hinton 2012): `S = sqr_mom*S + (1-sqr_mom)*g²`, `p -= lr*g/(sqrt(S)+eps)`; torch-style momentum if `mom`>0."
     groups = _to_groups(params)
     mom = check_range('mom', mom, 0, 1, hi_open=True)
     step = partial(rms_prop_step, with_mom=True) if _momentum_wanted(groups, mom) else rms_prop_step
-    return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step], fused=fused, compiled=compiled,
+    return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step],
                      lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 def _adam_cbs(decouple_wd, stepper):
     return [_wd_cb(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad, step_stat, stepper]
 
 @torch_names
-def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None, compiled=False) -> Optimizer:
+def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
     "Adam (Kingma & Ba 2015) with bias correction; `wd` is decoupled (AdamW) unless `decouple_wd=False` (L2)."
-    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def AdamW(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01, fused=None, compiled=False) -> Optimizer:
+def AdamW(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01) -> Optimizer:
     "AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay, `wd=0.01` by default."
-    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True, fused=fused, compiled=compiled)
+    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True)
 
 @torch_names
-def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, fused=None, compiled=False) -> Optimizer:
+def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
     "RAdam (Liu et al. 2019), as torch's `RAdam` (`decoupled_weight_decay=decouple_wd`)."
-    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def Lamb(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0., fused=None, compiled=False) -> Optimizer:
+def Lamb(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.) -> Optimizer:
     "LAMB (You et al. 2019): Adam's step with a per-tensor trust ratio; decoupled weight decay, as fastai's `Lamb`."
-    return Optimizer(params, _adam_cbs(True, lamb_step), fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(True, lamb_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 @torch_names
-def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0., fused=None, compiled=False) -> Optimizer:
+def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0.) -> Optimizer:
     "Lion (Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'): sign of an interpolated momentum; `mom`=beta1, `sqr_mom`=beta2."
-    return Optimizer(params, [weight_decay, lion_step], fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
+    return Optimizer(params, [weight_decay, lion_step], lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
 
 # %% ../nbs/01_optimizer.ipynb #c050
 def _chain_update(cbs, params, grads, states, orig, hyper):
@@ -1184,10 +1223,14 @@ class Lookahead(Optimizer):
         step = getattr(type(self.opt).step, '__wrapped__', None)   # torch's hook wrapper: run the hooks once, on us
         return self.opt.step(closure) if step is None else step(self.opt, closure)
 
+    def _take_slow_weights(self):
+        if self.count == 0 and self.slow_weights is None:
+            self.slow_weights = [[p.detach().clone() for p in g['params']] for g in self.param_groups]
+
     @torch.no_grad()
     def step(self, closure=None):
         "One step of the inner optimizer; every `k`-th, the lookahead update on all params."
-        if self.count == 0: self.slow_weights = [[p.detach().clone() for p in g['params']] for g in self.param_groups]
+        self._take_slow_weights()
         loss = self._inner_step(closure)
         self.count += 1
         if self.count % self.k: return loss
@@ -1198,6 +1241,14 @@ class Lookahead(Optimizer):
                 torch._foreach_lerp_(slow_, fast_, self.alpha)
                 torch._foreach_copy_(fast_, slow_)
         return loss
+
+    @torch.no_grad()
+    def step_params(self, params):
+        "The inner optimizer's `step_params` (gradient release); the lookahead update stays in `step`, called once per batch."
+        if not hasattr(self.opt, 'step_params'):
+            raise ValueError(f"Lookahead over {type(self.opt).__name__}: it has no `step_params` to step one param at a time")
+        self._take_slow_weights()   # before the first param moves
+        self.opt.step_params(params)
 
     def clear_state(self):
         if hasattr(self.opt, 'clear_state'): self.opt.clear_state()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
+import matplotlib.patheffects as pe
 from PIL import Image
 from .core import check_range, check_choice, check_int, ema
 from .optimizer import SGD, Momentum, RMSProp, Adam
@@ -224,13 +225,17 @@ def plot_surface3d(paths:dict, f, ax=None, xlim=None, ylim=None, n_grid:int=60, 
     X, Y, Z = _grid(f, xlim, ylim, n_grid)
     zmap, zlog = _zmap(Z, zlog, getattr(f, 'min_value', None))
     H = zmap(Z)
-    ax.plot_surface(X, Y, H, cmap='viridis', alpha=0.55, linewidth=0, antialiased=False, rstride=1, cstride=1)
+    # matplotlib sorts 3-D artists by their mean depth, so a path in a valley is painted before the surface around
+    # it and vanishes under it: draw in zorder instead (surface, then paths, then marks) on a translucent surface
+    ax.computed_zorder = False
+    ax.plot_surface(X, Y, H, cmap='viridis', alpha=0.45, linewidth=0, antialiased=False, rstride=1, cstride=1, zorder=1)
     lift = 0.02 * (np.nanmax(H) - np.nanmin(H))
     def height(pts):
         pts = np.clip(np.asarray(pts, float), [xlim[0], ylim[0]], [xlim[1], ylim[1]])
         with torch.no_grad(): return zmap(f(torch.from_numpy(pts)).numpy()) + lift
     for (name, p), st in zip(paths.items(), path_styles(paths).values()):
-        ax.plot(p[:, 0], p[:, 1], height(p), label=name, **st)
+        ax.plot(p[:, 0], p[:, 1], height(p), label=name,
+                path_effects=[pe.Stroke(linewidth=st['lw'] + 1.5, foreground='white'), pe.Normal()], **st)
     _mark_points(ax, f, _starts(paths), z=lambda pts: height(pts) + lift)
     ax.set(xlim=xlim, ylim=ylim, xlabel='x', ylabel='y', zlabel='log10(1 + f - min)' if zlog else 'f',
            title=title or getattr(f, 'name', ''))

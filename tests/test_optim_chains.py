@@ -168,3 +168,14 @@ def test_hypers_are_checked_before_params():
 @pytest.mark.parametrize('factory,lr', [(Momentum, 1e-3), (Lamb, 1e-3), (Lion, 1e-4)])
 def test_default_lr(factory, lr):
     assert factory(seeded_params(SHAPES)).param_groups[0]['lr'] == lr
+
+def test_run_options_reach_every_factory_through_one_place():
+    "`fused` and `compiled` are not forwarded by hand: `torch_names` passes them to `Optimizer.configure`."
+    import inspect
+    ps = seeded_params(SHAPES)
+    assert SGD(ps, mom=0.9, fused=False)._fast is None and SGD(ps, mom=0.9)._fast is not None
+    assert Lamb(ps, compiled=True).compiled
+    assert 'fused' in inspect.signature(Lion).parameters
+    with pytest.raises(ValueError, match='no fused kernel computes the chain'): Lion(ps, fused=True)
+    with pytest.raises(ValueError, match='`kahan` is not a keyword of SGD.*run options'): SGD(ps, kahan=True)
+    with pytest.raises(ValueError, match='`fusd` is not a run option'): Adam(ps).configure(fusd=True)
