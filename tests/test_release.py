@@ -36,11 +36,7 @@ def _train(spec, release:bool):
     if h: h.remove()
     return [p.detach().clone() for p in m.parameters()], h
 
-# Lookahead has no `step_params` of its own yet: Optimizer.step_params on the wrapper fails ('Lookahead' object has no
-# attribute 'chains'); it needs to delegate to `self.opt.step_params` and take the slow weights before the first inner
-# step (see the report). strict: this test fails as soon as that works, and the mark must go.
-_LOOKAHEAD_TODO = pytest.mark.xfail(strict=True, reason='Lookahead.step_params is missing')
-@pytest.mark.parametrize('spec', [pytest.param(o, marks=_LOOKAHEAD_TODO) if o.name == 'lookahead_adam' else o for o in OPTIMIZERS], ids=ids)
+@pytest.mark.parametrize('spec', OPTIMIZERS, ids=ids)
 def test_release_equals_ordinary_step(spec):
     ref, _ = _train(spec, False)
     got, h = _train(spec, True)
