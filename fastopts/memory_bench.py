@@ -157,12 +157,12 @@ class MemoryMeter:
         fp.Precision.exit = self._orig
         for h in self.hooks: h.remove()
 
-def peak_step(setting:str, release:bool, n_layers:int=4, bs:int=4, seq:int=64, device='cpu', steps:int=2) -> dict:
+def peak_step(setting:str, release:bool, n_layers:int=4, bs:int=4, seq:int=64, device='cpu', steps:int=2, d:int=768) -> dict:
     "Peak counted bytes (and CUDA's max allocated) over `steps` training steps of `TinyGPT` with `setting`, with or without gradient release."
     device = check_device(device)
     torch.manual_seed(0)
     dt, kw = SETTINGS[setting]
-    model = TinyGPT(n_layers=n_layers).to(device=device, dtype=dt)
+    model = TinyGPT(d=d, n_layers=n_layers, n_heads=max(1, d // 64)).to(device=device, dtype=dt)
     opt = _fastopts(kw)(list(model.parameters()))
     x = torch.randint(0, 512, (bs, seq + 1), device=device)
     if device.type == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
