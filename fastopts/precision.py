@@ -200,10 +200,11 @@ def _exit(self, work, grp):
         if mode == 'kahan':
             comp = s.get('kahan_comp')
             if comp is None: comp = s['kahan_comp'] = torch.zeros_like(p)
-            old = p.float()
-            y = w.sub_(old).add_(comp)                  # the update plus what earlier roundings lost (w is scratch now)
-            p.copy_(old + y)
-            comp.copy_(y.sub_(p.float().sub_(old)))     # what this rounding lost
+            # p + comp holds the weight; w = p + update: w + comp is the new weight, rounded into p, the rest into comp
+            # (the same as y = update + comp, p' = round(p + y), comp = y - (p' - p): w - p and t - p' are exact in float32)
+            t = w.add_(comp)            # w is scratch now
+            p.copy_(t)
+            comp.copy_(t.sub_(p))
         elif mode == 'stochastic': p.copy_(stochastic_round(w, p.dtype, self._generator(p.device)))
         else: p.copy_(w)
     for p, ws, s in zip(grp.params, work.states, grp.states):
