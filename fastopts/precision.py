@@ -66,7 +66,10 @@ def quantize_blockwise(x:Tensor, block:int=QUANT_BLOCK) -> tuple[Tensor, Tensor]
     lo, hi = blocks.aminmax(dim=1)
     absmax = torch.maximum(-lo, hi)
     signed = bool((lo < 0).any())
-    idx = _nearest_code(blocks / torch.where(absmax > 0, absmax, 1.)[:, None], signed).view(-1)[:x.numel()]
+    normed = blocks / torch.where(absmax > 0, absmax, 1.)[:, None]
+    idx = _nearest_code(normed, signed)
+    if not signed: idx += (idx == 0) & (normed > 0)   # a positive value never becomes 0 (a zero second moment makes Adam's step lr*m/eps)
+    idx = idx.view(-1)[:x.numel()]
     codes = idx.sub_(128).to(torch.int8) if signed else idx.to(torch.uint8)
     return codes.view(x.shape), absmax
 
