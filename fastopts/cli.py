@@ -114,7 +114,7 @@ def demo(out='fastopts-demo', epochs:int=5, seed:int=0, optimizers=None, show_pr
 
 # %% ../nbs/07_cli.ipynb #c013
 def _bench_parsers(sub):
-    "`fastopts bench lr-find`, `lr-seeds`, `step` and `epoch`, from the benchmark modules."
+    "`fastopts bench lr-find`, `lr-seeds`, `step`, `epoch` and `memory`, from the benchmark modules."
     bench = sub.add_parser('bench', help='benchmarks (see `fastopts bench -h`)')
     bsub = bench.add_subparsers(dest='bench', required=True)
     from fastopts import bench, step_bench, epoch_bench
@@ -126,6 +126,9 @@ def _bench_parsers(sub):
     step_bench.add_step_bench_args(p); p.set_defaults(run=step_bench.step_bench_main)
     p = bsub.add_parser('epoch', help='time per epoch of a small CNN on digits: fastopts Adam vs fastai Adam vs torch fused Adam')
     epoch_bench.add_epoch_bench_args(p); p.set_defaults(run=epoch_bench.epoch_bench_main)
+    from fastopts import memory_bench
+    p = bsub.add_parser('memory', help='bf16 + Kahan, int8 state, gradient release: state bytes, step time, peak memory, loss parity')
+    memory_bench.add_memory_bench_args(p); p.set_defaults(run=memory_bench.memory_bench_main)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fastopts', description='fastopts: optimizers, schedules and an LR finder for fastai')

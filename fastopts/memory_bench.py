@@ -157,12 +157,12 @@ class MemoryMeter:
         fp.Precision.exit = self._orig
         for h in self.hooks: h.remove()
 
-def peak_step(setting:str, release:bool, n_layers:int=4, bs:int=4, seq:int=64, device='cpu', steps:int=2) -> dict:
+def peak_step(setting:str, release:bool, n_layers:int=4, bs:int=4, seq:int=64, device='cpu', steps:int=2, d:int=768) -> dict:
     "Peak counted bytes (and CUDA's max allocated) over `steps` training steps of `TinyGPT` with `setting`, with or without gradient release."
     device = check_device(device)
     torch.manual_seed(0)
     dt, kw = SETTINGS[setting]
-    model = TinyGPT(n_layers=n_layers).to(device=device, dtype=dt)
+    model = TinyGPT(d=d, n_layers=n_layers, n_heads=max(1, d // 64)).to(device=device, dtype=dt)
     opt = _fastopts(kw)(list(model.parameters()))
     x = torch.randint(0, 512, (bs, seq + 1), device=device)
     if device.type == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
@@ -238,9 +238,9 @@ def fit_loss(task:str, setting:str, seed:int=0) -> float:
     opt_func = lambda ps, lr: fo.AdamW(ps, lr=lr, wd=WD, **kw)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, cbs=[_to_dtype_cb(dt)] if dt != torch.float32 else [])
     if hasattr(learn, 'progress'): learn.remove_cb(learn.progress)
-    with learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-        
-    with learn.no_logging(): return float(learn.validate()[0])
+    with learn.no_logging():
+        learn.fit_one_cycle(epochs, lr)
+        return float(learn.validate()[0])
 
 PARITY_SETTINGS = ('fp32', 'bf16 + Kahan', 'bf16 plain', 'bf16 + stochastic rounding', 'fp32, bf16 state', 'fp32, int8 state', 'bf16 + Kahan, int8 state')
 
@@ -249,8 +249,8 @@ def parity_benchmark(tasks=('digits_cnn', 'seq_transformer'), settings=PARITY_SE
     rows = []
     for task in tasks:
         for s in settings:
-            if progress: progress(f"{task}: {s}")
             losses = [fit_loss(task, s, seed) for seed in seeds]
+            if progress: progress(f"{task}: {s}: final valid loss {', '.join(f'{l:.4f}' for l in losses)}")
             rows.append(dict(task=task, setting=s, val_loss=statistics.mean(losses), losses=losses))
         ref = next(r['val_loss'] for r in rows if r['task'] == task and r['setting'] == 'fp32')
         for r in rows:

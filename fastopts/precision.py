@@ -30,34 +30,56 @@ def dynamic_map(signed:bool=True, max_exponent_bits:int=7, total_bits:int=8) -> 
     data += [0.] * (2 ** total_bits - len(data))
     return torch.tensor(sorted(data), dtype=torch.float32)
 
-_MAPS = {}
-def _qmap(signed:bool, device) -> tuple[Tensor, Tensor]:
-    "The map and the midpoints between its entries (bucket edges), cached per device."
+_MAPS, _KEY_SHIFT = {}, 13
+def _qmap(signed:bool, device) -> tuple[Tensor, Tensor, Tensor]:
+    "The map, its bucket edges (with +inf last) and a lookup table from a float's top bits to the first candidate code, per device."
     key = (signed, str(device))
     if key not in _MAPS:
-        m = dynamic_map(signed).to(device)
-        _MAPS[key] = m, (m[1:] + m[:-1]) / 2
+        m = dynamic_map(signed)
+        edges = (m[1:] + m[:-1]) / 2
+        # every float whose monotone key (the bits, negatives flipped) shifted by _KEY_SHIFT is k lies in one bucket of
+        # relative width 2**-10: narrower than any two edges of the map are apart, so it holds at most one edge
+        off = 1 << (31 - _KEY_SHIFT)
+        b = torch.arange(-off, off, dtype=torch.int32) << _KEY_SHIFT
+        lo = torch.where(b < 0, b ^ 0x7FFFFFFF, b).view(torch.float32).nan_to_num(0.)   # each bucket's first float
+        lut = torch.bucketize(lo, edges).to(torch.int32)
+        _MAPS[key] = m.to(device), torch.cat([edges, edges.new_full((1,), float('inf'))]).to(device), lut.to(device)
     return _MAPS[key]
+
+def _nearest_code(v:Tensor, signed:bool) -> Tensor:
+    "Index of the map entry nearest each float32 of `v` (in [-1, 1]), as int32: `torch.bucketize(v, edges)`, twice as fast."
+    _, edges, lut = _qmap(signed, v.device)
+    b = v.view(torch.int32)
+    k = b >> 31; k &= 0x7FFFFFFF; k ^= b; k >>= _KEY_SHIFT; k += 1 << (31 - _KEY_SHIFT)
+    cand = lut.index_select(0, k.view(-1)).view(v.shape)
+    return cand.add_(edges.index_select(0, cand.view(-1)).view(v.shape) < v)   # past the bucket's one edge, if any
+
+def _blocks(flat:Tensor, block:int) -> Tensor:
+    "`flat` padded with zeros to whole blocks, as (blocks, block)."
+    n = flat.numel(); nb = -(-n // block)
+    if nb * block != n: flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
+    return flat.view(nb, block)
 
 def quantize_blockwise(x:Tensor, block:int=QUANT_BLOCK) -> tuple[Tensor, Tensor]:
     "`x` as 8-bit codes of its shape (`int8`: signed map, `uint8`: unsigned map, for `x >= 0`) and a float32 absmax per block."
-    flat = x.detach().reshape(-1).float()
-    n, nb = flat.numel(), -(-flat.numel() // block)
-    signed = bool((flat < 0).any())
-    if nb * block != n: flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
-    blocks = flat.view(nb, block)
-    absmax = blocks.abs().amax(1)
-    qmap, edges = _qmap(signed, x.device)
-    idx = torch.bucketize(blocks / torch.where(absmax > 0, absmax, 1.)[:, None], edges).view(-1)[:n]
-    codes = (idx - 128).to(torch.int8) if signed else idx.to(torch.uint8)
+    blocks = _blocks(x.detach().reshape(-1).float(), block)
+    lo, hi = blocks.aminmax(dim=1)
+    absmax = torch.maximum(-lo, hi)
+    signed = bool((lo < 0).any())
+    normed = blocks / torch.where(absmax > 0, absmax, 1.)[:, None]
+    idx = _nearest_code(normed, signed)
+    if not signed: idx += (idx == 0) & (normed > 0)   # a positive value never becomes 0 (a zero second moment makes Adam's step lr*m/eps)
+    idx = idx.view(-1)[:x.numel()]
+    codes = idx.sub_(128).to(torch.int8) if signed else idx.to(torch.uint8)
     return codes.view(x.shape), absmax
 
 def dequantize_blockwise(codes:Tensor, absmax:Tensor, dtype=torch.float32, block:int=QUANT_BLOCK) -> Tensor:
     "The tensor that `quantize_blockwise` encoded as `codes` and `absmax`, in `dtype`."
     signed = codes.dtype == torch.int8
-    idx = codes.reshape(-1).long() + (128 if signed else 0)
-    vals = _qmap(signed, codes.device)[0][idx] * absmax.repeat_interleave(block)[:idx.numel()]
-    return vals.view(codes.shape).to(dtype)
+    idx = codes.reshape(-1).to(torch.int32)
+    if signed: idx += 128
+    vals = _blocks(_qmap(signed, codes.device)[0].index_select(0, idx), block).mul_(absmax[:, None])
+    return vals.view(-1)[:codes.numel()].view(codes.shape).to(dtype)
 
 # %% ../nbs/01c_precision.ipynb #p012
 def stochastic_round(x:Tensor, dtype=torch.bfloat16, generator:torch.Generator|None=None) -> Tensor:
@@ -181,10 +203,11 @@ def _exit(self, work, grp):
         if mode == 'kahan':
             comp = s.get('kahan_comp')
             if comp is None: comp = s['kahan_comp'] = torch.zeros_like(p)
-            old = p.float()
-            y = w.sub_(old).add_(comp)                  # the update plus what earlier roundings lost (w is scratch now)
-            p.copy_(old + y)
-            comp.copy_(y.sub_(p.float().sub_(old)))     # what this rounding lost
+            # p + comp holds the weight; w = p + update: w + comp is the new weight, rounded into p, the rest into comp
+            # (the same as y = update + comp, p' = round(p + y), comp = y - (p' - p): w - p and t - p' are exact in float32)
+            t = w.add_(comp)            # w is scratch now
+            p.copy_(t)
+            comp.copy_(t.sub_(p))
         elif mode == 'stochastic': p.copy_(stochastic_round(w, p.dtype, self._generator(p.device)))
         else: p.copy_(w)
     for p, ws, s in zip(grp.params, work.states, grp.states):
