@@ -23,8 +23,8 @@ from .fused import *
 from .torch_state import *
 
 # %% auto #0
-__all__ = ['RUN_OPTIONS', 'Chain', 'Optimizer', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb',
-           'Lion']
+__all__ = ['PRECISION_CHUNK', 'RUN_OPTIONS', 'Chain', 'Optimizer', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW',
+           'RAdam', 'Lamb', 'Lion']
 
 # %% ../nbs/01_optimizer.ipynb #84fbf92f
 class Chain:
@@ -50,6 +50,7 @@ class Chain:
         self._compiled_fns, self._warm = {}, {}   # a new chain: compile afresh
         self.defaults = {}
         for cb in self.cbs: self.defaults.update(_cb_defaults(cb))
+        self.whole = any(getattr(cb, 'needs_all_grads', False) or getattr(_unwrap(cb)[0], 'needs_all_grads', False) for cb in self.cbs)
 
     def changed(self) -> bool:
         "Whether `cbs` was changed since the chain was checked (then it is checked again)."
@@ -86,6 +87,18 @@ class Chain:
 
 
 # %% ../nbs/01_optimizer.ipynb #c020
+PRECISION_CHUNK = 32 * 2**20   # bytes of float32 params per working copy: the precision layer's peak stays small
+
+def _chunks(ps:list[Tensor], limit:int) -> list[list[Tensor]]:
+    "`ps` in consecutive runs of at most `limit` bytes of float32 (a larger tensor alone)."
+    out, cur, size = [], [], 0
+    for p in ps:
+        n = p.numel() * 4
+        if cur and size + n > limit: out.append(cur); cur, size = [], 0
+        cur.append(p); size += n
+    if cur: out.append(cur)
+    return out
+
 def _rule_flag(roles:tuple, name:str) -> bool|None:
     "What a chain with `roles` says to torch's rule keyword `name` (`nesterov`, `decoupled_weight_decay`), None if nothing."
     if name == 'nesterov': return 'nesterov' in roles
@@ -326,13 +339,17 @@ class Optimizer(torch.optim.Optimizer):
     def _group_hypers(self, g:dict) -> dict:
         return {k: check_hyper(k, g[k]) for k in self._hyper_names if k in g}
 
-    def _run(self, ps:list[Tensor], fn) -> bool:
-        "`fn` on the `ParamGroupView` of `ps` (one device and dtype), through the precision layer; its answer (False: it could not run here)."
-        grp = _group_view(ps, [self.state[p] for p in ps])
-        work = self.precision.enter(grp)   # `grp` itself unless 16-bit params or `state_dtype` ask for a working copy
-        done = fn(work)
-        if work is not grp and done: self.precision.exit(work, grp)
-        return done
+    def _run(self, ps:list[Tensor], fn, whole:bool=False) -> bool:
+        """`fn` on the `ParamGroupView` of `ps` (one device and dtype), through the precision layer; its answer (False: it
+        could not run here). A working copy (16-bit params, low-precision state) is made `PRECISION_CHUNK` bytes of params
+        at a time, unless the chain needs the `whole` group at once."""
+        if not self.precision.applies(ps[0].dtype): return fn(_group_view(ps, [self.state[p] for p in ps]))
+        for chunk in ([ps] if whole else _chunks(ps, PRECISION_CHUNK)):
+            grp = _group_view(chunk, [self.state[p] for p in chunk])
+            work = self.precision.enter(grp)
+            if not fn(work): return False   # the first chunk answers for all: one device and dtype
+            if work is not grp: self.precision.exit(work, grp)
+        return True
 
     def _run_chain(self, chain:Chain, key:tuple, grp, hyper:dict) -> bool:
         if chain.compiled and chain.run_compiled(key, grp, hyper): return True
@@ -353,7 +370,7 @@ class Optimizer(torch.optim.Optimizer):
                 if fit and self._run(fit, lambda grp: chain.fast(grp, **hyper)): sub = rest
                 if not sub: continue
             key = (i, sub[0].device, sub[0].dtype)
-            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper))
+            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper), whole=chain.whole)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -180,6 +180,10 @@ def _store(s:dict, k:str, v:Tensor, target):
     else: s[k] = v.to(target)
 
 @torch.no_grad()
+def _applies(self, dtype) -> bool:
+    "Whether params of `dtype` get a working view (16-bit params rounded by Kahan or stochastically, or moments in another dtype)."
+    return (self.state_dtype is not None and self.state_dtype != dtype) or (dtype in _LOW and self.rounding(dtype) is not None)
+
 def _enter(self, grp):
     "The working view of sub-group `grp` (or `grp` itself when nothing applies)."
     p0 = grp.params[0]
@@ -232,4 +236,4 @@ def _restore_loaded(self, opt, state_dict:dict):
         for k, v in state_dict['state'].get(i, {}).items():
             if isinstance(v, Tensor): opt.state[p][k] = self.load_value(p, v, k).clone() if v.device == p.device else self.load_value(p, v, k)
 
-Precision.enter, Precision.exit, Precision.load_value, Precision.restore_loaded = _enter, _exit, _load_value, _restore_loaded
+Precision.applies, Precision.enter, Precision.exit, Precision.load_value, Precision.restore_loaded = _applies, _enter, _exit, _load_value, _restore_loaded

@@ -99,3 +99,36 @@ def test_state_bytes_targets_on_a_small_problem():
     rows = state_benchmark('mlp', n=1, warmup=1, names=['fp32', 'fp32, int8 state', 'fp32, bf16 state', 'bf16 + Kahan'])
     b = {r['contender']: r['state_bytes_per_param'] for r in rows}
     assert b['fp32'] == 8 and b['fp32, int8 state'] <= 2.1 and b['fp32, bf16 state'] <= 4.1 and b['bf16 + Kahan'] <= 6.1
+
+def test_working_copies_are_made_a_chunk_at_a_time(monkeypatch):
+    "The precision layer copies PRECISION_CHUNK bytes of params at a time (the peak stays small): the same numbers as one copy."
+    import fastopts.optimizer as fo
+    def fit(chunk):
+        monkeypatch.setattr(fo, 'PRECISION_CHUNK', chunk)
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(64, 32), (32,), (32, 16), (16,)]]
+        opt, seen = AdamW(ps, lr=1e-2, kahan_sum=True, state_dtype='int8'), []
+        real = opt.precision.enter
+        monkeypatch.setattr(opt.precision, 'enter', lambda grp: seen.append(len(grp.params)) or real(grp))
+        for _ in range(5):
+            for p in ps: p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            opt.step()
+        return ps, seen
+    one, seen1 = fit(2**30)
+    many, seen2 = fit(64 * 32 * 4)   # the first matrix alone, then the rest
+    assert seen1 == [4] * 5 and seen2 == [1, 3] * 5
+    for a, b in zip(one, many): assert torch.equal(a, b)
+
+def test_a_chain_that_needs_all_grads_gets_one_working_copy(monkeypatch):
+    import fastopts.optimizer as fo
+    from fastopts.optimizer import Optimizer, sgd_step
+    monkeypatch.setattr(fo, 'PRECISION_CHUNK', 16)
+    def global_norm(grp, **_): pass
+    global_norm.needs_all_grads = True
+    ps = [torch.ones(8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    opt, seen = Optimizer(ps, [global_norm, sgd_step], lr=0.1), []
+    real = opt.precision.enter
+    monkeypatch.setattr(opt.precision, 'enter', lambda grp: seen.append(len(grp.params)) or real(grp))
+    for p in ps: p.grad = torch.ones_like(p)
+    opt.step()
+    assert seen == [3] and opt.chains['default'].whole
