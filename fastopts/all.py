@@ -6,7 +6,11 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #c002
-from . import core, hypers, callbacks, fused, torch_state, optimizer, lookahead, matrix, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release
+from . import core, hypers, callbacks, fused, torch_state, optimizer, lookahead, matrix, lr_free, schedule, lr_finder, data, precision, release
+from .lab import surfaces
+from .lab import viz
+from .lab import fit_viz
+from .lab import landscape
 from .core import *
 from .hypers import *
 from .callbacks import *
@@ -18,11 +22,11 @@ from .matrix import *
 from .lr_free import *
 from .schedule import *
 from .lr_finder import *
-from .surfaces import *
-from .viz import *
+from .lab.surfaces import *
+from .lab.viz import *
 from .data import *
-from .fit_viz import *
-from .landscape import *
+from .lab.fit_viz import *
+from .lab.landscape import *
 from .precision import *
 from .release import *
 

@@ -117,7 +117,9 @@ def _bench_parsers(sub):
     "`fastopts bench lr-find`, `lr-seeds`, `step`, `epoch` and `memory`, from the benchmark modules."
     bench = sub.add_parser('bench', help='benchmarks (see `fastopts bench -h`)')
     bsub = bench.add_subparsers(dest='bench', required=True)
-    from fastopts import bench, step_bench, epoch_bench
+    from fastopts.bench import lr_find as bench
+    from fastopts.bench import step as step_bench
+    from fastopts.bench import epoch as epoch_bench
     p = bsub.add_parser('lr-find', help='how good are LR-finder suggestions (regret vs the best lr of a grid)')
     bench.add_lr_bench_args(p); p.set_defaults(run=bench.lr_bench_main)
     p = bsub.add_parser('lr-seeds', help='fixed lrs on many seeds: how much of a row of lr-find is luck')
@@ -126,7 +128,7 @@ def _bench_parsers(sub):
     step_bench.add_step_bench_args(p); p.set_defaults(run=step_bench.step_bench_main)
     p = bsub.add_parser('epoch', help='time per epoch of a small CNN on digits: fastopts Adam vs fastai Adam vs torch fused Adam')
     epoch_bench.add_epoch_bench_args(p); p.set_defaults(run=epoch_bench.epoch_bench_main)
-    from fastopts import memory_bench
+    from fastopts.bench import memory as memory_bench
     p = bsub.add_parser('memory', help='bf16 + Kahan, int8 state, gradient release: state bytes, step time, peak memory, loss parity')
     memory_bench.add_memory_bench_args(p); p.set_defaults(run=memory_bench.memory_bench_main)
 
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--no-progress', action='store_true', help="hide fastai's progress bars")
     d.set_defaults(run=lambda a: demo(a.out, a.epochs, a.seed, a.optimizers, show_progress=not a.no_progress))
     v = sub.add_parser('viz', help="draw the lecture's figures from real runs (PNGs, GIFs and an index.html gallery)")
-    from fastopts.gallery import add_viz_args, viz_main
+    from fastopts.lab.gallery import add_viz_args, viz_main
     add_viz_args(v); v.set_defaults(run=viz_main)
     s = sub.add_parser('docs', help='build the static HTML docs site from the notebooks (no Quarto, no network)')
     from fastopts.docs import add_docs_args, docs_main

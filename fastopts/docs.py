@@ -274,7 +274,7 @@ def _rewrite_links(body:str, src_dir:Path, pages_by_src:dict, out:Path) -> str:
 
 # %% ../nbs/13_docs.ipynb #29b4e665
 def _gallery_body(gallery_dir:Path|None) -> str:
-    from fastopts import gallery
+    from fastopts.lab import gallery
     head = ('<h1 id="visual-lab-gallery">Visual lab: the gallery</h1><p><code>fastopts viz --out DIR</code> draws every '
             "figure group of the lecture from the package's own optimizers, schedules and LR finder into one folder, with "
             'an <code>index.html</code> that shows them all (half a minute on 2 cores; <code>--quick</code> for a smoke run).')

@@ -99,6 +99,7 @@ def schedule_free_sgd_step(grp, lr, mom, wd, ckp1, **_):
 # %% ../nbs/01b_lr_free.ipynb #c009
 class ScheduleFreeOptimizer(Optimizer):
     "An `Optimizer` with Schedule-Free's train/eval modes: params hold `y` in train mode, `x` in eval mode."
+    needs_mode_callback = True   # a Learner adds `ScheduleFreeCallback`
     _sf_keys = dict(k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
     def __init__(self, params, cbs, **defaults):
         super().__init__(params, cbs, fused=False, compiled=False, **defaults)
@@ -237,6 +238,7 @@ def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, **_):
 # %% ../nbs/01b_lr_free.ipynb #c017
 class ProdigyOptimizer(Optimizer):
     "Prodigy's two passes over all groups around one global `d` (kept in every group, as the reference: `d`, `d_max`, ...)."
+    needs_mode_callback = True   # a Learner adds `ScheduleFreeCallback` (its lr check)
     _keys = ('d', 'd_max', 'd_numerator', 'k')
     def __init__(self, params, decouple=True, fsdp_in_use=False, **defaults):
         self.decouple, self.fsdp_in_use = bool(decouple), bool(fsdp_in_use)
@@ -458,7 +460,7 @@ class ScheduleFreeCallback(Callback):
     def after_fit(self):
         if self._modal(): self.learn.opt.eval()
 
-def _needs_callback(opt) -> bool: return isinstance(opt, (ScheduleFreeOptimizer, ProdigyOptimizer))
+def _needs_callback(opt) -> bool: return getattr(opt, 'needs_mode_callback', False)   # duck-typed: a re-run notebook's classes too
 
 if not getattr(Learner.create_opt, '_lr_free', False):
     _fastai_create_opt = Learner.create_opt
@@ -466,5 +468,5 @@ if not getattr(Learner.create_opt, '_lr_free', False):
     def create_opt(self:Learner):
         "fastai's `create_opt`; with a Schedule-Free or Prodigy optimizer, also a `ScheduleFreeCallback` in `learn.cbs` (unless one is there)."
         _fastai_create_opt(self)
-        if _needs_callback(self.opt) and not any(isinstance(c, ScheduleFreeCallback) for c in self.cbs): self.add_cb(ScheduleFreeCallback())
+        if _needs_callback(self.opt) and not any(type(c).__name__ == 'ScheduleFreeCallback' for c in self.cbs): self.add_cb(ScheduleFreeCallback())
     Learner.create_opt._lr_free = True

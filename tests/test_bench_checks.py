@@ -8,8 +8,8 @@
 from functools import partial
 import pytest, torch
 import fastopts.optimizer as fo
-import fastopts.step_bench as sb
-from fastopts.step_bench import time_rule, check_rule, contenders, wrong_results, CHECK_TOL
+import fastopts.bench.step as sb
+from fastopts.bench.step import time_rule, check_rule, contenders, wrong_results, CHECK_TOL
 
 OLD_TOL = 1e-3   # the only check before: the timed float32 steps against the reference
 HONEST = ['fastopts', 'fastopts fused=False', 'torch (for-loop)', 'torch (foreach)', 'torch (fused)', 'fastai']
@@ -67,7 +67,7 @@ def test_step_gate_compiled_contender_passes():
     assert c['check'] == 'ok' and c['err64'] <= 1e-12, c
 
 # ---------------------------------------------------------------------------------------------- fastopts bench epoch
-import fastopts.epoch_bench as eb
+import fastopts.bench.epoch as eb
 
 def test_epoch_gate_rejects_wrong_beta2_and_eps():
     """A wrong beta2 or eps ends within 1e-4 of the reference's validation loss (7.2e-5, 6.8e-6: the old check, passed)

@@ -78,7 +78,7 @@ CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser') or shuti
 @pytest.mark.parametrize('page', ['index.html', '05_viz.html', 'api_optimizer.html'])
 def test_page_renders_in_chromium(site, page, tmp_path):
     "Headless Chromium renders the page, and its screenshot is not blank."
-    from fastopts.gallery import screenshot
+    from fastopts.lab.gallery import screenshot
     from fastopts.docs import not_blank
     png = screenshot(site/page, tmp_path/'shot.png', width=1300, height=1500, browser=CHROMIUM)
     assert png.stat().st_size > 20_000 and not_blank(png), page
@@ -88,7 +88,7 @@ def test_gallery_is_copied_in(tmp_path):
     import json
     from PIL import Image
     from fastopts.docs import build_docs, broken_links
-    from fastopts.gallery import Entry, write_index
+    from fastopts.lab.gallery import Entry, write_index
     gal, nbs = tmp_path/'viz', tmp_path/'nbs'
     gal.mkdir(); nbs.mkdir()
     Image.new('RGB', (40, 30), 'red').save(gal/'ema_betas.png')

@@ -45,7 +45,7 @@ def test_every_image_decodes_and_shows_something(gallery):
 @pytest.mark.parametrize('name', ['paths_rosenbrock.gif', 'paths_rosenbrock_3d.gif', 'saddle_escape_3d.gif'])
 def test_gif_legend_keeps_its_colours(gallery, name):
     "The legend (right of the axes) is the same in every frame and shows each optimizer's exact colour."
-    from fastopts.viz import PALETTE
+    from fastopts.lab.viz import PALETTE
     frames = _frames(gallery/name)
     legend = np.s_[:, int(0.75 * frames[0].shape[1]):]
     for f in frames[1:]: np.testing.assert_array_equal(f[legend], frames[0][legend])
@@ -55,7 +55,7 @@ def test_gif_legend_keeps_its_colours(gallery, name):
 
 @pytest.mark.parametrize('mod', ['viz', 'surfaces', 'fit_viz', 'landscape'])
 def test_figure_modules_parse_no_arguments_and_keep_the_backend(mod):
-    tree = ast.parse((ROOT/'fastopts'/f'{mod}.py').read_text())
+    tree = ast.parse((ROOT/'fastopts'/'lab'/f'{mod}.py').read_text())
     imported = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {(n.module or '').split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert 'argparse' not in imported
@@ -73,7 +73,7 @@ def test_bad_option_is_one_clear_line(tmp_path):
 def test_shown_notebooks_store_small_figures():
     "The notebooks GitHub should show keep their figures (nbdev-clean must not strip them), each a small PNG."
     import base64, json
-    from fastopts.gallery import SHOWN_NOTEBOOKS
+    from fastopts.lab.gallery import SHOWN_NOTEBOOKS
     for name in SHOWN_NOTEBOOKS:
         nb = json.loads((ROOT/'nbs'/name).read_text())
         pngs = [base64.b64decode(''.join(o['data']['image/png'])) for c in nb['cells'] for o in c.get('outputs', [])

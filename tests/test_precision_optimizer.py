@@ -95,7 +95,7 @@ def test_bench_memory_command_refuses_bad_settings(capsys):
 
 def test_state_bytes_targets_on_a_small_problem():
     "The issue's targets (state bytes per param): <= 2.1 int8 AdamW, <= 4.1 bf16 state, <= 6.1 bf16 + Kahan."
-    from fastopts.memory_bench import state_benchmark
+    from fastopts.bench.memory import state_benchmark
     rows = state_benchmark('mlp', n=1, warmup=1, names=['fp32', 'fp32, int8 state', 'fp32, bf16 state', 'bf16 + Kahan'])
     b = {r['contender']: r['state_bytes_per_param'] for r in rows}
     assert b['fp32'] == 8 and b['fp32, int8 state'] <= 2.1 and b['fp32, bf16 state'] <= 4.1 and b['bf16 + Kahan'] <= 6.1

@@ -138,7 +138,7 @@ def test_cli_error_is_one_line():
 def test_lr_seeds_on_a_log_range(tmp_path):
     "`bench lr-seeds --lr-range`: the losses of fit_one_cycle at log-spaced lrs (not the default ones), as a fresh run gives them."
     import numpy as np, pandas as pd
-    from fastopts.bench import bench_learner, GRID
+    from fastopts.bench.lr_find import bench_learner, GRID
     out = tmp_path/'seeds.csv'
     r = subprocess.run([str(BIN/'fastopts'), 'bench', 'lr-seeds', '--dataset', 'iris', '--opt', 'adam', '--lr-range', '0.02', '0.08',
                         '3', '--seeds', '2', '3', '--epochs', '1', '--out', str(out)], capture_output=True, text=True, timeout=600)

@@ -1,7 +1,7 @@
-"Reference tests for fastopts.surfaces and fastopts.viz: closed forms and torch.optim as independent references."
+"Reference tests for fastopts.lab.surfaces and fastopts.lab.viz: closed forms and torch.optim as independent references."
 from functools import partial
 import numpy as np, pytest, torch
-from fastopts.surfaces import SURFACES, Surface, bowl, rosenbrock, beale, himmelblau, saddle, trajectory
+from fastopts.lab.surfaces import SURFACES, Surface, bowl, rosenbrock, beale, himmelblau, saddle, trajectory
 from fastopts.optimizer import SGD, Momentum, RMSProp, Adam, AdamW, RAdam, Lamb, Lion
 from fastopts.lookahead import Lookahead
 
@@ -81,7 +81,7 @@ def test_bad_input(kw, match):
 def test_ema_plot_lines_are_closed_form_emas():
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    from fastopts.viz import plot_ema
+    from fastopts.lab.viz import plot_ema
     ys = np.random.default_rng(1).normal(size=30)
     ax = plot_ema(ys, betas=(0.3, 0.8), bias_correction=True)
     t = np.arange(1, 31)
@@ -92,7 +92,7 @@ def test_ema_plot_lines_are_closed_form_emas():
 
 def test_gif_frames(tmp_path):
     from PIL import Image
-    from fastopts.viz import animate_trajectories
+    from fastopts.lab.viz import animate_trajectories
     paths = {'GD': trajectory(SGD, bowl, bowl.start, 12, lr=0.05), 'Adam': trajectory(Adam, bowl, bowl.start, 12, lr=0.1)}
     gif = animate_trajectories(paths, bowl, tmp_path/'a.gif', frames=4, dpi=30)
     with Image.open(gif) as im: assert im.n_frames == 4

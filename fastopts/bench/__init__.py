@@ -1,0 +1,1 @@
+"The benchmarks (`fastopts bench ...`): LR-finder quality, step time, epoch time, memory."
