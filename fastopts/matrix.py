@@ -73,6 +73,7 @@ def _pop_flag(groups:list[dict], name:str, value, rule:str):
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)   # Keller Jordan's quintic, as torch.optim.Muon's defaults
 MUON_ADJUST_LR = (None, 'original', 'match_rms_adamw', 'spectral_unclamped')
 
+@torch.compiler.disable   # a compiled step runs it eagerly: inductor would keep bf16 intermediates in float32, no longer torch's bf16 iteration
 def newton_schulz(X:Tensor, coefficients=MUON_NS_COEFFICIENTS, steps:int=5, eps:float=1e-7, dtype=torch.bfloat16) -> Tensor:
     "Orthogonalise each matrix of the stack `X` (batch, rows, cols) by `steps` quintic Newton-Schulz iterations in `dtype`."
     a, b, c = coefficients

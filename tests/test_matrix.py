@@ -350,7 +350,7 @@ def test_muon_groups_under_zero_keep_their_chains():
     assert opt.param_groups[1]['lr_ratio'] == 0.1
 
 @pytest.mark.slow   # inductor compiles the chains (~40 s on CPU)
-@pytest.mark.parametrize('fac,kw', [(Muon, dict(ns_dtype=torch.float32)), (Adafactor, {})], ids=['muon', 'adafactor'])
+@pytest.mark.parametrize('fac,kw', [(Muon, dict(ns_dtype=torch.float32)), (Muon, {}), (Adafactor, {})], ids=['muon', 'muon_bf16', 'adafactor'])
 def test_compiled_equals_callbacks(fac, kw):
     shapes = [(8, 4), (4, 3), (5,)]
     runs = []
