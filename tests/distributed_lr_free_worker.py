@@ -1,7 +1,7 @@
 """Worker code for tests/test_distributed_lr_free.py: Schedule-Free, Prodigy, ADOPT and AdEMAMix in each of 2
 spawned `gloo` ranks on CPU, under DDP and ZeroRedundancyOptimizer (the model, data and loss of distributed_worker)."""
 import torch, torch.distributed as dist
-from distributed_worker import exits_cleanly, data, model, loss_fn, N_ROWS, STEPS
+from distributed_worker import train_all, exits_cleanly, data, model, loss_fn, N_ROWS, STEPS
 
 def optimizers(sharded=False):
     "name -> opt_func(params); `sharded`: the local optimizer of ZeRO (Prodigy then all-reduces d's sums)."
@@ -46,14 +46,5 @@ def train(mode, name, rank, world):
 @exits_cleanly
 def job(rank, world, init_file, out_file, modes, names):
     "Entry point of a rank: train each named optimizer in each mode; every rank saves {'mode/name': result or error text}."
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    res = {}
-    try:
-        for mode in modes:
-            for name in names:
-                try: res[f'{mode}/{name}'] = train(mode, name, rank, world)
-                except Exception as e: res[f'{mode}/{name}'] = f'{type(e).__name__}: {e}'
-                dist.barrier()
-        torch.save(res, f'{out_file}.{rank}')
-    finally: dist.destroy_process_group()
+    res = train_all(rank, world, init_file, train, modes, names, key=lambda mode, name: f'{mode}/{name}')
+    torch.save(res, f'{out_file}.{rank}')

@@ -1,7 +1,7 @@
 """Worker code for tests/test_distributed_matrix.py: Muon, SOAP and Adafactor in 2 spawned `gloo` ranks on CPU, with
 the model, data and rank helpers of tests/distributed_worker.py."""
 import torch, torch.distributed as dist
-from distributed_worker import N_ROWS, N_IN, N_HID, N_OUT, STEPS, exits_cleanly, data, loss_fn, _full
+from distributed_worker import train_all, N_ROWS, N_IN, N_HID, N_OUT, STEPS, exits_cleanly, data, loss_fn, _full
 
 def model(bias=True, square=False):
     """The MLP of distributed_worker (biases optional); `square`: 6 x 6 weights. SOAP's factors of a non-square gradient are
@@ -63,14 +63,5 @@ def train(mode, name, rank, world, steps=STEPS):
 @exits_cleanly
 def job(rank, world, init_file, out_file, modes, names):
     "Entry point of a rank: train each named optimizer in each mode, rank 0 saves {(mode, name): params or error text}."
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    res = {}
-    try:
-        for mode in modes:
-            for name in names:
-                try: res[f'{mode} {name}'] = train(mode, name, rank, world)
-                except Exception as e: res[f'{mode} {name}'] = f'{type(e).__name__}: {e}'
-                dist.barrier()
-        if rank == 0: torch.save(res, out_file)
-    finally: dist.destroy_process_group()
+    res = train_all(rank, world, init_file, train, modes, names, key=lambda mode, name: f'{mode} {name}')
+    if rank == 0: torch.save(res, out_file)

@@ -70,19 +70,25 @@ def train(mode, name, rank, world, steps=STEPS):
         opt.zero_grad(); loss_fn(net, x, y).backward(); opt.step()
     return [_full(p) for p in m.parameters()]
 
-@exits_cleanly
-def job(rank, world, init_file, out_file, mode, names):
-    "Entry point of a rank: train each named optimizer in `mode`, rank 0 saves {name: params or error text}."
+def train_all(rank, world, init_file, train, modes, names, key=lambda mode, name: name) -> dict:
+    "Join the gloo group, train each of `names` in each of `modes` ({key: params, or an exception's text}), leave the group."
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     torch.set_num_threads(1)
     res = {}
     try:
-        for name in names:
-            try: res[name] = train(mode, name, rank, world)
-            except Exception as e: res[name] = f'{type(e).__name__}: {e}'
-            dist.barrier()
-        if rank == 0: torch.save(res, out_file)
+        for mode in modes:
+            for name in names:
+                try: res[key(mode, name)] = train(mode, name, rank, world)
+                except Exception as e: res[key(mode, name)] = f'{type(e).__name__}: {e}'
+                dist.barrier()
     finally: dist.destroy_process_group()
+    return res
+
+@exits_cleanly
+def job(rank, world, init_file, out_file, mode, names):
+    "Entry point of a rank: train each named optimizer in `mode`, rank 0 saves {name: params or error text}."
+    res = train_all(rank, world, init_file, train, [mode], names)
+    if rank == 0: torch.save(res, out_file)
 
 def _clone(tree):
     from torch.utils._pytree import tree_map
