@@ -401,7 +401,8 @@ def muon_groups(params, adamw=None, adamw_lr_ratio=None, adamw_mom=0.9, adamw_sq
     return out
 
 def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=None, foreach=None, maximize=False,
-              fused=None, compiled=False, weight_decay=None) -> MatrixOptimizer:
+              fused=None, compiled=False, weight_decay=None, kahan_sum=None, stochastic_round=False, state_dtype=None,
+              seed=None) -> MatrixOptimizer:
     "Adafactor as torch.optim.Adafactor (its keywords and defaults; `eps` is the pair `(eps1, eps2)`, `eps1=None` the dtype's epsilon)."
     # not `torch_names`: it checks `eps` as fastai's single epsilon, and torch's Adafactor's is a pair
     if wd is not None and weight_decay is not None: raise ValueError("both `weight_decay` and `wd` given to Adafactor: pass one")
@@ -418,8 +419,8 @@ def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=Non
         g.pop('foreach', None)   # torch's loop or foreach: the same numbers
         if 'eps' in g: g['eps1'], g['eps2'] = _eps_pair(g.pop('eps'))
     step = partial(adafactor_step, maximize=True) if maximize else adafactor_step
-    return _build('Adafactor', groups, [step], fused=fused, compiled=compiled, lr=lr, beta2_decay=beta2_decay, eps1=eps1,
-                  eps2=eps2, d=d, wd=wd)
+    return _build('Adafactor', groups, [step], fused=fused, compiled=compiled, kahan_sum=kahan_sum, stochastic_round=stochastic_round,
+                  state_dtype=state_dtype, seed=seed, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, wd=wd)
 
 def _eps_pair(eps):
     if isinstance(eps, (str, bytes)) or not hasattr(eps, '__len__') or len(eps) != 2:

@@ -132,3 +132,18 @@ def test_a_chain_that_needs_all_grads_gets_one_working_copy(monkeypatch):
     for p in ps: p.grad = torch.ones_like(p)
     opt.step()
     assert seen == [3] and opt.chains['default'].whole
+
+def test_every_factory_takes_the_precision_options():
+    "kahan_sum, stochastic_round, state_dtype and seed on every optimizer, the new ones included (GUIDE: on every optimizer)."
+    from fastopts.all import Muon, SOAP, Adafactor, ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix, Lion, RAdam
+    for f in (Muon, SOAP, Adafactor, ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix, Lion, RAdam):
+        ps = [torch.randn(64, 80, dtype=torch.bfloat16, requires_grad=True)]
+        opt = f(ps, kahan_sum=True, state_dtype='int8')
+        assert opt.precision.kahan_sum is True and opt.precision.state_dtype == 'int8', f.__name__
+        if hasattr(opt, 'train_mode'): opt.train()
+        w0 = ps[0].detach().clone()
+        for _ in range(2):
+            ps[0].grad = torch.randn_like(ps[0]); opt.step()
+        assert not torch.equal(ps[0], w0) and ps[0].dtype == torch.bfloat16, f.__name__
+        assert any(isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.uint8) for v in opt.state[ps[0]].values()) or f is Adafactor, f.__name__
+        with pytest.raises(ValueError, match='state_dtype'): f(ps, state_dtype='int4')
