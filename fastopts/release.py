@@ -14,13 +14,11 @@ __all__ = ['check_release_optimizer', 'check_release_callbacks', 'ReleaseHandle'
 
 # %% ../nbs/01d_release.ipynb #r005
 def _chain_cbs(opt) -> list:
-    "The chain callbacks of `opt` (a Lookahead's inner optimizer's too), for the `needs_all_grads` check."
-    cbs = list(getattr(opt, 'cbs', None) or [])
+    "The callbacks of every chain of `opt` (a Lookahead's inner optimizer's too), for the `needs_all_grads` check."
+    chains = getattr(opt, 'chains', None)
+    cbs = [cb for c in chains.values() for cb in c.cbs] if isinstance(chains, dict) else []
     inner = getattr(opt, 'opt', None)
     if inner is not None and inner is not opt: cbs += _chain_cbs(inner)
-    for g in getattr(opt, 'param_groups', ()):   # per-group chains, where the optimizer keeps them in the groups
-        c = g.get('cbs') if isinstance(g, dict) else None
-        if isinstance(c, (list, tuple)): cbs += list(c)
     return cbs
 
 def check_release_optimizer(opt) -> None:

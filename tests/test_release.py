@@ -104,3 +104,12 @@ def test_refuses_rules_needing_all_grads():
     global_clip.needs_all_grads = True
     opt = Optimizer(list(_model().parameters()), [global_clip], lr=0.1)
     with pytest.raises(ValueError, match='global_clip'): release_gradients(opt)
+
+def test_release_checks_every_chain_of_a_multi_chain_optimizer():
+    "A chain callback that needs all gradients is found in any chain of a per-group-chains optimizer (Muon's hybrid shape)."
+    from fastopts.optimizer import Optimizer, sgd_step
+    def global_norm(grp, **_): pass
+    global_norm.needs_all_grads = True
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    opt = Optimizer([{'params': [a], 'chain': 'x'}, {'params': [b], 'chain': 'y'}], {'x': [sgd_step], 'y': [global_norm, sgd_step]}, lr=0.1)
+    with pytest.raises(ValueError, match='global_norm'): release_gradients(opt)
