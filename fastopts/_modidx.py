@@ -771,6 +771,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastopts.precision._exit': ('precision.html#_exit', 'fastopts/precision.py'),
                                     'fastopts.precision._is_moment': ('precision.html#_is_moment', 'fastopts/precision.py'),
                                     'fastopts.precision._load_value': ('precision.html#_load_value', 'fastopts/precision.py'),
+                                    'fastopts.precision._moment': ('precision.html#_moment', 'fastopts/precision.py'),
                                     'fastopts.precision._nearest_code': ('precision.html#_nearest_code', 'fastopts/precision.py'),
                                     'fastopts.precision._qmap': ('precision.html#_qmap', 'fastopts/precision.py'),
                                     'fastopts.precision._restore_loaded': ('precision.html#_restore_loaded', 'fastopts/precision.py'),

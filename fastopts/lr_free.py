@@ -117,7 +117,7 @@ class ScheduleFreeOptimizer(Optimizer):
             for p in g['params']:
                 s = self.state.get(p, {})
                 if 'z' not in s: continue
-                z = s['z'].to(p.device)
+                z = self.precision.moment(s, p, 'z').to(p.device)   # int8 codes or bf16 storage decoded
                 if to_train:   # x -> y = (1-mom)z + mom·x
                     p.lerp_(z, 1 - g['mom']); s['y_mom'] = g['mom']
                 else: p.lerp_(z, 1 - 1/s.get('y_mom', g['mom']))   # y -> x, with the mom y was formed with

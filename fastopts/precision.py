@@ -222,6 +222,10 @@ def _exit(self, work, grp):
         for k in [k for k in s if k not in ws and k != 'kahan_comp' and not (isinstance(k, str) and k.endswith(ABSMAX))]:
             del s[k]; s.pop(f"{k}{ABSMAX}", None)
 
+def _moment(self, s:dict, p:Tensor, key:str) -> Tensor:
+    "State `key` of param `p` in `p`'s dtype (decoded from int8 codes or cast from its storage): for code that reads a moment between steps."
+    return _decode({k: v for k, v in s.items() if k in (key, f'{key}{ABSMAX}')}, p, p.dtype)[key]
+
 def _load_value(self, param:Tensor, value, key):
     "torch's `_process_value_according_to_param_policy` for this layer: codes, scales, moments and `kahan_comp` keep their dtype."
     if key == 'step' or not isinstance(value, Tensor): return value
@@ -236,4 +240,4 @@ def _restore_loaded(self, opt, state_dict:dict):
         for k, v in state_dict['state'].get(i, {}).items():
             if isinstance(v, Tensor): opt.state[p][k] = self.load_value(p, v, k).clone() if v.device == p.device else self.load_value(p, v, k)
 
-Precision.applies, Precision.enter, Precision.exit, Precision.load_value, Precision.restore_loaded = _applies, _enter, _exit, _load_value, _restore_loaded
+Precision.applies, Precision.enter, Precision.exit, Precision.moment, Precision.load_value, Precision.restore_loaded = _applies, _enter, _exit, _moment, _load_value, _restore_loaded

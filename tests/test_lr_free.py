@@ -401,3 +401,17 @@ def test_learner_bn_recalibration_at_x(digits_dls):
     # the recalibrated statistics are the exact average at x over those batches: recompute with the same batches
     plain = make(); _fit(plain, 'fit', 1, 1e-2)
     assert not torch.allclose(plain.model[1].running_mean, bn.running_mean)
+
+@pytest.mark.parametrize('state_dtype', ['int8', torch.bfloat16])
+def test_schedule_free_modes_with_low_precision_state(state_dtype):
+    "eval()/train() read `z` through the precision layer (int8 codes, bf16 storage): the swaps stay inverse."
+    from fastopts.lr_free import ScheduleFreeAdamW
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 80, generator=g))
+    opt = ScheduleFreeAdamW([p], lr=1e-2, state_dtype=state_dtype); opt.train()
+    for _ in range(3): p.grad = torch.randn(p.shape, generator=g); opt.step()
+    assert opt.state[p]['z'].dtype == (torch.int8 if state_dtype == 'int8' else torch.bfloat16)
+    y = p.detach().clone(); opt.eval()
+    assert not torch.allclose(p, y)
+    opt.train()
+    torch.testing.assert_close(p.detach(), y, rtol=0, atol=1e-6)
