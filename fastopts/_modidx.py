@@ -703,6 +703,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastopts.optimizer.Optimizer._run': ('optimizer.html#optimizer._run', 'fastopts/optimizer.py'),
                                     'fastopts.optimizer.Optimizer._run_chain': ( 'optimizer.html#optimizer._run_chain',
                                                                                  'fastopts/optimizer.py'),
+                                    'fastopts.optimizer.Optimizer._state_in_param_layout': ( 'optimizer.html#optimizer._state_in_param_layout',
+                                                                                             'fastopts/optimizer.py'),
                                     'fastopts.optimizer.Optimizer._step_group': ( 'optimizer.html#optimizer._step_group',
                                                                                   'fastopts/optimizer.py'),
                                     'fastopts.optimizer.Optimizer.add_param_group': ( 'optimizer.html#optimizer.add_param_group',

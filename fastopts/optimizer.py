@@ -406,8 +406,19 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"param_groups[{i}] of the state dict runs chain {g.get('chain', self._first)!r}, this optimizer's group "
                                  f"{i} runs {cur.get('chain', self._first)!r}: build the optimizer the checkpoint was saved from")
         super().load_state_dict(sd)
+        self._state_in_param_layout()
         self._hyper_names.update(k for g in self.param_groups for k in g if k in HYPER_RANGES or k in self.defaults)   # e.g. a scheduled `mom`
         if self.precision.state_dtype is not None: self.precision.restore_loaded(self, sd)   # torch cast codes and scales to the param dtype
+
+    def _state_in_param_layout(self):
+        "Loaded float state in its param's memory layout (a checkpoint from a channels_last model, say), as state made here is: the fused kernels rely on it."
+        for g in self.param_groups:
+            for p in g['params']:
+                s = self.state.get(p)
+                if not s: continue
+                for k, v in s.items():
+                    if isinstance(v, Tensor) and v.is_floating_point() and v.shape == p.shape and v.stride() != p.stride():
+                        s[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
     def torch_state_dict(self) -> dict:
         "This optimizer's state dict in the format of the `torch.optim` optimizer that computes the same rule (`torch_rule`)."

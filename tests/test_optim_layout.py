@@ -90,14 +90,25 @@ def test_lookahead_over_fused_adam_on_awkward_params(kernel_params):
     for p, q, (name, _, _) in zip(ours, ref, KINDS): torch.testing.assert_close(p, q, **TOL, msg=lambda m: f'{name}: {m}')
     assert kernel_params
 
-def test_state_of_another_layout_leaves_the_kernel():
-    "A dense param whose loaded state has another layout (a checkpoint saved from a channels_last model) steps by the callbacks."
-    p = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
-    p.grad = torch.randn_like(p)
-    state = {p: {'grad_avg': torch.zeros_like(p).to(memory_format=torch.channels_last)}}
-    assert kernel_layout([p], state) == ([], [p])
-    state[p]['grad_avg'] = torch.zeros_like(p)
-    assert kernel_layout([p], state) == ([p], [])
+def test_state_of_another_layout_is_put_in_the_params_layout_when_loaded(kernel_params):
+    "A checkpoint from a channels_last model loaded into a contiguous one: its state takes the param's layout, so the kernel stays right."
+    spec = BY_NAME['adam']
+    g = torch.Generator().manual_seed(0)
+    src = torch.nn.Parameter(torch.randn(4, 3, 3, 3, generator=g).to(memory_format=torch.channels_last))
+    opt = spec.make([src])
+    for _ in range(3): src.grad = torch.randn(src.shape, generator=g).to(memory_format=torch.channels_last); opt.step()
+    sd = opt.state_dict()
+    assert not sd['state'][0]['grad_avg'].is_contiguous()
+    runs = []
+    for fused in (None, False):
+        p = torch.nn.Parameter(src.detach().contiguous())
+        o = spec.make([p], fused=fused); o.load_state_dict(sd)
+        assert all(v.is_contiguous() for v in o.state[p].values() if isinstance(v, torch.Tensor))
+        h = torch.Generator().manual_seed(1)
+        for _ in range(5): p.grad = torch.randn(p.shape, generator=h); o.step()
+        runs.append(p)
+    torch.testing.assert_close(runs[0], runs[1], **TOL)
+    assert kernel_params
 
 def test_without_the_guard_the_kernel_is_wrong(monkeypatch):
     "The guard is what makes the default right: sending every param to the kernel breaks the strided ones."
