@@ -71,9 +71,9 @@ def _device_dtype_groups(ps:list[Tensor]) -> list[list[int]]|None:
     groups = torch._C._group_tensors_by_device_and_dtype([ps], True)
     return None if len(groups) <= 1 else [idx for _, idx in groups.values()]
 
-def _group_view(ps:list[Tensor], states:list[dict]) -> ParamGroupView:
-    "The `ParamGroupView` of params `ps` (one device and dtype) with their grads; complex ones as real views."
-    grads = [p.grad for p in ps]
+def _group_view(ps:list[Tensor], states:list[dict], grads:list[Tensor]|None=None) -> ParamGroupView:
+    "The `ParamGroupView` of params `ps` (one device and dtype) with their grads (read here unless given); complex ones as real views."
+    if grads is None: grads = [p.grad for p in ps]
     if not ps[0].is_complex(): return ParamGroupView(ps, grads, states)
     real = torch.view_as_real
     return ParamGroupView([real(p) for p in ps], [real(g) for g in grads], states, orig=ps)

@@ -29,11 +29,11 @@ def _same_layout(a:Tensor, b:Tensor) -> bool:
     sa, sb = a.stride(), b.stride()
     return sa == sb or all(x == y for x, y, n in zip(sa, sb, a.shape) if n != 1)
 
-def kernel_layout(ps:list[Tensor], state) -> tuple[list[Tensor], list[Tensor]]:
+def kernel_layout(ps:list[Tensor], state, grads:list[Tensor]|None=None) -> tuple[list[Tensor], list[Tensor]]:
     """`ps` split into the params a fused kernel steps correctly (dense, grad and state tensors laid out alike) and the rest.
     State is made in its param's layout (`preserve_format`) and put back in it when loaded (`Optimizer.load_state_dict`),
     so contiguous params with contiguous grads, the common case, are answered by one check each."""
-    if all(p.is_contiguous() and p.grad.is_contiguous() for p in ps): return list(ps), []
+    if all(map(Tensor.is_contiguous, ps)) and all(map(Tensor.is_contiguous, grads or [p.grad for p in ps])): return list(ps), []
     fit, rest = [], []
     for p in ps:
         ok = _dense(p) and _same_layout(p, p.grad) and all(

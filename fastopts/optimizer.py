@@ -339,11 +339,11 @@ class Optimizer(torch.optim.Optimizer):
     def _group_hypers(self, g:dict) -> dict:
         return {k: check_hyper(k, g[k]) for k in self._hyper_names if k in g}
 
-    def _run(self, ps:list[Tensor], fn, whole:bool=False) -> bool:
+    def _run(self, ps:list[Tensor], fn, whole:bool=False, grads:list[Tensor]|None=None) -> bool:
         """`fn` on the `ParamGroupView` of `ps` (one device and dtype), through the precision layer; its answer (False: it
         could not run here). A working copy (16-bit params, low-precision state) is made `PRECISION_CHUNK` bytes of params
         at a time, unless the chain needs the `whole` group at once."""
-        if not self.precision.applies(ps[0].dtype): return fn(_group_view(ps, [self.state[p] for p in ps]))
+        if not self.precision.applies(ps[0].dtype): return fn(_group_view(ps, [self.state[p] for p in ps], grads))
         for chunk in ([ps] if whole else _chunks(ps, PRECISION_CHUNK)):
             grp = _group_view(chunk, [self.state[p] for p in chunk])
             work = self.precision.enter(grp)
@@ -359,18 +359,19 @@ class Optimizer(torch.optim.Optimizer):
 
     def _step_group(self, i:int, g:dict, params:list[Tensor], hyper:dict|None=None):
         "Step `params` of group `i` that have a gradient: the fused kernel on those it computes correctly, the chain on the rest."
-        ps = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in params]   # read once: `p.grad` is a slow attribute, and this is the hottest path
+        ps, gs = [p for p, gr in zip(params, grads) if gr is not None], [gr for gr in grads if gr is not None]
         if not ps: return
         chain, hyper = self.chain_of(g), self._group_hypers(g) if hyper is None else hyper
-        if any(p.grad.is_sparse for p in ps): raise ValueError("fastopts optimizers do not support sparse gradients")
+        if any(gr.is_sparse for gr in gs): raise ValueError("fastopts optimizers do not support sparse gradients")
         for idx in _device_dtype_groups(ps) or [None]:
-            sub = _pick(ps, idx)
+            sub, sg = _pick(ps, idx), _pick(gs, idx)
             if chain.fast is not None:
-                fit, rest = kernel_layout(sub, self.state)
-                if fit and self._run(fit, lambda grp: chain.fast(grp, **hyper)): sub = rest
+                fit, rest = kernel_layout(sub, self.state, sg)
+                if fit and self._run(fit, lambda grp: chain.fast(grp, **hyper), grads=None if rest else sg): sub, sg = rest, None
                 if not sub: continue
             key = (i, sub[0].device, sub[0].dtype)
-            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper), whole=chain.whole)
+            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper), whole=chain.whole, grads=sg)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -113,7 +113,7 @@ def test_state_of_another_layout_is_put_in_the_params_layout_when_loaded(kernel_
 def test_without_the_guard_the_kernel_is_wrong(monkeypatch):
     "The guard is what makes the default right: sending every param to the kernel breaks the strided ones."
     import fastopts.optimizer as fo
-    monkeypatch.setattr(fo, 'kernel_layout', lambda ps, state: (list(ps), []))
+    monkeypatch.setattr(fo, 'kernel_layout', lambda ps, state, grads=None: (list(ps), []))
     spec = BY_NAME['sgd_mom']
     ours = _train(spec.make)
     ref = _train(lambda ps: spec.torch_cls(ps, **spec.torch_kwargs, foreach=True))
