@@ -128,7 +128,7 @@ def muon_step(grp, lr, mom, eps, ns_coefficients, ns_steps, adjust_lr_fn, nester
     bufs = grp.state('grad_avg')
     upd = torch._foreach_lerp(grp.grads, bufs, mom) if nesterov else bufs
     by_shape = defaultdict(list)
-    for i, p in enumerate(grp.params): by_shape[(p.shape[0], p[0].numel())].append(i)
+    for i, p in enumerate(grp.params): by_shape[(p.shape[0], math.prod(p.shape[1:]))].append(i)   # not `p[0]`: a shard's row 0 is a gather
     owned = None if owners is None else owners.orthogonalise(grp.params, upd, ns_coefficients, steps, eps, ns_dtype)
     for (rows, cols), idx in by_shape.items():
         ps = [grp.params[i] for i in idx]
