@@ -801,6 +801,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastopts.owners.ddp_orthogonalised': ('owners.html#ddp_orthogonalised', 'fastopts/owners.py'),
                                  'fastopts.owners.fsdp_orthogonalised': ('owners.html#fsdp_orthogonalised', 'fastopts/owners.py'),
                                  'fastopts.owners.fsdp_sharded': ('owners.html#fsdp_sharded', 'fastopts/owners.py'),
+                                 'fastopts.owners.ns_cost': ('owners.html#ns_cost', 'fastopts/owners.py'),
                                  'fastopts.owners.resolve_owners': ('owners.html#resolve_owners', 'fastopts/owners.py')},
             'fastopts.precision': { 'fastopts.precision.Precision': ('precision.html#precision', 'fastopts/precision.py'),
                                     'fastopts.precision.Precision.__init__': ('precision.html#precision.__init__', 'fastopts/precision.py'),

@@ -4,6 +4,7 @@
 
 # %% ../nbs/01f_owners.ipynb #c002
 from __future__ import annotations
+import math
 from collections import defaultdict
 import torch, torch.distributed as dist
 from torch import Tensor
@@ -12,17 +13,23 @@ except ImportError: DTensor, Shard = (), None
 from . import matrix   # `matrix.newton_schulz` read at call time: a test may count what it is given
 
 # %% auto #0
-__all__ = ['OWNER_STATS', 'assign_owners', 'ddp_orthogonalised', 'fsdp_sharded', 'fsdp_orthogonalised', 'Owners',
+__all__ = ['OWNER_STATS', 'assign_owners', 'ns_cost', 'ddp_orthogonalised', 'fsdp_sharded', 'fsdp_orthogonalised', 'Owners',
            'resolve_owners']
 
 # %% ../nbs/01f_owners.ipynb #c004
-def assign_owners(sizes:list[int], world:int) -> list[int]:
-    "The owner rank of each matrix of `sizes` elements: largest first, each to the least loaded rank (ties: the lower rank)."
+def assign_owners(sizes:list, world:int) -> list[int]:
+    "The owner rank of each matrix of cost `sizes[i]`: largest first, each to the least loaded rank (ties: the lower rank)."
     load, owner = [0]*world, [0]*len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
         r = min(range(world), key=lambda r: (load[r], r))
         owner[i], load[r] = r, load[r] + sizes[i]
     return owner
+
+def ns_cost(shape) -> int:
+    "Multiply-adds of one Newton-Schulz step on a matrix of `shape` (`rows x rest`), up to a constant: m²(2n + m) for m <= n."
+    rows = shape[0]; cols = math.prod(shape[1:])
+    m, n = min(rows, cols), max(rows, cols)
+    return m*m*(2*n + m)
 
 def _by_shape(params, idx) -> dict:
     "`idx` grouped by the `rows x cols` matrix each param is viewed as (Newton-Schulz runs one batch per shape)."
@@ -51,7 +58,7 @@ def ddp_orthogonalised(params:list[Tensor], upds:list[Tensor], coefficients, ste
     (in `dtype`, as Newton-Schulz made them: bits travel unchanged) gives every rank every update."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     sizes = [p.numel() for p in params]
-    owner = assign_owners(sizes, world)
+    owner = assign_owners([ns_cost(p.shape) for p in params], world)
     mine = {i: upds[i] for i in range(len(params)) if owner[i] == rank}
     done = _orthogonalise(mine, coefficients, steps, eps, dtype)
     loads = [sum(s for s, o in zip(sizes, owner) if o == r) for r in range(world)]
@@ -90,7 +97,7 @@ def fsdp_orthogonalised(params:list, upds:list, coefficients, steps:int, eps:flo
     mesh = params[0].device_mesh
     group, rank, world = mesh.get_group(), mesh.get_local_rank(), mesh.size()
     sizes = [p.numel() for p in params]
-    owner = assign_owners(sizes, world)
+    owner = assign_owners([ns_cost(p.shape) for p in params], world)
     cols = [n // max(1, p.shape[0]) for n, p in zip(sizes, params)]
     rows = [_chunk_rows(p.shape[0], world) for p in params]
     local = [u.to_local().reshape(-1, c).to(dtype) for u, c in zip(upds, cols)]

@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch, torch.distributed as dist
 from torch import nn
 from .. import matrix as fm
-from ..owners import OWNER_STATS, assign_owners
+from ..owners import OWNER_STATS, assign_owners, ns_cost
 from ..optimizer import AdamW
 from ..core import check_int, check_choice
 from .step import _gpt2_blocks
@@ -85,7 +85,7 @@ def comm_rows(shapes, world:int, n:int, warmup:int) -> list[dict]:
     sizes = [torch.Size(s).numel() for s in shapes]
     mat = [n_ for n_, s in zip(sizes, shapes) if len(s) == 2]
     rest = sum(sizes) - sum(mat)
-    owner = assign_owners(mat, world)
+    owner = assign_owners([ns_cost(s) for s in shapes if len(s) == 2], world)   # as the owners assign them
     width = max(sum(s for s, o in zip(mat, owner) if o == r) for r in range(world))
     grads, gathered = torch.randn(sum(sizes)), torch.empty(world * width, dtype=torch.bfloat16)
     padded, mine, rest_g = torch.randn(world * width), torch.empty(width), torch.randn(max(1, rest))
