@@ -60,7 +60,7 @@ def _refuse_shards(groups, names, why):
         for j, x in enumerate(g['params']):
             if isinstance(_tensor(x), DTensor):
                 raise ValueError(f"{why}, but {_param_label(_tensor(x), names, i, j)} is an FSDP2 shard (DTensor): use DDP or "
-                                 "ZeroRedundancyOptimizer, or Muon (which gathers each matrix)")
+                                 "ZeroRedundancyOptimizer, or Muon (each matrix orthogonalised whole on one owner rank)")
 
 def _pop_flag(groups:list[dict], name:str, value, rule:str):
     "A rule flag that torch allows per group (`nesterov`, `maximize`): every group must agree with the factory's, since it picks the chain."

@@ -1,6 +1,6 @@
 """Worker code for tests/test_owners.py: owner-based Muon in 2 spawned `gloo` ranks on CPU (DDP, FSDP2, a fastai Learner
-under DDP). A rank's exception is not caught: it ends the rank with its message, and the process group's timeout ends
-the other rank's wait."""
+under DDP). A rank's exception is not caught (no barrier, no `destroy_process_group` after it, either of which could wait on
+the other rank): it ends the rank with its message, and the harness ends the job."""
 import functools
 from datetime import timedelta
 import torch, torch.distributed as dist
@@ -66,20 +66,45 @@ def train(mode, rank, world, owners=None, ns_dtype=torch.float32):
     counts = counter.read()
     return [_full(p) for p in m.parameters()], counts, dict(OWNER_STATS)
 
-def _join(rank, world, init_file):
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+def resume(rank, world):
+    """FSDP2, owners: 2 steps, save model and optimizer with torch's distributed-checkpoint helpers, 2 more; a fresh model
+    and optimizer loaded from the save take the same 2 steps. (params straight, params resumed)"""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from distributed_worker import _clone
+    x, y = data(); per = N_ROWS // world
+    x, y = x[rank*per:(rank+1)*per], y[rank*per:(rank+1)*per]
+    def build():
+        m = model()
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear): fully_shard(layer)
+        fully_shard(m)
+        return m, muon(list(m.parameters()), ns_dtype=torch.bfloat16)
+    def steps(m, opt, n):
+        for _ in range(n): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
+    m1, o1 = build(); steps(m1, o1, 2)
+    msd, osd = _clone(get_model_state_dict(m1)), _clone(get_optimizer_state_dict(m1, o1))
+    steps(m1, o1, 2)
+    m2, o2 = build()
+    set_model_state_dict(m2, msd); set_optimizer_state_dict(m2, o2, osd)
+    steps(m2, o2, 2)
+    return [_full(p) for p in m1.parameters()], [_full(p) for p in m2.parameters()]
+
+def _join(rank, world, init_file, timeout=TIMEOUT_S):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
     torch.set_num_threads(1)
 
 @exits_cleanly
 def job(rank, world, init_file, out_file):
     "DDP (float32 against one process; bf16 owners against bf16 without owners) and FSDP2; each rank saves its results."
     _join(rank, world, init_file)
-    try:
-        res = {'ddp': train('ddp', rank, world), 'ddp_bf16': train('ddp', rank, world, ns_dtype=torch.bfloat16),
-               'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
-               'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False)}
-        torch.save(res, f'{out_file}.{rank}')
-    finally: dist.destroy_process_group()
+    res = {'ddp': train('ddp', rank, world), 'ddp_bf16': train('ddp', rank, world, ns_dtype=torch.bfloat16),
+           'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
+           'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False),
+           'fsdp2_resume': resume(rank, world)}
+    torch.save(res, f'{out_file}.{rank}')
+    dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 
 def learner(rank=None, world=1):
     "A fastai Learner with Muon on 64 rows in global batches of 8; with `rank`: the model in DDP and this rank's half of each batch."
@@ -108,22 +133,21 @@ def fit(learn, m):
 def learner_job(rank, world, init_file, out_file):
     "A fastai Learner per rank, model in DDP (fastai's launcher needs CUDA: the data is sharded by hand)."
     _join(rank, world, init_file)
-    try:
-        learn, m = learner(rank, world)
-        counter = Counter()
-        weights = fit(learn, m)
-        torch.save(dict(weights=weights, counts=counter.read(), owners=repr(learn.opt.chain_of(learn.opt.param_groups[0]).cbs[-1])),
-                   f'{out_file}.{rank}')
-    finally: dist.destroy_process_group()
+    learn, m = learner(rank, world)
+    counter = Counter()
+    weights = fit(learn, m)
+    torch.save(dict(weights=weights, counts=counter.read(), owners=repr(learn.opt.chain_of(learn.opt.param_groups[0]).cbs[-1])),
+               f'{out_file}.{rank}')
+    dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 
 @exits_cleanly
 def failing_job(rank, world, init_file, out_file):
-    "Rank 1 fails before its step (a bad hyper); rank 0 steps and would wait in the owners' all-gather: the timeout ends it."
-    _join(rank, world, init_file)
-    try:
-        x, y = data()
-        net = torch.nn.parallel.DistributedDataParallel(model())
-        opt = muon(list(net.parameters()))
-        if rank == 1: opt.set_hyper('ns_steps', 0)
-        loss_fn(net, x, y).backward(); opt.step()
-    finally: dist.destroy_process_group()
+    """Rank 1 fails (a bad hyper) before the owners' all-gather, in which rank 0 then waits: the job fails with rank 1's
+    message; the process group's short timeout bounds rank 0's wait."""
+    _join(rank, world, init_file, timeout=8)
+    x, y = data()
+    net = torch.nn.parallel.DistributedDataParallel(model())
+    opt = muon(list(net.parameters()))
+    if rank == 1: opt.set_hyper('ns_steps', 0)
+    loss_fn(net, x, y).backward(); opt.step()
+    dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank

@@ -50,6 +50,11 @@ def test_fsdp2_owners_equal_one_process_without_gathering(ranks):
     assert sum(res['fsdp2'][1]['matrices'] for res in ranks) == len(sizes) * w.STEPS
     assert ranks[0]['fsdp2_off'][1]['gathers'] == len(sizes) * w.STEPS       # without owners every rank gathers every matrix
 
+def test_fsdp2_owners_checkpoint_resumes_bit_for_bit(ranks):
+    "torch's get/set_optimizer_state_dict under FSDP2 with owner-based Muon (bf16): the resumed run equals the straight one."
+    straight, resumed = ranks[0]['fsdp2_resume']
+    for a, b in zip(straight, resumed): assert torch.equal(a, b)
+
 @pytest.mark.slow   # about 60 s on the shared 2-core machine (a spawn and two fastai fits): run with --slow
 def test_learner_under_ddp_with_owner_muon(tmp_path):
     "A fastai Learner with Muon, model in DDP: both ranks end with one process's weights, each orthogonalising about half."
@@ -65,7 +70,8 @@ def test_learner_under_ddp_with_owner_muon(tmp_path):
     assert r0['counts']['matrices'] + r1['counts']['matrices'] == w.n_matrices() * steps
     assert max(r0['counts']['matrices'], r1['counts']['matrices']) <= (w.n_matrices() // 2 + 1) * steps
 
+@pytest.mark.slow   # a spawn of its own, about 60 s under the shared machine's load: run with --slow
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
-    "Rank 1 raises before the collective; rank 0's wait ends by the process group's timeout, and the job fails with rank 1's message."
+    "Rank 1 raises before the owners' all-gather that rank 0 waits in: the job fails at once, with rank 1's message."
     with pytest.raises(mp.ProcessRaisedException, match='ns_steps'):
         run_ranks(w.failing_job, (str(tmp_path / 'out'),), tmp_path, timeout=w.TIMEOUT_S + 60)
