@@ -48,9 +48,8 @@ def train(mode, name, rank, world, steps=STEPS):
     elif mode == 'zero':
         from torch.distributed.optim import ZeroRedundancyOptimizer
         net = torch.nn.parallel.DistributedDataParallel(m)
-        from fastopts.matrix import muon_groups   # ZeRO's groups must be the local optimizers': Muon's split, for every rule alike
-        opt = ZeroRedundancyOptimizer(muon_groups(list(net.parameters()), adamw_lr_ratio=0.1) if name.startswith('muon') else list(net.parameters()),
-                                      optimizer_class=lambda ps, **kw: make(ps))
+        # the model's params as they are: each rank's optimizer keeps ZeRO's groups (Muon routes inside them)
+        opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=lambda ps, **kw: make(ps))
     elif mode == 'fsdp2':
         from torch.distributed.fsdp import fully_shard
         for layer in m:
