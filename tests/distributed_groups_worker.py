@@ -4,14 +4,11 @@ ZeRO builds each rank's optimizer on its share of the params and asserts that it
 optimizer that split groups (Muon's hybrid once did) failed there on one rank while the other waited."""
 import datetime
 import torch, torch.distributed as dist
-from distributed_worker import exits_cleanly
+from distributed_worker import exits_cleanly, data, loss_fn, N_ROWS, N_IN, N_OUT
+from distributed_matrix_worker import mean_grad_fit
 
-N_ROWS, N_IN, N_OUT, STEPS = 32, 6, 3, 4
+STEPS = 4
 PG_TIMEOUT = datetime.timedelta(seconds=60)   # a rank that fails alone ends the others' collectives, not a hang
-
-def data():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(N_ROWS, N_IN, generator=g), torch.randint(0, N_OUT, (N_ROWS,), generator=g)
 
 def model():
     """A 3-layer MLP with biases; square hidden weights (SOAP's eigenbases of a non-square factor's null space are
@@ -19,8 +16,6 @@ def model():
     torch.manual_seed(1)
     L = torch.nn.Linear
     return torch.nn.Sequential(L(N_IN, N_IN), torch.nn.Tanh(), L(N_IN, N_IN), torch.nn.Tanh(), L(N_IN, N_OUT))
-
-def loss_fn(m, x, y): return torch.nn.functional.cross_entropy(m(x), y)
 
 def optimizers() -> dict:
     "name -> (factory, keywords): the eight 2026 optimizers. Muon's Newton-Schulz in float32 (bfloat16 would magnify the ranks' last-bit differences)."
@@ -43,13 +38,7 @@ def reference(name, steps=STEPS, world=2) -> list:
     f, kw = optimizers()[name]
     m = model(); opt = f(m.parameters(), **kw)
     _train_mode(opt)
-    x, y = data()
-    per = N_ROWS // world
-    for _ in range(steps):
-        opt.zero_grad()
-        for r in range(world): (loss_fn(m, x[r*per:(r+1)*per], y[r*per:(r+1)*per])/world).backward()
-        opt.step()
-    return [p.detach().clone() for p in m.parameters()]
+    return mean_grad_fit(m, opt, steps, world)
 
 def train_zero(name, rank, world, steps=STEPS) -> dict:
     "This rank's half of the batch under DDP + ZeRO, the optimizer given as torch's recipe gives it; the params and the group count."
