@@ -125,12 +125,6 @@ def learner(rank=None, world=1):
     net = m if rank is None else torch.nn.parallel.DistributedDataParallel(m)
     return Learner(dls, net, loss_func=torch.nn.functional.cross_entropy, opt_func=functools.partial(muon, ns_dtype=torch.float32)), m
 
-def learner_matrices() -> int:
-    "How many matrices Muon orthogonalises in a Learner (the output layer goes to AdamW there)."
-    from fastopts.matrix import muon_routes
-    m = model()
-    return sum(r == 'muon' for _, _, r in muon_routes(list(m.parameters()), model=m))
-
 def fit(learn, m):
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
     return [p.detach().clone() for p in m.parameters()]
