@@ -107,23 +107,14 @@ def job(rank, world, init_file, out_file):
     dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 
 def learner(rank=None, world=1):
-    "A fastai Learner with Muon on 64 rows in global batches of 8; with `rank`: the model in DDP and this rank's half of each batch."
-    from fastai.data.load import DataLoader
-    from fastai.data.core import DataLoaders
+    "A fastai Learner with Muon on distributed_worker's `sharded_dls`; with `rank`: the model in DDP and this rank's half of each batch."
     from fastai.learner import Learner
     import fastai.callback.progress  # noqa: F401 (no_bar)
-    from fastopts.data import XYDataset
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(64, N_IN, generator=g), torch.randint(0, N_OUT, (64,), generator=g)
-    bs = 8 // world
-    if rank is not None:
-        idx = torch.cat([torch.arange(8*k + rank*bs, 8*k + (rank+1)*bs) for k in range(8)])
-        x, y = x[idx], y[idx]
-    dls = DataLoaders(DataLoader(XYDataset(x, y), bs=bs, shuffle=False, drop_last=True),
-                      DataLoader(XYDataset(x[:16], y[:16]), bs=bs, shuffle=False))
+    from distributed_worker import sharded_dls
     m = model()
     net = m if rank is None else torch.nn.parallel.DistributedDataParallel(m)
-    return Learner(dls, net, loss_func=torch.nn.functional.cross_entropy, opt_func=functools.partial(muon, ns_dtype=torch.float32)), m
+    return Learner(sharded_dls(rank, world), net, loss_func=torch.nn.functional.cross_entropy,
+                   opt_func=functools.partial(muon, ns_dtype=torch.float32)), m
 
 def fit(learn, m):
     with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
