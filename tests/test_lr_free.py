@@ -357,13 +357,14 @@ def test_learner_discriminative_lrs(make_learner, tmp_path):
 def test_learner_fit_one_cycle_keeps_x(make_learner):
     "fit_one_cycle moves mom (Schedule-Free's beta) every batch: after it the params are x, and a train/eval pair leaves them there."
     learn = make_learner(opt_func=ScheduleFreeAdamW)
+    with learn.no_bar(): start = learn.validate()[0]   # the untrained model's validation loss
     _fit(learn, 'fit_one_cycle', 2, 1e-2)
     moms = learn.recorder.moms
     assert max(moms) - min(moms) > 0.05
     x = _weights(learn.model)
     learn.opt.train(); assert any(not torch.equal(a, b) for a, b in zip(_weights(learn.model), x))
     learn.opt.eval(); _same(_weights(learn.model), x, rtol=1e-6, atol=1e-7)
-    assert learn.recorder.values[-1][1] < 0.5   # it learnt (the first epoch of fit(3, 1e-2) ends at 0.3)
+    assert learn.recorder.values[-1][1] < start / 4   # it learnt: x validates far below the untrained model
 
 def test_learner_lr_find_and_fine_tune(make_learner):
     learn = make_learner(opt_func=ScheduleFreeAdamW, splitter=_two_groups)

@@ -183,7 +183,8 @@ def test_low_state_close_to_fp32_state(state_dtype):
     got, _ = _adam_states(Precision(state_dtype=state_dtype), steps=20)
     p0 = torch.randn(QUANT_MIN_NUMEL * 2, generator=torch.Generator().manual_seed(0))
     move = (ref[0] - p0).abs().mean()
-    assert (got[0] - ref[0]).abs().mean() < 0.05 * move     # the moments' rounding changes the path by a few %
+    # the moments' rounding changes the path: measured 0.22% (bf16) and 1.58% (int8) of the distance moved; bounds 2x that
+    assert (got[0] - ref[0]).abs().mean() <= {torch.bfloat16: 0.0044, 'int8': 0.032}[state_dtype] * move
 
 def test_fused_kernel_runs_on_the_working_view():
     "The fused kernel is one more chain: on the working view it gives what the callbacks give."
