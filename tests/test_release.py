@@ -15,7 +15,7 @@ from fastai.losses import MSELossFlat
 import fastai.callback.schedule  # noqa: F401 (fit_one_cycle)
 from fastopts.optimizer import Adam, AdamW, Optimizer, ParamGroupView
 from fastopts.release import GradientRelease, release_gradients
-from registry import OPTIMIZERS, ids
+from registry import ALL, RELEASE, RELEASE_REFUSED, ids
 
 def _model(seed=0):
     torch.manual_seed(seed)
@@ -36,12 +36,24 @@ def _train(spec, release:bool):
     if h: h.remove()
     return [p.detach().clone() for p in m.parameters()], h
 
-@pytest.mark.parametrize('spec', OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize('spec', RELEASE, ids=ids)
 def test_release_equals_ordinary_step(spec):
     ref, _ = _train(spec, False)
     got, h = _train(spec, True)
     assert h.steps == len(ref) * len(_batches())
     for i, (a, b) in enumerate(zip(got, ref)): assert torch.equal(a, b), f"{spec.name}: param {i} differs by {(a - b).abs().max()}"
+
+@pytest.mark.parametrize('spec', [o for o in ALL if o.name in RELEASE_REFUSED], ids=ids)
+def test_release_refused_by_name_before_a_param_moves(spec):
+    "An optimizer whose step couples its params (Schedule-Free's weight schedule, Prodigy's d) refuses gradient release by name."
+    m = _model()
+    opt = spec.make(list(m.parameters()))
+    if hasattr(opt, 'train_mode'): opt.train()
+    w = [p.detach().clone() for p in m.parameters()]
+    x, y = _batches(1)[0]
+    with pytest.raises(ValueError, match=RELEASE_REFUSED[spec.name]), release_gradients(opt):
+        nn.functional.mse_loss(m(x), y).backward()
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), w))
 
 def test_release_composes_with_precision():
     "bf16 weights, Kahan summation and int8 state, stepped one param at a time: the same numbers as the ordinary step."
