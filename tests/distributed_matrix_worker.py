@@ -28,7 +28,11 @@ def reference(name, steps=STEPS, world=2):
     SOAP magnify the last bits in which that mean differs from the whole batch's gradient: after 5 steps 2.3e-6 and
     2.4e-5 apart, Adafactor 1.5e-8.)"""
     make, kw = optimizers()[name]
-    m = model(**kw); opt = make(list(m.parameters()))
+    m = model(**kw)
+    return one_process(m, make(list(m.parameters())), steps, world)
+
+def one_process(m, opt, steps=STEPS, world=2):
+    "Train `m` with `opt` in this process on the whole batch, each step's gradient the mean of the `world` slices'."
     x, y = data()
     per = N_ROWS // world
     for _ in range(steps):
@@ -77,14 +81,8 @@ def mlp3():
 def muon_zero_reference(steps=STEPS, world=2):
     "One process, the whole batch as `world` slices' mean gradient (as DDP forms it)."
     from fastopts.matrix import Muon
-    m = mlp3(); opt = Muon(m.parameters(), **MUON_KW)
-    x, y = data()
-    per = N_ROWS // world
-    for _ in range(steps):
-        opt.zero_grad()
-        for r in range(world): (loss_fn(m, x[r*per:(r+1)*per], y[r*per:(r+1)*per])/world).backward()
-        opt.step()
-    return [p.detach().clone() for p in m.parameters()]
+    m = mlp3()
+    return one_process(m, Muon(m.parameters(), **MUON_KW), steps, world)
 
 @exits_cleanly
 def muon_zero_job(rank, world, init_file, out_file, steps=STEPS):
