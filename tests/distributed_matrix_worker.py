@@ -29,10 +29,10 @@ def reference(name, steps=STEPS, world=2):
     2.4e-5 apart, Adafactor 1.5e-8.)"""
     make, kw = optimizers()[name]
     m = model(**kw)
-    return one_process(m, make(list(m.parameters())), steps, world)
+    return mean_grad_fit(m, make(list(m.parameters())), steps, world)
 
-def one_process(m, opt, steps=STEPS, world=2):
-    "Train `m` with `opt` in this process on the whole batch, each step's gradient the mean of the `world` slices'."
+def mean_grad_fit(m, opt, steps, world) -> list:
+    "`steps` of `opt` on `m` with the whole batch, its gradient the mean of the `world` slices' gradients; the params."
     x, y = data()
     per = N_ROWS // world
     for _ in range(steps):
@@ -52,9 +52,8 @@ def train(mode, name, rank, world, steps=STEPS):
     elif mode == 'zero':
         from torch.distributed.optim import ZeroRedundancyOptimizer
         net = torch.nn.parallel.DistributedDataParallel(m)
-        from fastopts.matrix import muon_groups   # ZeRO's groups must be the local optimizers': Muon's split, for every rule alike
-        opt = ZeroRedundancyOptimizer(muon_groups(list(net.parameters()), adamw_lr_ratio=0.1) if name.startswith('muon') else list(net.parameters()),
-                                      optimizer_class=lambda ps, **kw: make(ps))
+        # the model's params as they are: each rank's optimizer keeps ZeRO's groups (Muon routes inside them)
+        opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=lambda ps, **kw: make(ps))
     elif mode == 'fsdp2':
         from torch.distributed.fsdp import fully_shard
         for layer in m:
@@ -82,7 +81,7 @@ def muon_zero_reference(steps=STEPS, world=2):
     "One process, the whole batch as `world` slices' mean gradient (as DDP forms it)."
     from fastopts.matrix import Muon
     m = mlp3()
-    return one_process(m, Muon(m.parameters(), **MUON_KW), steps, world)
+    return mean_grad_fit(m, Muon(m.parameters(), **MUON_KW), steps, world)
 
 @exits_cleanly
 def muon_zero_job(rank, world, init_file, out_file, steps=STEPS):
