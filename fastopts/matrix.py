@@ -8,13 +8,13 @@ from __future__ import annotations
 import math, numbers
 from collections import defaultdict
 from functools import partial
-import torch
+import torch, torch.distributed as dist
 from torch import Tensor
-try: from torch.distributed.tensor import DTensor, Replicate   # FSDP2's sharded parameters
-except ImportError: DTensor, Replicate = (), None
+try: from torch.distributed.tensor import DTensor, Replicate, Shard   # FSDP2's sharded parameters
+except ImportError: DTensor, Replicate, Shard = (), None, None
 from .core import check_range, check_choice, check_int
 from .optimizer import (Optimizer, contract, torch_names, weight_decay, average_grad, average_sqr_grad, step_stat,
-                                adam_step, cb_name, _to_groups, _is_named)
+                                adam_step, cb_name, _to_groups, _is_named, _local)
 from .routes import RoutedOptimizer, Renamed, head_and_embedding_names
 
 # %% auto #0
@@ -153,12 +153,37 @@ def muon_chain(nesterov:bool=True, ns_dtype=torch.bfloat16, owners=None) -> list
 # %% ../nbs/01a_matrix.ipynb #c014
 def _per_tensor_list(x:Tensor) -> list[Tensor]: return list(x.unbind(0))
 
+def _row_shards(ps:list) -> object:
+    """The process group over which FSDP2 splits `ps` into shards of rows (DTensors `Shard(0)` on a 1-D mesh), None for
+    whole tensors; any other layout is refused by name (Adafactor's reductions assume whole rows on each rank)."""
+    if not ps or not isinstance(ps[0], DTensor): return None
+    for p in ps:
+        if p.device_mesh.ndim != 1 or list(p.placements) != [Shard(0)]:
+            raise ValueError(f"Adafactor takes FSDP2 shards of rows (placements (Shard(0),) on a 1-D mesh), got a parameter of shape "
+                             f"{tuple(p.shape)} with placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
+    return ps[0].device_mesh.get_group()
+
+def _summed(xs:list[Tensor], group) -> list[Tensor]:
+    "`xs` summed over the ranks of `group` (one all-reduce of them all), in place."
+    if group is None or not xs: return xs
+    flat = torch.cat([x.reshape(-1) for x in xs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    for x, y in zip(xs, flat.split([x.numel() for x in xs])): x.copy_(y.view_as(x))
+    return xs
+
+def _norms(xs:list[Tensor], group) -> Tensor:
+    "Each tensor's norm, stacked; with `group` (shards of rows) the whole tensor's: the squares summed over the ranks."
+    n = torch.stack(torch._foreach_norm(xs))
+    if group is None: return n
+    return _summed([n*n], group)[0].sqrt()
+
 @contract(writes='step row_var col_var sqr_avg', hypers='lr beta2_decay eps1 eps2 d wd', role=lambda maximize=False: 'adafactor')
 def adafactor_step(grp, lr, beta2_decay, eps1, eps2, d, wd, maximize=False, **_):
     "torch.optim.Adafactor's step: factored second moments (row and column means of g²) for 2+ dims, a full one for vectors."
     check_range('beta2_decay', beta2_decay, hi=0); check_range('eps2', eps2, 0); check_range('d', d, 1)
     e1 = torch.finfo(grp.params[0].dtype).eps if eps1 is None else check_range('eps1', eps1, 0)
     ps, gs, states = grp.params, grp.grads, grp.states
+    group = _row_shards(ps)   # FSDP2: each rank holds whole rows; sums over all rows are all-reduced
     if maximize: gs = torch._foreach_neg(gs)
     for s in states: s['step'] = s.get('step', 0) + 1
     steps = [s['step'] for s in states]
@@ -166,8 +191,10 @@ def adafactor_step(grp, lr, beta2_decay, eps1, eps2, d, wd, maximize=False, **_)
     roots = torch.tensor([math.sqrt(p.numel()) for p in ps], dtype=dt, device=dev)
     rho = [min(lr, 1/math.sqrt(t)) for t in steps] if not isinstance(lr, Tensor) else [torch.clamp(lr, max=1/math.sqrt(t)) for t in steps]
     rho = torch.stack([torch.as_tensor(r, dtype=dt, device=dev) for r in rho])
-    alpha = (torch.stack(torch._foreach_norm(ps)) / roots).clamp(min=eps2) * rho   # from the params before decay
+    alpha = (_norms(_local(ps), group) / roots).clamp(min=eps2) * rho   # from the params before decay
     weight_decay(grp, lr=lr, wd=wd)
+    rows = [p.shape[-2] if p.ndim > 1 else 1 for p in ps]   # the whole tensor's (a DTensor's shape is global)
+    ps, gs = _local(ps), _local(gs)
     upd = [None]*len(ps)
     mat = [i for i, p in enumerate(ps) if p.ndim > 1]
     vec = [i for i, p in enumerate(ps) if p.ndim <= 1]
@@ -183,10 +210,15 @@ def adafactor_step(grp, lr, beta2_decay, eps1, eps2, d, wd, maximize=False, **_)
         torch._foreach_mul_(rm, rm); torch._foreach_div_(rm, [float(g.size(-1)) for g in g_])
         torch._foreach_lerp_(rv, rm, w)
         cm = [torch.linalg.vector_norm(g, dim=-2, keepdim=True) for g in g_]
-        torch._foreach_mul_(cm, cm); torch._foreach_div_(cm, [float(g.size(-2)) for g in g_])
+        torch._foreach_mul_(cm, cm)
+        _summed([cm[k] for k, i in enumerate(mat) if ps[i].ndim == 2], group)   # a matrix's columns run over the shards' rows
+        torch._foreach_div_(cm, [float(rows[i]) for i in mat])
         torch._foreach_lerp_(cv, cm, w)
         est = [r @ c for r, c in zip(rv, cv)]
-        means = [r.mean(dim=-2, keepdim=True) for r in rv]
+        means = [r.sum(dim=-2, keepdim=True) for r in rv] if group is not None else [r.mean(dim=-2, keepdim=True) for r in rv]
+        if group is not None:
+            _summed([means[k] for k, i in enumerate(mat) if ps[i].ndim == 2], group)
+            torch._foreach_div_(means, [float(rows[i]) for i in mat])
         torch._foreach_clamp_min_(means, e1)
         torch._foreach_div_(est, means)
         for k, i in enumerate(mat): upd[i] = est[k]
@@ -200,7 +232,7 @@ def adafactor_step(grp, lr, beta2_decay, eps1, eps2, d, wd, maximize=False, **_)
     torch._foreach_clamp_min_(upd, e1*e1)
     torch._foreach_rsqrt_(upd)
     torch._foreach_mul_(upd, gs)
-    clip = (torch.stack(torch._foreach_norm(upd)) / (roots*d)).clamp(min=1.)
+    clip = (_norms(upd, group) / (roots*d)).clamp(min=1.)
     torch._foreach_mul_(upd, _per_tensor_list(-alpha/clip))
     torch._foreach_add_(ps, upd)
 adafactor_step.defaults = dict(beta2_decay=-0.8, eps1=None, eps2=1e-3, d=1., wd=0.)
@@ -442,7 +474,6 @@ def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=Non
     wd = 0.0 if wd is None and weight_decay is None else wd if wd is not None else weight_decay
     groups, names = _named_groups(params)
     _refuse_complex(groups, names, 'Adafactor')
-    _refuse_shards(groups, names, "Adafactor's column statistics need whole weights")
     check_range('lr', lr, 0); check_range('beta2_decay', beta2_decay, hi=0); check_range('d', d, 1); check_range('wd', wd, 0)
     eps1, eps2 = _eps_pair(eps)
     if foreach not in (None, True, False): raise ValueError(f"`foreach` must be None, True or False, got {foreach!r}")

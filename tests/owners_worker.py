@@ -91,6 +91,39 @@ def resume(rank, world):
     steps(m2, o2, 2)
     return [_full(p) for p in m1.parameters()], [_full(p) for p in m2.parameters()]
 
+ADAFACTOR = dict(lr=0.05, weight_decay=0.1)   # torch.optim.Adafactor's keywords, which fastopts' Adafactor takes too
+
+def adafactor_reference(steps=STEPS, world=2):
+    "torch.optim.Adafactor in one process on the whole batch (float64), its gradient the mean of the `world` slices' as FSDP2's."
+    m = model().double(); opt = torch.optim.Adafactor(m.parameters(), **ADAFACTOR)
+    x, y = data(); x = x.double(); per = N_ROWS // world
+    for _ in range(steps):
+        opt.zero_grad()
+        for r in range(world): (loss_fn(m, x[r*per:(r+1)*per], y[r*per:(r+1)*per])/world).backward()
+        opt.step()
+    return [p.detach().clone() for p in m.parameters()]
+
+def adafactor_fsdp2(rank, world, steps=STEPS):
+    "fastopts' Adafactor on FSDP2 shards of rows (float64; the 3x24 head splits unevenly, 2 and 1 rows): the whole params."
+    from torch.distributed.fsdp import fully_shard
+    from fastopts.matrix import Adafactor
+    x, y = data(); per = N_ROWS // world
+    x, y = x[rank*per:(rank+1)*per].double(), y[rank*per:(rank+1)*per]
+    m = model().double()
+    for layer in m:
+        if isinstance(layer, torch.nn.Linear): fully_shard(layer)
+    fully_shard(m)
+    opt = Adafactor(list(m.parameters()), **ADAFACTOR)
+    for _ in range(steps): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
+    return [_full(p) for p in m.parameters()]
+
+@exits_cleanly
+def adafactor_job(rank, world, init_file, out_file):
+    "Adafactor under FSDP2 alone (the module's `job` runs it too)."
+    _join(rank, world, init_file)
+    torch.save({'fsdp2_adafactor': adafactor_fsdp2(rank, world)}, f'{out_file}.{rank}')
+    dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
+
 def _join(rank, world, init_file, timeout=TIMEOUT_S):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
     torch.set_num_threads(1)
@@ -102,7 +135,7 @@ def job(rank, world, init_file, out_file):
     res = {'ddp': train('ddp', rank, world), 'ddp_bf16': train('ddp', rank, world, ns_dtype=torch.bfloat16),
            'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
            'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False),
-           'fsdp2_resume': resume(rank, world)}
+           'fsdp2_resume': resume(rank, world), 'fsdp2_adafactor': adafactor_fsdp2(rank, world)}
     torch.save(res, f'{out_file}.{rank}')
     dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 
