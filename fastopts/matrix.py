@@ -171,6 +171,16 @@ def _summed(xs:list[Tensor], group) -> list[Tensor]:
     for x, y in zip(xs, flat.split([x.numel() for x in xs])): x.copy_(y.view_as(x))
     return xs
 
+def _state_of(local:Tensor, p, split:bool):
+    """A state tensor of param `p`: `local` itself, or for an FSDP2 shard a DTensor around it (`split`: this rank's rows
+    of a tensor split as `p` is, else the same on every rank), so that torch's distributed checkpoints hold the whole."""
+    if not isinstance(p, DTensor): return local
+    shape = (p.shape[0], *local.shape[1:]) if split else tuple(local.shape)
+    return DTensor.from_local(local, p.device_mesh, [Shard(0) if split else Replicate()], run_check=False,
+                              shape=torch.Size(shape), stride=torch.empty(shape, device='meta').stride())
+
+def _loc(x): return x.to_local() if isinstance(x, DTensor) else x
+
 def _norms(xs:list[Tensor], group) -> Tensor:
     "Each tensor's norm, stacked; with `group` (shards of rows) the whole tensor's: the squares summed over the ranks."
     n = torch.stack(torch._foreach_norm(xs))
@@ -194,17 +204,18 @@ def adafactor_step(grp, lr, beta2_decay, eps1, eps2, d, wd, maximize=False, **_)
     alpha = (_norms(_local(ps), group) / roots).clamp(min=eps2) * rho   # from the params before decay
     weight_decay(grp, lr=lr, wd=wd)
     rows = [p.shape[-2] if p.ndim > 1 else 1 for p in ps]   # the whole tensor's (a DTensor's shape is global)
-    ps, gs = _local(ps), _local(gs)
+    dps, (ps, gs) = ps, (_local(ps), _local(gs))
     upd = [None]*len(ps)
     mat = [i for i, p in enumerate(ps) if p.ndim > 1]
     vec = [i for i, p in enumerate(ps) if p.ndim <= 1]
     if mat:
         g_ = [gs[i] for i in mat]
-        rv = [states[i].get('row_var') for i in mat]
-        cv = [states[i].get('col_var') for i in mat]
-        for k, i in enumerate(mat):
-            if rv[k] is None: rv[k] = states[i]['row_var'] = g_[k].new_zeros((*g_[k].shape[:-1], 1))
-            if cv[k] is None: cv[k] = states[i]['col_var'] = g_[k].new_zeros((*g_[k].shape[:-2], 1, g_[k].shape[-1]))
+        for k, i in enumerate(mat):   # a shard's: its rows of R; C split likewise for 3+ dims, else the same on every rank
+            if 'row_var' not in states[i]: states[i]['row_var'] = _state_of(g_[k].new_zeros((*g_[k].shape[:-1], 1)), dps[i], True)
+            if 'col_var' not in states[i]:
+                states[i]['col_var'] = _state_of(g_[k].new_zeros((*g_[k].shape[:-2], 1, g_[k].shape[-1])), dps[i], dps[i].ndim > 2)
+        rv = [_loc(states[i]['row_var']) for i in mat]
+        cv = [_loc(states[i]['col_var']) for i in mat]
         w = [steps[i]**beta2_decay for i in mat]
         rm = [torch.linalg.vector_norm(g, dim=-1, keepdim=True) for g in g_]
         torch._foreach_mul_(rm, rm); torch._foreach_div_(rm, [float(g.size(-1)) for g in g_])
@@ -223,9 +234,9 @@ def adafactor_step(grp, lr, beta2_decay, eps1, eps2, d, wd, maximize=False, **_)
         torch._foreach_div_(est, means)
         for k, i in enumerate(mat): upd[i] = est[k]
     if vec:
-        vs = [states[i].get('sqr_avg') for i in vec]
-        for k, i in enumerate(vec):
-            if vs[k] is None: vs[k] = states[i]['sqr_avg'] = torch.zeros_like(ps[i], memory_format=torch.preserve_format)
+        for i in vec:
+            if 'sqr_avg' not in states[i]: states[i]['sqr_avg'] = torch.zeros_like(dps[i], memory_format=torch.preserve_format)
+        vs = [_loc(states[i]['sqr_avg']) for i in vec]
         g_ = [gs[i] for i in vec]
         torch._foreach_lerp_(vs, torch._foreach_mul(g_, g_), [steps[i]**beta2_decay for i in vec])
         for k, i in enumerate(vec): upd[i] = vs[k].clone()

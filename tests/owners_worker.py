@@ -66,21 +66,27 @@ def train(mode, rank, world, owners=None, ns_dtype=torch.float32):
     counts = counter.read()
     return [_full(p) for p in m.parameters()], counts, dict(OWNER_STATS)
 
-def resume(rank, world):
-    """FSDP2, owners: 2 steps, save model and optimizer with torch's distributed-checkpoint helpers, 2 more; a fresh model
+def _muon_bf16(ps): return muon(ps, ns_dtype=torch.bfloat16)
+
+def _adafactor(ps):
+    from fastopts.matrix import Adafactor
+    return Adafactor(ps, **ADAFACTOR)
+
+def resume(rank, world, make=_muon_bf16, dtype=torch.float32):
+    """FSDP2 (`make`: owner-based Muon, or Adafactor): 2 steps, save model and optimizer with torch's distributed-checkpoint helpers, 2 more; a fresh model
     and optimizer loaded from the save take the same 2 steps. (params straight, params resumed)"""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     from distributed_worker import _clone
     x, y = data(); per = N_ROWS // world
-    x, y = x[rank*per:(rank+1)*per], y[rank*per:(rank+1)*per]
+    x, y = x[rank*per:(rank+1)*per].to(dtype), y[rank*per:(rank+1)*per]
     def build():
-        m = model()
+        m = model().to(dtype)
         for layer in m:
             if isinstance(layer, torch.nn.Linear): fully_shard(layer)
         fully_shard(m)
-        return m, muon(list(m.parameters()), ns_dtype=torch.bfloat16)
+        return m, make(list(m.parameters()))
     def steps(m, opt, n):
         for _ in range(n): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
     m1, o1 = build(); steps(m1, o1, 2)
@@ -106,14 +112,13 @@ def adafactor_reference(steps=STEPS, world=2):
 def adafactor_fsdp2(rank, world, steps=STEPS):
     "fastopts' Adafactor on FSDP2 shards of rows (float64; the 3x24 head splits unevenly, 2 and 1 rows): the whole params."
     from torch.distributed.fsdp import fully_shard
-    from fastopts.matrix import Adafactor
     x, y = data(); per = N_ROWS // world
     x, y = x[rank*per:(rank+1)*per].double(), y[rank*per:(rank+1)*per]
     m = model().double()
     for layer in m:
         if isinstance(layer, torch.nn.Linear): fully_shard(layer)
     fully_shard(m)
-    opt = Adafactor(list(m.parameters()), **ADAFACTOR)
+    opt = _adafactor(list(m.parameters()))
     for _ in range(steps): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
     return [_full(p) for p in m.parameters()]
 
@@ -121,7 +126,8 @@ def adafactor_fsdp2(rank, world, steps=STEPS):
 def adafactor_job(rank, world, init_file, out_file):
     "Adafactor under FSDP2 alone (the module's `job` runs it too)."
     _join(rank, world, init_file)
-    torch.save({'fsdp2_adafactor': adafactor_fsdp2(rank, world)}, f'{out_file}.{rank}')
+    torch.save({'fsdp2_adafactor': adafactor_fsdp2(rank, world), 'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64)},
+               f'{out_file}.{rank}')
     dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 
 def _join(rank, world, init_file, timeout=TIMEOUT_S):
@@ -135,7 +141,8 @@ def job(rank, world, init_file, out_file):
     res = {'ddp': train('ddp', rank, world), 'ddp_bf16': train('ddp', rank, world, ns_dtype=torch.bfloat16),
            'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
            'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False),
-           'fsdp2_resume': resume(rank, world), 'fsdp2_adafactor': adafactor_fsdp2(rank, world)}
+           'fsdp2_resume': resume(rank, world), 'fsdp2_adafactor': adafactor_fsdp2(rank, world),
+           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64)}
     torch.save(res, f'{out_file}.{rank}')
     dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 

@@ -1,7 +1,8 @@
 """Owner-based Muon (fastopts.owners) with 2 real `gloo` ranks on CPU: under DDP each rank runs Newton-Schulz on about half
 the matrices and the result equals one process on the whole batch (bf16: equals the ranks' own bf16 result without owners,
 bit for bit); under FSDP2 the shards travel to their owners by all-to-all, nobody gathers a whole parameter, and a rank holds
-at most its own matrices; a fastai Learner under DDP trains with it. Every multi-process run is bounded by a timeout."""
+at most its own matrices; a fastai Learner under DDP trains with it. Adafactor under FSDP2 (its sums over rows
+all-reduced) equals torch.optim.Adafactor in one process. Every multi-process run is bounded by a timeout."""
 import pytest, torch
 import torch.multiprocessing as mp
 from torch.testing import assert_close
@@ -49,6 +50,21 @@ def test_fsdp2_owners_equal_one_process_without_gathering(ranks):
         assert stats['full_elems'] <= sum(sizes) / 2 + max(sizes), (stats, sizes)
     assert sum(res['fsdp2'][1]['matrices'] for res in ranks) == len(sizes) * w.STEPS
     assert ranks[0]['fsdp2_off'][1]['gathers'] == len(sizes) * w.STEPS       # without owners every rank gathers every matrix
+
+def test_fsdp2_adafactor_equals_torch_in_one_process(ranks):
+    """Adafactor on FSDP2 shards of rows (float64, 3 steps, weight decay; the 3x24 head split 2 and 1 rows) equals
+    torch.optim.Adafactor in one process on the whole batch: the column statistics, mean(R) and the norms behind rms(p)
+    and rms(u) are summed over the ranks (without those all-reduces the weights differ by far more than the tolerance)."""
+    ref = w.adafactor_reference()
+    assert any(not torch.allclose(a, b.double(), rtol=1e-3) for a, b in zip(ref, w.model().parameters()))
+    for res in ranks:
+        for a, b in zip(res['fsdp2_adafactor'], ref): assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+def test_fsdp2_adafactor_checkpoint_resumes_bit_for_bit(ranks):
+    "Adafactor's state under FSDP2 (DTensors: each rank's rows of R, C whole) through get/set_optimizer_state_dict: the resumed run equals the straight one."
+    for res in ranks:
+        straight, resumed = res['fsdp2_adafactor_resume']
+        for a, b in zip(straight, resumed): assert torch.equal(a, b)
 
 def test_fsdp2_owners_checkpoint_resumes_bit_for_bit(ranks):
     "torch's get/set_optimizer_state_dict under FSDP2 with owner-based Muon (bf16): the resumed run equals the straight one."
