@@ -82,9 +82,9 @@ def resume(rank, world, make=_muon_bf16, dtype=torch.float32):
     x, y = data(); per = N_ROWS // world
     x, y = x[rank*per:(rank+1)*per].to(dtype), y[rank*per:(rank+1)*per]
     def build():
-        m = model().to(dtype)
+        m = (af_model() if make is _adafactor else model()).to(dtype)
         for layer in m:
-            if isinstance(layer, torch.nn.Linear): fully_shard(layer)
+            if isinstance(layer, (torch.nn.Linear, Mix3)): fully_shard(layer)
         fully_shard(m)
         return m, make(list(m.parameters()))
     def steps(m, opt, n):
@@ -99,9 +99,21 @@ def resume(rank, world, make=_muon_bf16, dtype=torch.float32):
 
 ADAFACTOR = dict(lr=0.05, weight_decay=0.1)   # torch.optim.Adafactor's keywords, which fastopts' Adafactor takes too
 
+class Mix3(torch.nn.Module):
+    "A layer with a 3-D weight (out x 4 x 4) on 16 features: under FSDP2 only its leading dim is split."
+    def __init__(self, n_out):
+        super().__init__(); self.weight = torch.nn.Parameter(torch.randn(n_out, 4, 4) / 4)
+    def forward(self, x): return torch.einsum('oij,bij->bo', self.weight, x.view(-1, 4, 4))
+
+def af_model():
+    "The first three layers of `model`, a 3-D weight (5 x 4 x 4: split 3 and 2 rows) and a 3 x 5 head (2 and 1 rows), in float64."
+    m = model()
+    torch.manual_seed(2)
+    return torch.nn.Sequential(*m[:-3], Mix3(5), torch.nn.Tanh(), torch.nn.Linear(5, N_OUT)).double()
+
 def adafactor_reference(steps=STEPS, world=2):
     "torch.optim.Adafactor in one process on the whole batch (float64), its gradient the mean of the `world` slices' as FSDP2's."
-    m = model().double(); opt = torch.optim.Adafactor(m.parameters(), **ADAFACTOR)
+    m = af_model(); opt = torch.optim.Adafactor(m.parameters(), **ADAFACTOR)
     x, y = data(); x = x.double(); per = N_ROWS // world
     for _ in range(steps):
         opt.zero_grad()
@@ -110,13 +122,13 @@ def adafactor_reference(steps=STEPS, world=2):
     return [p.detach().clone() for p in m.parameters()]
 
 def adafactor_fsdp2(rank, world, steps=STEPS):
-    "fastopts' Adafactor on FSDP2 shards of rows (float64; the 3x24 head splits unevenly, 2 and 1 rows): the whole params."
+    "fastopts' Adafactor on FSDP2 shards of rows (`af_model`: float64, uneven shards, a 3-D weight): the whole params."
     from torch.distributed.fsdp import fully_shard
     x, y = data(); per = N_ROWS // world
     x, y = x[rank*per:(rank+1)*per].double(), y[rank*per:(rank+1)*per]
-    m = model().double()
+    m = af_model()
     for layer in m:
-        if isinstance(layer, torch.nn.Linear): fully_shard(layer)
+        if isinstance(layer, (torch.nn.Linear, Mix3)): fully_shard(layer)
     fully_shard(m)
     opt = _adafactor(list(m.parameters()))
     for _ in range(steps): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()

@@ -52,11 +52,12 @@ def test_fsdp2_owners_equal_one_process_without_gathering(ranks):
     assert ranks[0]['fsdp2_off'][1]['gathers'] == len(sizes) * w.STEPS       # without owners every rank gathers every matrix
 
 def test_fsdp2_adafactor_equals_torch_in_one_process(ranks):
-    """Adafactor on FSDP2 shards of rows (float64, 3 steps, weight decay; the 3x24 head split 2 and 1 rows) equals
-    torch.optim.Adafactor in one process on the whole batch: the column statistics, mean(R) and the norms behind rms(p)
-    and rms(u) are summed over the ranks (without those all-reduces the weights differ by far more than the tolerance)."""
+    """Adafactor on FSDP2 shards of rows (float64, 3 steps, weight decay; matrices, a 5x4x4 weight split 3 and 2 rows, a
+    3x5 head split 2 and 1) equals torch.optim.Adafactor in one process on the whole batch: a matrix's column statistics,
+    mean(R) and the norms behind rms(p) and rms(u) are summed over the ranks (without those all-reduces the weights are
+    far off: a relative error up to 70); a 3-D weight's statistics are local."""
     ref = w.adafactor_reference()
-    assert any(not torch.allclose(a, b.double(), rtol=1e-3) for a, b in zip(ref, w.model().parameters()))
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(ref, w.af_model().parameters()))
     for res in ranks:
         for a, b in zip(res['fsdp2_adafactor'], ref): assert_close(a, b, rtol=1e-10, atol=1e-12)
 
