@@ -55,7 +55,7 @@ def test_fsdp2_adafactor_equals_torch_in_one_process(ranks):
     """Adafactor on FSDP2 shards of rows (float64, 3 steps, weight decay; matrices, a 5x4x4 weight split 3 and 2 rows, a
     3x5 head split 2 and 1) equals torch.optim.Adafactor in one process on the whole batch: a matrix's column statistics,
     mean(R) and the norms behind rms(p) and rms(u) are summed over the ranks (without those all-reduces the weights are
-    far off: a relative error up to 70); a 3-D weight's statistics are local."""
+    far off: a relative error up to 15, without the norms' alone 14); a 3-D weight's statistics are local."""
     ref = w.adafactor_reference()
     assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(ref, w.af_model().parameters()))
     for res in ranks:
