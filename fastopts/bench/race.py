@@ -28,11 +28,11 @@ from ..lr_finder import *
 from .lr_find import digits_images, sequence_dls, small_cnn, res_cnn, GRUClassifier
 
 # %% auto #0
-__all__ = ['WORKLOADS', 'OPTIMIZERS', 'LR_FREE_DEFAULTS', 'DEFAULT_LR', 'RUN_COLUMNS', 'SCORE_COLUMNS', 'CALIBRATION_SEEDS',
-           'CALIBRATION_LRS', 'CALIBRATION_AT', 'MODES', 'docs_text', 'docs_dls', 'friedman_dls', 'CharTransformer',
-           'Workload', 'race_learner', 'ToTarget', 'Method', 'trial_lrs', 'run_to_target', 'methods_for', 'race',
-           'workload_times', 'time_ratios', 'profile', 'profile_score', 'scores', 'calibrate', 'race_table',
-           'plot_race', 'write_race', 'add_race_args', 'race_plan', 'race_main']
+__all__ = ['WORKLOADS', 'DATA_SEED', 'OPTIMIZERS', 'LR_FREE_DEFAULTS', 'DEFAULT_LR', 'RUN_COLUMNS', 'SCORE_COLUMNS',
+           'CALIBRATION_SEEDS', 'CALIBRATION_LRS', 'CALIBRATION_AT', 'MODES', 'docs_text', 'docs_dls', 'friedman_dls',
+           'CharTransformer', 'Workload', 'race_learner', 'ToTarget', 'Method', 'trial_lrs', 'run_to_target',
+           'methods_for', 'race', 'workload_times', 'time_ratios', 'profile', 'profile_score', 'scores', 'calibrate',
+           'race_table', 'plot_race', 'write_race', 'add_race_args', 'race_plan', 'race_main', 'rescore']
 
 # %% ../../nbs/09d_race_bench.ipynb #r005
 def docs_text() -> list[str]:
@@ -82,19 +82,22 @@ class Workload:
     bs: int = 64
 
 WORKLOADS = dict(
-    digits_cnn=Workload(digits_images, small_cnn, CrossEntropyLossFlat, 6, 0.05306),
-    digits_rescnn=Workload(digits_images, res_cnn, CrossEntropyLossFlat, 5, 0.1038),
-    friedman_mlp=Workload(friedman_dls, lambda: mlp(10, 1, (64, 64)), MSELossFlat, 6, 0.07165),
-    sequence_gru=Workload(sequence_dls, GRUClassifier, CrossEntropyLossFlat, 6, 0.09879),
+    digits_cnn=Workload(digits_images, small_cnn, CrossEntropyLossFlat, 6, 0.05534),
+    digits_rescnn=Workload(digits_images, res_cnn, CrossEntropyLossFlat, 5, 0.3819),
+    friedman_mlp=Workload(friedman_dls, lambda: mlp(10, 1, (64, 64)), MSELossFlat, 6, 0.06750),
+    sequence_gru=Workload(sequence_dls, GRUClassifier, CrossEntropyLossFlat, 6, 0.08603),
     docs_transformer=Workload(docs_dls, lambda: CharTransformer(len(set(''.join(docs_text())))), CrossEntropyLossFlat, 4, 2.590, bs=16),
     synthetic_mlp=Workload(lambda seed, bs: sklearn_dls('synthetic', bs=bs, seed=seed), lambda: mlp(20, 4, (64, 64)),
-                           CrossEntropyLossFlat, 6, 0.5705),
+                           CrossEntropyLossFlat, 6, 0.4842),
 )
 
+DATA_SEED = 0   # every run sees the same data and validation set: a seed sets the initial weights and the batch order
+
 def race_learner(workload:str, seed:int, opt_func) -> Learner:
+    "A seeded learner for `workload` (data split with `DATA_SEED`), no worker processes, no progress bar, no log."
     w = WORKLOADS[workload]
     set_seed(seed, reproducible=True)
-    dls = w.make_dls(seed, w.bs)
+    dls = w.make_dls(DATA_SEED, w.bs)
     learn = Learner(dls, w.make_model(), loss_func=w.loss(), opt_func=opt_func)
     if hasattr(learn, 'progress'): learn.remove_cb(ProgressCallback)
     learn.logger = noop
@@ -202,8 +205,12 @@ def methods_for(optimizers, finder_opts, plan_opts, tuned_opts) -> list[Method]:
 RUN_COLUMNS = ('workload', 'optimizer', 'ruleset', 'seed', 'reached', 'steps', 'seconds')
 SCORE_COLUMNS = ('optimizer', 'ruleset', 'score')
 
+def _append(row:dict, fname):
+    "Add `row` to the csv `fname` (its header first if the file is new): a run killed half way leaves what it did."
+    pd.DataFrame([row]).to_csv(fname, mode='a', index=False, header=not Path(fname).exists())
+
 def race(workloads, seeds, methods, trials:int=3, evals:int=12, log=print, progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Run every method on every workload, seed by seed (all methods on one seed and workload, then the next): `runs`, `trials`. Each row is appended to the csv `progress` as it is done."
+    "Run every method on every workload, seed by seed (all methods on one seed and workload, then the next): `runs`, `trials`. With a folder `progress`, each row goes to its `progress.csv` and `progress_trials.csv` as it is done."
     rows, details = [], []
     for seed in seeds:
         for wl in workloads:
@@ -216,10 +223,11 @@ def race(workloads, seeds, methods, trials:int=3, evals:int=12, log=print, progr
                         r = dict(reached=False, steps=None, seconds=None, lr=lr, error=f'{type(e).__name__}: {e}'.splitlines()[0])
                     details.append(dict(workload=wl, optimizer=m.name, ruleset=m.ruleset, seed=seed,
                                         **{k: v for k, v in r.items() if k != 'curve'}))
+                    if progress is not None: _append(details[-1], Path(progress)/'progress_trials.csv')
                     if r['reached'] and (not best['reached'] or r['seconds'] < best['seconds']): best = r
                 rows.append(dict(workload=wl, optimizer=m.name, ruleset=m.ruleset, seed=seed, reached=best['reached'],
                                  steps=best['steps'], seconds=best['seconds']))
-                if progress is not None: pd.DataFrame(rows[-1:]).to_csv(progress, mode='a', index=False, header=len(rows) == 1)
+                if progress is not None: _append(rows[-1], Path(progress)/'progress.csv')
                 s = f"{best['seconds']:.2f}s {best['steps']} steps" if best['reached'] else 'not reached'
                 log(f'seed {seed} {wl:16s} {m.ruleset:11s} {m.name:28s} {s}')
     runs = pd.DataFrame(rows, columns=RUN_COLUMNS).astype(dict(steps='Int64'))
@@ -350,6 +358,7 @@ def add_race_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--optimizers', nargs='+', default=None, help=f'keep only these optimizers (of {list(OPTIMIZERS)})')
     p.add_argument('--seeds', nargs='+', type=int, default=None, help="scoring seeds (default: the mode's)")
     p.add_argument('--trials', type=int, default=3, help='external tuning: lrs per optimizer, half a decade apart (default 3)')
+    p.add_argument('--rescore', action='store_true', help='no runs: score the finished seeds of a stopped race in --out (its progress.csv)')
     p.add_argument('--evals', type=int, default=12, help='validations per budget: the steps-to-target resolution (default 12)')
     return p
 
@@ -371,14 +380,29 @@ def race_plan(quick:bool=False, workloads=None, optimizers=None, seeds=None) -> 
 
 def race_main(args:argparse.Namespace) -> pd.DataFrame:
     "`fastopts bench race`: run the race on one torch thread, write the CSVs, the table and the figure, print the scores."
+    if args.rescore: return rescore(args.out)
     check_int('trials', args.trials, 1); check_int('evals', args.evals, 1)
     plan = race_plan(args.quick, args.workloads, args.optimizers, args.seeds)
     Path(args.out).mkdir(parents=True, exist_ok=True)   # an unwritable --out fails now, not after the runs
     threads = torch.get_num_threads(); torch.set_num_threads(1)
-    prog = Path(args.out)/'progress.csv'; prog.unlink(missing_ok=True)
-    try: runs, details = race(plan['workloads'], plan['seeds'], plan['methods'], args.trials, args.evals, progress=prog)
+    for f in ('progress.csv', 'progress_trials.csv'): (Path(args.out)/f).unlink(missing_ok=True)
+    try: runs, details = race(plan['workloads'], plan['seeds'], plan['methods'], args.trials, args.evals, progress=args.out)
     finally: torch.set_num_threads(threads)
     files = write_race(runs, details, args.out)
     print((Path(args.out)/'table.md').read_text())
     print('wrote ' + ', '.join(str(f) for f in files.values()))
+    return runs
+
+def rescore(out) -> pd.DataFrame:
+    "Score a race that was stopped: the seeds of `out/progress.csv` that ran every workload and method, written as a finished race's files."
+    out = Path(out)
+    if not (out/'progress.csv').exists(): raise ValueError(f"`out` holds no progress.csv to rescore, got {str(out)!r}")
+    runs = pd.read_csv(out/'progress.csv').astype(dict(steps='Int64'))
+    n = runs.groupby('seed').size()
+    done = list(n.index[n == n.max()])
+    runs = runs[runs.seed.isin(done)].reset_index(drop=True)
+    details = pd.read_csv(out/'progress_trials.csv')
+    write_race(runs, details[details.seed.isin(done)].reset_index(drop=True), out)
+    print(f'scored seeds {done} of {list(n.index)} (the others did not finish)')
+    print((out/'table.md').read_text())
     return runs
