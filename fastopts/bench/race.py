@@ -403,6 +403,6 @@ def rescore(out) -> pd.DataFrame:
     runs = runs[runs.seed.isin(done)].reset_index(drop=True)
     details = pd.read_csv(out/'progress_trials.csv')
     write_race(runs, details[details.seed.isin(done)].reset_index(drop=True), out)
-    print(f'scored seeds {done} of {list(n.index)} (the others did not finish)')
+    print(f'scored the seeds that ran every method: {done} (started: {list(n.index)})')
     print((out/'table.md').read_text())
     return runs
