@@ -14,23 +14,16 @@ from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import check_range, check_int
-from .optimizer import (Optimizer, DTensor, contract, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
-                                l2_reg, _pick, _device_dtype_groups, _group_view)
+from .optimizer import (Optimizer, DTensor, contract, stage, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
+                                l2_reg, _pick)
 
 # %% auto #0
-__all__ = ['schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOptimizer', 'set_schedule_free_mode',
-           'ScheduleFreeAdamW', 'ScheduleFreeSGD', 'prodigy_stats', 'prodigy_step', 'ProdigyOptimizer', 'Prodigy',
-           'adopt_step', 'ADOPT', 'average_slow_grad', 'ademamix_step', 'AdEMAMix', 'recalibrate_bn',
-           'ScheduleFreeCallback']
+__all__ = ['schedule_free_weight', 'schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOptimizer',
+           'set_schedule_free_mode', 'ScheduleFreeAdamW', 'ScheduleFreeSGD', 'prodigy_stats', 'prodigy_sizes',
+           'prodigy_d', 'prodigy_step', 'ProdigyOptimizer', 'Prodigy', 'adopt_step', 'ADOPT', 'average_slow_grad',
+           'ademamix_step', 'AdEMAMix', 'recalibrate_bn', 'ScheduleFreeCallback']
 
 # %% ../nbs/01b_lr_free.ipynb #c005
-def _views(g:dict, state) -> list:
-    "The `ParamGroupView`s (one per device and dtype) of the params of group `g` that have a gradient."
-    ps = [p for p in g['params'] if p.grad is not None]
-    if not ps: return []
-    if any(p.grad.is_sparse for p in ps): raise ValueError("fastopts optimizers do not support sparse gradients")
-    return [_group_view(sub, [state[p] for p in sub]) for sub in (_pick(ps, idx) for idx in _device_dtype_groups(ps) or [None])]
-
 def _set_keys(g:dict, **kw):
     "Group keys that are bookkeeping, not hypers (fastai's `opt.hypers` does not show them)."
     for k, v in kw.items(): dict.__setitem__(g, k, v)
@@ -57,6 +50,16 @@ def _sf_weight(g:dict) -> tuple[float, float]:
     except ZeroDivisionError: ckp1 = 0
     _set_keys(g, k=k+1, lr_max=lr_max, weight_sum=weight_sum, scheduled_lr=lr)
     return lr, ckp1
+
+@stage('hyper')
+def schedule_free_weight(opt, g:dict, hyper:dict) -> dict:
+    "Schedule-Free's hyper stage: this step's lr and averaging weight `ckp1` for group `g` (refused in eval mode)."
+    if not getattr(opt, 'train_mode', True):
+        raise RuntimeError(f"{type(opt).__name__}.step() in eval mode: the params hold the average x, not y. Call "
+                           "`opt.train()` before training steps and `opt.eval()` before evaluating or saving (in a fastai "
+                           "Learner, `ScheduleFreeCallback` does both)")
+    lr, ckp1 = _sf_weight(g)
+    return dict(lr=lr, ckp1=ckp1)
 
 def _clone(p, memory_format=torch.preserve_format): return torch.clone(p, memory_format=memory_format).detach()
 
@@ -132,25 +135,6 @@ class ScheduleFreeOptimizer(Optimizer):
         if self.train_mode: self._swap(False); self.train_mode = False
         return self
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if not self.train_mode:
-            raise RuntimeError(f"{type(self).__name__}.step() in eval mode: the params hold the average x, not y. Call "
-                               "`opt.train()` before training steps and `opt.eval()` before evaluating or saving (in a fastai "
-                               "Learner, `ScheduleFreeCallback` does both)")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad(): loss = closure()
-        self._chains_checked()
-        for i, g in enumerate(self.param_groups):
-            lr, ckp1 = _sf_weight(g)
-            self._step_group(i, g, g['params'], {**self._group_hypers(g), 'lr': lr, 'ckp1': ckp1})   # the precision layer included
-        return loss
-
-    def step_params(self, params):
-        raise ValueError(f"{type(self).__name__} cannot step one param at a time (gradient release): its weight schedule "
-                         "(`k`, `weight_sum`) advances once per step for a whole group")
-
     def state_dict(self) -> dict:
         "torch's state dict, with the mode in each group (`train_mode`), so that a checkpoint says what its params hold."
         sd = super().state_dict()
@@ -187,7 +171,7 @@ def ScheduleFreeAdamW(params, lr=0.0025, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.
                       fused=None, compiled=False) -> ScheduleFreeOptimizer:
     "Schedule-Free AdamW as `schedulefree.AdamWScheduleFree` (`betas=(mom, sqr_mom)`, `weight_decay=wd`); call `train()`/`eval()`."
     _no_compile('ScheduleFreeAdamW', fused, compiled)
-    return ScheduleFreeOptimizer(params, [average_sqr_grad, step_stat, schedule_free_adam_step], lr=lr,
+    return ScheduleFreeOptimizer(params, [schedule_free_weight, average_sqr_grad, step_stat, schedule_free_adam_step], lr=lr,
                                  mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True), sqr_mom=sqr_mom, eps=eps, wd=wd,
                                  warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
 
@@ -195,7 +179,7 @@ def ScheduleFreeAdamW(params, lr=0.0025, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.
 def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight_lr_power=2., fused=None, compiled=False) -> ScheduleFreeOptimizer:
     "Schedule-Free SGD as `schedulefree.SGDScheduleFree` (`momentum=mom`, `weight_decay=wd`); call `train()`/`eval()`."
     _no_compile('ScheduleFreeSGD', fused, compiled)
-    return ScheduleFreeOptimizer(params, [schedule_free_sgd_step], lr=lr, mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True),
+    return ScheduleFreeOptimizer(params, [schedule_free_weight, schedule_free_sgd_step], lr=lr, mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True),
                                  wd=wd, warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
 ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _SF_DOC
 
@@ -203,9 +187,10 @@ ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _
 def _p0(p, slice_p, memory_format=None):
     return p.flatten()[::slice_p].detach().clone() if p.any() else torch.tensor(0, device=p.device, dtype=p.dtype)
 
-@contract(writes='grad_avg sqr_avg s p0', hypers='mom sqr_mom slice_p safeguard_warmup')
-def prodigy_stats(grp, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_warmup=False, **_):
+@contract(writes='grad_avg sqr_avg s p0', hypers='lr mom sqr_mom slice_p safeguard_warmup')
+def prodigy_stats(grp, lr, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_warmup=False, **_):
     "Prodigy's first pass on a group: the EMAs (scaled by `d`), the sum `s` and this group's part of d's numerator and denominator."
+    if lr <= 0: return   # a group at lr 0 adds nothing to d, as in the reference
     slice_p = int(slice_p)   # hypers are stored as floats
     zeros = lambda p, memory_format=None: torch.zeros_like(p.flatten()[::slice_p])
     s, p0, sq = grp.state('s', zeros), grp.state('p0', partial(_p0, slice_p=slice_p)), grp.state('sqr_avg')
@@ -222,6 +207,37 @@ def prodigy_stats(grp, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_war
     torch._foreach_add_(s, gs, alpha=(d/d0) * (d if safeguard_warmup else dlr))
     den = torch.stack([x.abs().sum() for x in s]).double().sum()
     return num, den
+
+@stage('hyper')
+def prodigy_sizes(opt, g:dict, hyper:dict) -> dict:
+    "Prodigy's hyper stage: the step sizes from the one `d` (kept in every group; group 0's read) and the largest lr."
+    g0 = opt.param_groups[0]
+    mom, sqr_mom, k, d = g0['mom'], g0['sqr_mom'], g0['k'], g0['d']
+    bc = ((1 - sqr_mom**(k+1))**0.5) / (1 - mom**(k+1)) if g0['use_bias_correction'] else 1
+    beta3 = g0['beta3'] if g0.get('beta3') is not None else math.sqrt(sqr_mom)
+    return dict(d=d, d0=g['d0'], dlr=d*max(x['lr'] for x in opt.param_groups)*bc, beta3=beta3, bc=bc)
+
+@stage('reduce')
+def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list[dict]|None:
+    "Prodigy's reduce stage: the new `d` from the groups' (and, `fsdp_in_use`, the ranks') sums; each group's step size."
+    num, den = 0., 0.
+    for n, m in outs: num, den = num + n, den + m
+    num, den = float(num), float(den)   # one sync per step
+    if fsdp_in_use:
+        t = torch.tensor([num, den], dtype=torch.float64, device=opt.param_groups[0]['params'][0].device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        num, den = t.tolist()
+    elif den == 0: return None   # no gradient yet: nothing learnt about d (as the reference)
+    g0, lr = opt.param_groups[0], max(g['lr'] for g in opt.param_groups)
+    d = d_hat = d_old = g0['d']
+    d_max, d_numerator = g0['d_max'], g0['d_numerator'] * hypers[0]['beta3'] + num
+    if lr > 0:
+        d_hat = g0['d_coef'] * d_numerator / den
+        if d == g0['d0']: d = max(d, d_hat)
+        d_max = max(d_max, d_hat)
+        d = min(d_max, d * g0['growth_rate']) if g0['growth_rate'] is not None else d_max
+    for g in opt.param_groups: _set_keys(g, d_numerator=d_numerator, d=d, d_max=d_max, k=g['k'] + 1)
+    return [dict(d=d, dlr=d_old*h['lr']*h['bc']) for h in hypers]   # the step size is the one d had before this update
 
 @contract(reads='sqr_avg', hypers='mom eps wd')
 def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, **_):
@@ -242,8 +258,8 @@ class ProdigyOptimizer(Optimizer):
     _keys = ('d', 'd_max', 'd_numerator', 'k')
     def __init__(self, params, decouple=True, fsdp_in_use=False, **defaults):
         self.decouple, self.fsdp_in_use = bool(decouple), bool(fsdp_in_use)
-        cbs = [prodigy_stats, partial(prodigy_step, decouple=self.decouple)]
-        if not self.decouple: cbs.insert(0, l2_reg)
+        cbs = [prodigy_sizes, *([] if self.decouple else [l2_reg]), prodigy_stats, partial(prodigy_d, fsdp_in_use=self.fsdp_in_use),
+               partial(prodigy_step, decouple=self.decouple)]
         super().__init__(params, cbs, fused=False, compiled=False, **defaults)
         if any(isinstance(p, DTensor) for g in self.param_groups for p in g['params']):
             raise ValueError("Prodigy does not take sharded DTensor params (FSDP2) yet: its dot products would need the whole "
@@ -261,57 +277,6 @@ class ProdigyOptimizer(Optimizer):
     @property
     def d(self) -> float: return self.param_groups[0]['d']
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad(): loss = closure()
-        self._chains_checked()
-        g0 = self.param_groups[0]
-        mom, sqr_mom = g0['mom'], g0['sqr_mom']
-        beta3 = g0['beta3'] if g0.get('beta3') is not None else math.sqrt(sqr_mom)
-        k, d, d_max, d0 = g0['k'], g0['d'], g0['d_max'], g0['d0']
-        lr = max(g['lr'] for g in self.param_groups)
-        bc = ((1 - sqr_mom**(k+1))**0.5) / (1 - mom**(k+1)) if g0['use_bias_correction'] else 1
-        dlr = d*lr*bc
-        stat_cbs, step_cbs = self.cbs[:-1], self.cbs[-1:]
-        views, num, den = [], 0., 0.
-        for g in self.param_groups:
-            hyper = {**self._group_hypers(g), 'd': d, 'd0': g['d0'], 'dlr': dlr, 'beta3': beta3}
-            for grp in _views(g, self.state):
-                work = self.precision.enter(grp)   # both passes on one working view (16-bit params, low-precision state)
-                views.append((g, grp, work))
-                if g['lr'] <= 0: continue
-                for cb in stat_cbs:
-                    out = cb(work, **hyper)
-                    if out is not None: num, den = num + out[0], den + out[1]
-        num, den = float(num), float(den)   # one sync per step
-        if self.fsdp_in_use:
-            t = torch.tensor([num, den], dtype=torch.float64, device=self._device())
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            num, den = t.tolist()
-        elif den == 0:   # no gradient yet: nothing learnt about d (as the reference)
-            for _, grp, work in views:
-                if work is not grp: self.precision.exit(work, grp)
-            return loss
-        d_numerator = g0['d_numerator'] * beta3 + num
-        d_hat = d_old = d
-        if lr > 0:
-            d_hat = g0['d_coef'] * d_numerator / den
-            if d == d0: d = max(d, d_hat)
-            d_max = max(d_max, d_hat)
-            d = min(d_max, d * g0['growth_rate']) if g0['growth_rate'] is not None else d_max
-        for g in self.param_groups: _set_keys(g, d_numerator=d_numerator, d=d, d_max=d_max, k=g['k'] + 1)
-        for g, grp, work in views:   # the step size is the one d had before this update, as the reference's
-            hyper = {**self._group_hypers(g), 'd': d, 'dlr': d_old*g['lr']*bc}
-            for cb in step_cbs: cb(work, **hyper)
-            if work is not grp: self.precision.exit(work, grp)
-        return loss
-
-    def step_params(self, params):
-        raise ValueError("Prodigy cannot step one param at a time (gradient release): its `d` comes from sums over all params of a step")
-
-    def _device(self): return self.param_groups[0]['params'][0].device
 
 # %% ../nbs/01b_lr_free.ipynb #c018
 @torch_names

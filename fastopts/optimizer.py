@@ -20,71 +20,13 @@ from .hypers import _NEUTRAL
 from .callbacks import *
 from .callbacks import _PRODUCERS, _unwrap, _pick, _local, _device_dtype_groups, _group_view, _is_t, _maybe_nonzero, _sqrt, _add_, _added, _lerped, _addcmul_, _addcdiv_, _per_tensor, _full_norms
 from .fused import *
+from .chain import *
+from .chain import _cb_defaults, _check_fused, _check_compiled, _check_compilable
 from .torch_state import *
 
 # %% auto #0
-__all__ = ['PRECISION_CHUNK', 'RUN_OPTIONS', 'Chain', 'Optimizer', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW',
-           'RAdam', 'Lamb', 'Lion']
-
-# %% ../nbs/01_optimizer.ipynb #84fbf92f
-class Chain:
-    "A list of callbacks and what a step derives from it: its hypers, roles, fused kernel and compiled code."
-    def __init__(self,
-        cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order
-        fused:bool|None=None, # None: the fused kernel where one computes the chain; False: the callbacks; True: insist
-        compiled:dict|None=None # `torch.compile` keywords (None: run the callbacks eagerly)
-    ):
-        self.cbs = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
-        self.fused, self.compiled = fused, compiled or None
-        self.refresh()
-
-    def refresh(self):
-        "Check the chain and derive what the step needs from it (again, when someone changed `cbs`)."
-        check_chain(self.cbs)
-        self.live = frozenset(h for cb in self.cbs for h in cb_hypers(cb))
-        self.roles = tuple(cb_role(cb) for cb in self.cbs)
-        fast = None if (self.fused is False or self.compiled) else fast_path(self.roles)
-        if self.fused and fast is None:
-            raise ValueError(f"`fused=True`, but no fused kernel computes the chain {self.names}")
-        self.fast, self._key = fast, tuple(self.cbs)
-        self._compiled_fns, self._warm = {}, {}   # a new chain: compile afresh
-        self.defaults = {}
-        for cb in self.cbs: self.defaults.update(_cb_defaults(cb))
-        self.whole = any(getattr(cb, 'needs_all_grads', False) or getattr(_unwrap(cb)[0], 'needs_all_grads', False) for cb in self.cbs)
-
-    def changed(self) -> bool:
-        "Whether `cbs` was changed since the chain was checked (then it is checked again)."
-        if tuple(self.cbs) == self._key: return False
-        self.refresh()
-        return True
-
-    @property
-    def names(self) -> list[str]: return [cb_name(c) for c in self.cbs]
-
-    def run(self, grp, hyper:dict):
-        "The callbacks, in order, on the whole (sub-)group."
-        for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
-
-    def run_compiled(self, key:tuple, grp, hyper:dict) -> bool:
-        "The compiled chain on sub-group `grp` (`key`: group index, device, dtype); False while its state is not made yet."
-        keys = self._warm.get(key)
-        if keys is None or not all(keys <= s.keys() for s in grp.states): return False
-        fn = self._compiled_fns.get(key)
-        if fn is None: fn = self._compiled_fns[key] = torch.compile(_fresh_copy(_chain_update), **self.compiled)
-        try: fn(tuple(self.cbs), grp.params, grp.grads, grp.states, grp._orig, _hyper_tensors(hyper, key[1]))
-        except torch._dynamo.exc.TorchDynamoException as e:
-            raise RuntimeError(f"`compiled`: torch.compile failed on the chain {self.names}: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0]}. Pass compiled=False to run the callbacks (compiled, a callback gets its "
-                               f"hypers as 0-d tensors)") from e
-        return True
-
-    def warmed(self, key:tuple, grp):
-        "Remember the state the callbacks made for `key`: from then on the compiled chain runs."
-        self._warm[key] = frozenset.intersection(*map(frozenset, grp.states))
-
-    def __getstate__(self): return {**self.__dict__, '_compiled_fns': {}}   # compiled code is rebuilt, not pickled
-    def __repr__(self): return f"Chain([{', '.join(self.names)}], fused={bool(self.fast)}, compiled={bool(self.compiled)})"
-
+__all__ = ['PRECISION_CHUNK', 'RUN_OPTIONS', 'Optimizer', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam',
+           'Lamb', 'Lion']
 
 # %% ../nbs/01_optimizer.ipynb #c020
 PRECISION_CHUNK = 32 * 2**20   # bytes of float32 params per working copy: the precision layer's peak stays small
@@ -117,31 +59,9 @@ def _to_groups(params) -> list[dict]:
     if isinstance(params[0], Tensor) or _is_named(params[0]): return [{'params': params}]
     return [{'params': list(g)} for g in params]
 
-def _cb_defaults(cb) -> dict:
-    f, _ = _unwrap(cb)
-    return dict(getattr(cb, 'defaults', None) or getattr(f, 'defaults', None) or {})
-
 # how a step runs, not what it computes: every optimizer takes them (the last four: `Precision`, in 01c_precision)
 RUN_OPTIONS = {'fused': None, 'compiled': False, 'kahan_sum': None, 'stochastic_round': False, 'state_dtype': None, 'seed': None}
 
-def _check_fused(fused):
-    if fused not in (None, True, False): raise ValueError(f"`fused` must be None, True or False, got {fused!r}")
-    return fused
-
-def _check_compiled(compiled, fused) -> dict:
-    "The `torch.compile` keywords `compiled` asks for ({} when off); a ValueError for anything else, or with `fused=True`."
-    if compiled is False or compiled is None: return {}
-    if compiled is True: kw = {}
-    elif isinstance(compiled, dict): kw = dict(compiled)
-    else: raise ValueError(f"`compiled` must be True, False or a dict of torch.compile keywords, got {compiled!r}")
-    if fused: raise ValueError(f"`compiled={compiled!r}` and `fused=True` ask for two different steps: pick one")
-    try: inspect.signature(torch.compile).bind(None, **kw)
-    except TypeError as e: raise ValueError(f"`compiled={compiled!r}` has a keyword torch.compile does not take: {e}") from None
-    return {'dynamic': True, **kw}
-
-def _check_compilable(params):
-    if any(isinstance(p, DTensor) for p in params):
-        raise ValueError("`compiled=True` does not take sharded (DTensor, FSDP2) parameters: compile the model, or pass compiled=False")
 
 # %% ../nbs/01_optimizer.ipynb #c021
 class Optimizer(torch.optim.Optimizer):
@@ -351,27 +271,73 @@ class Optimizer(torch.optim.Optimizer):
             if work is not grp: self.precision.exit(work, grp)
         return True
 
-    def _run_chain(self, chain:Chain, key:tuple, grp, hyper:dict) -> bool:
-        if chain.compiled and chain.run_compiled(key, grp, hyper): return True
-        chain.run(grp, hyper)
-        if chain.compiled: chain.warmed(key, grp)   # the state it made: the compiled chain runs from the next step
-        return True
+    def _run_chain(self, chain:Chain, key:tuple, grp, hyper:dict, seg:int=0) -> list:
+        "Segment `seg` of `chain` on `grp`: compiled once its state is made, else the callbacks; their answers for a reduce stage."
+        if chain.compiled:
+            outs = chain.run_compiled(key, grp, hyper, seg)
+            if outs is not None: return outs
+        outs = chain.run(grp, hyper, seg)
+        if chain.compiled: chain.warmed(key, grp, seg)   # the state it made: the compiled chain runs from the next step
+        return outs
 
-    def _step_group(self, i:int, g:dict, params:list[Tensor], hyper:dict|None=None):
-        "Step `params` of group `i` that have a gradient: the fused kernel on those it computes correctly, the chain on the rest."
+    def routed(self, i:int, g:dict, params:list[Tensor]) -> list[tuple[Chain, list[Tensor]]]:
+        "The chains that step `params` of group `i`, each with its params: the group's chain here (routing may split a group)."
+        return [(self.chain_of(g), params)]
+
+    def _parts(self, i:int, chain:Chain, params:list[Tensor]):
+        "`(key, params, grads)` of the params that have a gradient, by device and dtype (`key`: group index, device, dtype)."
         grads = [p.grad for p in params]   # read once: `p.grad` is a slow attribute, and this is the hottest path
         ps, gs = [p for p, gr in zip(params, grads) if gr is not None], [gr for gr in grads if gr is not None]
-        if not ps: return
-        chain, hyper = self.chain_of(g), self._group_hypers(g) if hyper is None else hyper
+        if not ps: return []
         if any(gr.is_sparse for gr in gs): raise ValueError("fastopts optimizers do not support sparse gradients")
-        for idx in _device_dtype_groups(ps) or [None]:
-            sub, sg = _pick(ps, idx), _pick(gs, idx)
+        return [((i, sub[0].device, sub[0].dtype), sub, _pick(gs, idx)) for idx in _device_dtype_groups(ps) or [None] for sub in [_pick(ps, idx)]]
+
+    def _step_group(self, i:int, chain:Chain, params:list[Tensor], hyper:dict):
+        "Step `params` of group `i` that have a gradient: the fused kernel on those it computes correctly, the chain on the rest."
+        for key, sub, sg in self._parts(i, chain, params):
             if chain.fast is not None:
                 fit, rest = kernel_layout(sub, self.state, sg)
                 if fit and self._run(fit, lambda grp: chain.fast(grp, **hyper), grads=None if rest else sg): sub, sg = rest, None
                 if not sub: continue
-            key = (i, sub[0].device, sub[0].dtype)
-            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper), whole=chain.whole, grads=sg)
+                key = (i, sub[0].device, sub[0].dtype)
+            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper) is not None, whole=chain.whole, grads=sg)
+
+    def _step_reduced(self, chain:Chain, parts:list[tuple]):
+        "A chain with reduce stages on all its groups at once: a segment on every group, then the stage on their answers, then the next."
+        views = [(key, hyper, grp, self.precision.enter(grp)) for i, ps, hyper in parts for key, sub, sg in self._parts(i, chain, ps)
+                 for grp in self._views(sub, sg, chain.whole)]
+        try:
+            for seg, reduce in enumerate(chain.reducers):
+                outs = [o for key, hyper, _, work in views for o in self._run_chain(chain, key, work, hyper, seg)]
+                new = reduce(self, [h for _, _, h in parts], outs)
+                if new is None: return   # the stage ends the step here
+                for (_, _, h), n in zip(parts, new): h.update(n)
+            for key, hyper, _, work in views: self._run_chain(chain, key, work, hyper, len(chain.reducers))
+        finally:
+            for _, _, grp, work in views:
+                if work is not grp: self.precision.exit(work, grp)
+
+    def _views(self, ps:list[Tensor], grads:list[Tensor], whole:bool) -> list:
+        "The `ParamGroupView`s of `ps` (one device and dtype): one, or one per `PRECISION_CHUNK` where the precision layer copies."
+        if not self.precision.applies(ps[0].dtype): return [_group_view(ps, [self.state[p] for p in ps], grads)]
+        return [_group_view(c, [self.state[p] for p in c]) for c in ([ps] if whole else _chunks(ps, PRECISION_CHUNK))]
+
+    def _drive(self, only:set|None=None):
+        "The one step: each group's chains, hyper stages first, on its params (`only`: the params of these ids, for gradient release)."
+        self._chains_checked()
+        reduced = {}   # a chain with reduce stages steps all its groups together, after the others
+        for i, g in enumerate(self.param_groups):
+            ps = g['params'] if only is None else [p for p in g['params'] if id(p) in only]
+            if not ps: continue
+            for chain, cps in self.routed(i, g, ps):
+                if only is not None and chain.per_step:
+                    raise ValueError(f"{type(self).__name__} cannot step one param at a time (gradient release): its chain's stage "
+                                     f"`{chain.per_step[0]}` works on a whole step of all params")
+                hyper = self._group_hypers(g)
+                for st in chain.hyper_stages: hyper.update(st(self, g, hyper) or {})
+                if chain.reducers: reduced.setdefault(id(chain), (chain, []))[1].append((i, cps, hyper))
+                else: self._step_group(i, chain, cps, hyper)
+        for chain, parts in reduced.values(): self._step_reduced(chain, parts)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -379,18 +345,13 @@ class Optimizer(torch.optim.Optimizer):
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
-        self._chains_checked()
-        for i, g in enumerate(self.param_groups): self._step_group(i, g, g['params'])
+        self._drive()
         return loss
 
     @torch.no_grad()
     def step_params(self, params):
         "Step only `params` (each with its group's chain and hypers), outside torch's step hooks: for gradient release."
-        want = set(map(id, params))
-        self._chains_checked()
-        for i, g in enumerate(self.param_groups):
-            ps = [p for p in g['params'] if id(p) in want]
-            if ps: self._step_group(i, g, ps)
+        self._drive(set(map(id, params)))
 
     # -- checkpoints: our own format, and torch.optim's -----------------------------------------------------
     def state_dict(self) -> dict:
@@ -556,19 +517,3 @@ def Lamb(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.) -> Optimizer:
 def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0.) -> Optimizer:
     "Lion (Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'): sign of an interpolated momentum; `mom`=beta1, `sqr_mom`=beta2."
     return Optimizer(params, [weight_decay, lion_step], lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
-
-# %% ../nbs/01_optimizer.ipynb #c050
-def _chain_update(cbs, params, grads, states, orig, hyper):
-    "One sub-group's update by the callback chain: the function `compiled` compiles."
-    grp = ParamGroupView(params, grads, states, orig)
-    for cb in cbs: grp.update(cb(grp, **hyper), cb)
-
-def _fresh_copy(f):
-    "`f` with a code object of its own, so that torch.compile keeps a separate cache (and recompile limit) for it."
-    return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-
-def _hyper_tensors(hyper:dict, device) -> dict:
-    "The numeric hypers as 0-d tensors on `device` (float64 where the device has it), the rest as they are."
-    dt = torch.float64 if device.type in ('cpu', 'cuda') else torch.float32
-    return {k: torch.tensor(float(v), dtype=dt, device=device) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
-            for k, v in hyper.items()}
