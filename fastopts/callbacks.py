@@ -15,7 +15,7 @@ except ImportError: DTensor = ()
 # %% auto #0
 __all__ = ['ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain', 'average_grad', 'average_sqr_grad',
            'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step', 'nesterov_step', 'rms_prop_step',
-           'adam_step', 'radam_step', 'lamb_step', 'lion_step']
+           'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'update_transform', 'cautious', 'negate_grad']
 
 # %% ../nbs/00b_callbacks.ipynb #c005
 class ParamGroupView:
@@ -340,3 +340,21 @@ def lion_step(grp, lr, mom, sqr_mom, **_):
     torch._foreach_sign_(upd)
     _add_(grp.params, upd, -lr)
     _lerped(avg, grp.grads, 1 - sqr_mom, inplace=True)
+
+# %% ../nbs/00b_callbacks.ipynb #u001
+def update_transform(f):
+    "Declare `f(grp, upd, **hypers)` a transformer of the update (a list, changed in place) that the stepper before it computes."
+    f.transforms_update, f.reads, f.writes, f.role, f.hypers = True, (), (), None, ()
+    return f
+
+@update_transform
+def cautious(grp, upd:list[Tensor], **_):
+    "Cautious updates (Liang et al. 2024): the update where it descends the gradient, each tensor scaled by `numel/(kept+1)`."
+    for u, g in zip(upd, grp.grads):
+        mask = (u * g < 0).to(u.dtype)   # `u` is added to p: it descends where it has the sign of -g
+        u.mul_(mask.mul_(mask.numel() / (mask.sum() + 1)))
+
+@contract(role=None)
+def negate_grad(grp, **_):
+    "torch's `maximize=True`: the callbacks after it see `-g`, and the rule climbs the loss."
+    grp.grads = torch._foreach_neg(grp.grads)

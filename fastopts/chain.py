@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
 except ImportError: DTensor = ()
-from .callbacks import ParamGroupView, check_chain, cb_name, cb_hypers, cb_role, _unwrap
+from .callbacks import ParamGroupView, check_chain, cb_name, cb_hypers, cb_role, _unwrap, _pick
 from .fused import fast_path
 
 # %% auto #0
-__all__ = ['stage', 'stage_of', 'Chain']
+__all__ = ['stage', 'stage_of', 'Updated', 'Chain']
 
 # %% ../nbs/00e_chain.ipynb #h005
 def stage(kind:str):
@@ -30,6 +30,37 @@ def stage(kind:str):
 def stage_of(cb) -> str|None:
     "The stage a chain entry is (`'hyper'`, `'reduce'`), or None for a callback."
     return getattr(_unwrap(cb)[0], 'stage', None)
+
+# %% ../nbs/00e_chain.ipynb #h005b
+def _is_transform(cb) -> bool: return getattr(_unwrap(cb)[0], 'transforms_update', False)
+
+class Updated:
+    "A stepper whose update goes to a buffer, is changed by update transformers, then is applied to the params."
+    def __init__(self, step, transforms:list): self.step, self.transforms = step, list(transforms)
+
+    @classmethod
+    def of(cls, before:list, t):
+        "`t` after the chain entries `before` (the last of which it transforms); a ValueError naming what it cannot follow."
+        if not before: raise ValueError(f"`{cb_name(t)}` transforms the update of the stepper before it, but nothing comes before it")
+        prev = before[-1]
+        if isinstance(prev, Updated): return cls(prev.step, prev.transforms + [t])
+        if not getattr(_unwrap(prev)[0], 'makes_update', True):
+            raise ValueError(f"`{cb_name(t)}` cannot follow `{cb_name(prev)}`: its step is not one update of the params")
+        return cls(prev, [t])
+
+    def __call__(self, grp, **hyper):
+        ps = grp.params
+        grp.params = [p.clone() for p in ps]   # the stepper reads the params it steps (weight decay, trust ratios)
+        try: out = self.step(grp, **hyper)
+        finally: work, grp.params = grp.params, ps
+        upd = torch._foreach_sub(work, ps)
+        for t in self.transforms: t(grp, upd, **hyper)
+        torch._foreach_add_(ps, upd)
+        return out
+
+    @property
+    def __name__(self): return '+'.join(cb_name(c) for c in [self.step, *self.transforms])
+    def __repr__(self): return f"Updated({self.__name__})"
 
 # %% ../nbs/00e_chain.ipynb #h007
 def _cb_defaults(cb) -> dict:
@@ -59,6 +90,7 @@ class Chain:
         for cb in self.cbs:
             s = stage_of(cb)
             if s == 'reduce': self.reducers.append(cb); self.segments.append([])
+            elif _is_transform(cb): self.segments[-1][-1:] = [Updated.of(self.segments[-1][-1:], cb)]
             elif s is None: self.segments[-1].append(cb)
         fast = None if (self.fused is False or self.compiled) else fast_path(self.roles)
         if self.fused and fast is None:

@@ -93,11 +93,13 @@ def schedule_free_adam_step(grp, lr, mom, sqr_mom, eps, wd, ckp1, **_):
     torch._foreach_add_(denom, eps)
     _sf_update(grp, _plus_wd(grp, torch._foreach_div(grp.grads, denom), wd), lr, mom, ckp1)
 schedule_free_adam_step.defaults = dict(eps=1e-8)
+schedule_free_adam_step.makes_update = False   # it moves y and z: no one update for a transformer (`cautious`)
 
 @contract(writes='z y_mom', hypers='lr mom wd')
 def schedule_free_sgd_step(grp, lr, mom, wd, ckp1, **_):
     "Schedule-Free SGD's step: the gradient plus `wd·y` moves `z` and `y`."
     _sf_update(grp, _plus_wd(grp, grp.grads, wd), lr, mom, ckp1)   # the grads are read, not written
+schedule_free_sgd_step.makes_update = False
 
 # %% ../nbs/01b_lr_free.ipynb #c009
 class ScheduleFreeOptimizer(Optimizer):
@@ -355,22 +357,30 @@ def average_slow_grad(grp, mom, beta3, beta3_warmup=None, **_):
         torch._foreach_mul_(m_, b)
         torch._foreach_add_(m_, _pick(grp.grads, idx), alpha=1 - b)
 
+def _masked(v:Tensor, g:Tensor) -> Tensor:
+    "`v` where it has the gradient's sign, scaled by `numel/(kept+1)` (Liang et al. 2024, as `pytorch_optimizer`'s `apply_cautious`)."
+    mask = (v * g > 0).to(v.dtype)
+    return v * mask.mul_(mask.numel() / (mask.sum() + 1))
+
 @contract(reads='grad_avg slow_avg sqr_avg step', hypers='lr mom sqr_mom eps alpha_mix alpha_warmup')
-def ademamix_step(grp, lr, mom, sqr_mom, eps, alpha_mix, alpha_warmup=None, **_):
-    "AdEMAMix's step: `p -= lr·(V/(1-mom^t) + alpha·M)/(sqrt(S)/sqrt(1-sqr_mom^t) + eps)`."
+def ademamix_step(grp, lr, mom, sqr_mom, eps, alpha_mix, alpha_warmup=None, cautious=False, **_):
+    "AdEMAMix's step: `p -= lr·(V/(1-mom^t) + alpha·M)/(sqrt(S)/sqrt(1-sqr_mom^t) + eps)`; `cautious`: V masked as `pytorch_optimizer` does."
     for t, idx in _by_step(grp.steps):
         denom = torch._foreach_sqrt(_pick(grp.state('sqr_avg'), idx))
         torch._foreach_div_(denom, math.sqrt(1 - sqr_mom**t))
         torch._foreach_add_(denom, eps)
-        upd = torch._foreach_div(_pick(grp.state('grad_avg'), idx), 1 - mom**t)
+        avg = _pick(grp.state('grad_avg'), idx)
+        if cautious: avg = [_masked(v, g) for v, g in zip(avg, _pick(grp.grads, idx))]
+        upd = torch._foreach_div(avg, 1 - mom**t)
         torch._foreach_add_(upd, _pick(grp.state('slow_avg'), idx), alpha=_alpha_at(t, alpha_mix, alpha_warmup))
         torch._foreach_div_(upd, denom)
         torch._foreach_add_(_pick(grp.params, idx), upd, alpha=-lr)
 
 @torch_names
 def AdEMAMix(params, lr=1e-3, mom=0.9, sqr_mom=0.999, beta3=0.9999, alpha=2.0, beta3_warmup=None, alpha_warmup=None, eps=1e-8,
-             wd=0., betas=None, fused=None, compiled=False) -> Optimizer:
-    "AdEMAMix as the authors' code (`betas=(mom, sqr_mom, beta3)`, `alpha`, `beta3_warmup`, `alpha_warmup`, `weight_decay=wd`)."
+             wd=0., betas=None, cautious=False, fused=None, compiled=False) -> Optimizer:
+    """AdEMAMix as the authors' code (`betas=(mom, sqr_mom, beta3)`, `alpha`, `beta3_warmup`, `alpha_warmup`, `weight_decay=wd`).
+    `cautious=True` is `pytorch_optimizer`'s: the fast EMA is masked where its sign disagrees with the gradient's (the slow one is not)."""
     _no_compile('AdEMAMix', fused, compiled)
     if betas is not None:
         if isinstance(betas, str) or not hasattr(betas, '__len__') or len(betas) != 3:
@@ -378,7 +388,7 @@ def AdEMAMix(params, lr=1e-3, mom=0.9, sqr_mom=0.999, beta3=0.9999, alpha=2.0, b
         mom, sqr_mom, beta3 = betas
     for n, v in (('beta3_warmup', beta3_warmup), ('alpha_warmup', alpha_warmup)):
         if v is not None: check_int(n, v, 1)
-    cbs = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, average_slow_grad, ademamix_step]
+    cbs = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, average_slow_grad, partial(ademamix_step, cautious=True) if cautious else ademamix_step]
     return Optimizer(params, cbs, lr=lr, mom=check_range('mom', mom, 0, 1, hi_open=True),
                      sqr_mom=check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True), beta3=check_range('beta3', beta3, 0, 1, hi_open=True),
                      alpha_mix=check_range('alpha', alpha, 0), beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps, wd=wd)
