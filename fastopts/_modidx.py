@@ -581,7 +581,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'fastopts.lr_free._default_clip': ('lr_free.html#_default_clip', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._masked': ('lr_free.html#_masked', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._needs_callback': ('lr_free.html#_needs_callback', 'fastopts/lr_free.py'),
-                                  'fastopts.lr_free._no_compile': ('lr_free.html#_no_compile', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._p0': ('lr_free.html#_p0', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._plus_wd': ('lr_free.html#_plus_wd', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._set_keys': ('lr_free.html#_set_keys', 'fastopts/lr_free.py'),

@@ -34,9 +34,6 @@ def _by_step(steps:list[int]):
     if len(ts) == 1: yield ts[0], None; return
     for t in ts: yield t, [i for i, s in enumerate(steps) if s == t]
 
-def _no_compile(name, fused, compiled):
-    if compiled: raise ValueError(f"`compiled={compiled!r}`: {name} takes the keyword `compiled` only as False (it has no compiled step yet)")
-    if fused: raise ValueError(f"`fused={fused!r}`: no fused kernel computes {name}; pass fused=None")
 
 # %% ../nbs/01b_lr_free.ipynb #c007
 def _sf_weight(g:dict) -> tuple[float, float]:
@@ -107,7 +104,7 @@ class ScheduleFreeOptimizer(Optimizer):
     needs_mode_callback = True   # a Learner adds `ScheduleFreeCallback`
     _sf_keys = dict(k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
     def __init__(self, params, cbs, **defaults):
-        super().__init__(params, cbs, fused=False, compiled=False, **defaults)
+        super().__init__(params, cbs, fused=False, **defaults)
         self.train_mode = False   # as the reference: call `train()` before the first step
         for g in self.param_groups: _set_keys(g, **{k: g.get(k, v) for k, v in self._sf_keys.items()})
 
@@ -169,18 +166,15 @@ def set_schedule_free_mode(opt, train:bool):
 _SF_DOC = "`warmup_steps`: linear lr warmup; `r`, `weight_lr_power`: the average's weights `t^r·lr_max^weight_lr_power`."
 
 @torch_names
-def ScheduleFreeAdamW(params, lr=0.0025, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., warmup_steps=0, r=0., weight_lr_power=2.,
-                      fused=None, compiled=False) -> ScheduleFreeOptimizer:
+def ScheduleFreeAdamW(params, lr=0.0025, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., warmup_steps=0, r=0., weight_lr_power=2.) -> ScheduleFreeOptimizer:
     "Schedule-Free AdamW as `schedulefree.AdamWScheduleFree` (`betas=(mom, sqr_mom)`, `weight_decay=wd`); call `train()`/`eval()`."
-    _no_compile('ScheduleFreeAdamW', fused, compiled)
     return ScheduleFreeOptimizer(params, [schedule_free_weight, average_sqr_grad, step_stat, schedule_free_adam_step], lr=lr,
                                  mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True), sqr_mom=sqr_mom, eps=eps, wd=wd,
                                  warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
 
 @torch_names
-def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight_lr_power=2., fused=None, compiled=False) -> ScheduleFreeOptimizer:
+def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight_lr_power=2.) -> ScheduleFreeOptimizer:
     "Schedule-Free SGD as `schedulefree.SGDScheduleFree` (`momentum=mom`, `weight_decay=wd`); call `train()`/`eval()`."
-    _no_compile('ScheduleFreeSGD', fused, compiled)
     return ScheduleFreeOptimizer(params, [schedule_free_weight, schedule_free_sgd_step], lr=lr, mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True),
                                  wd=wd, warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
 ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _SF_DOC
@@ -262,7 +256,7 @@ class ProdigyOptimizer(Optimizer):
         self.decouple, self.fsdp_in_use = bool(decouple), bool(fsdp_in_use)
         cbs = [prodigy_sizes, *([] if self.decouple else [l2_reg]), prodigy_stats, partial(prodigy_d, fsdp_in_use=self.fsdp_in_use),
                partial(prodigy_step, decouple=self.decouple)]
-        super().__init__(params, cbs, fused=False, compiled=False, **defaults)
+        super().__init__(params, cbs, fused=False, **defaults)
         if any(isinstance(p, DTensor) for g in self.param_groups for p in g['params']):
             raise ValueError("Prodigy does not take sharded DTensor params (FSDP2) yet: its dot products would need the whole "
                              "tensors; under ZeroRedundancyOptimizer pass fsdp_in_use=True")
@@ -283,10 +277,8 @@ class ProdigyOptimizer(Optimizer):
 # %% ../nbs/01b_lr_free.ipynb #c018
 @torch_names
 def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0., decouple=True, use_bias_correction=False,
-            safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float('inf'), fsdp_in_use=False, slice_p=1,
-            fused=None, compiled=False) -> ProdigyOptimizer:
+            safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float('inf'), fsdp_in_use=False, slice_p=1) -> ProdigyOptimizer:
     "Prodigy as `prodigyopt.Prodigy` 1.1.2 (`betas=(mom, sqr_mom)`, `weight_decay=wd`); `lr` multiplies the estimated step `d`."
-    _no_compile('Prodigy', fused, compiled)
     check_range('lr', lr, 0, lo_open=True); check_range('d0', d0, 0, lo_open=True); check_range('eps', eps, 0, lo_open=True)
     if beta3 is not None: check_range('beta3', beta3, 0, 1)
     gr = float(growth_rate)
@@ -325,10 +317,8 @@ def adopt_step(grp, lr, mom, sqr_mom, eps, wd=0., clip_lambda=_default_clip, dec
         torch._foreach_addcmul_(sq, gs, gs, value=1 - sqr_mom)
 
 @torch_names
-def ADOPT(params, lr=1e-3, mom=0.9, sqr_mom=0.9999, eps=1e-6, clip_lambda=_default_clip, wd=0., decouple=False,
-          fused=None, compiled=False) -> Optimizer:
+def ADOPT(params, lr=1e-3, mom=0.9, sqr_mom=0.9999, eps=1e-6, clip_lambda=_default_clip, wd=0., decouple=False) -> Optimizer:
     "ADOPT as `adopt.ADOPT` (torch-adopt 0.1.0: `betas=(mom, sqr_mom)`, `weight_decay=wd`, `decouple`, `clip_lambda(step)`)."
-    _no_compile('ADOPT', fused, compiled)
     if clip_lambda is not None and not callable(clip_lambda): raise ValueError(f"`clip_lambda` must be a function of the step or None, got {clip_lambda!r}")
     cbs = [step_stat, partial(adopt_step, clip_lambda=clip_lambda, decouple=bool(decouple))]
     if not decouple: cbs.insert(0, l2_reg)
@@ -378,10 +368,9 @@ def ademamix_step(grp, lr, mom, sqr_mom, eps, alpha_mix, alpha_warmup=None, caut
 
 @torch_names
 def AdEMAMix(params, lr=1e-3, mom=0.9, sqr_mom=0.999, beta3=0.9999, alpha=2.0, beta3_warmup=None, alpha_warmup=None, eps=1e-8,
-             wd=0., betas=None, cautious=False, fused=None, compiled=False) -> Optimizer:
+             wd=0., betas=None, cautious=False) -> Optimizer:
     """AdEMAMix as the authors' code (`betas=(mom, sqr_mom, beta3)`, `alpha`, `beta3_warmup`, `alpha_warmup`, `weight_decay=wd`).
     `cautious=True` is `pytorch_optimizer`'s: the fast EMA is masked where its sign disagrees with the gradient's (the slow one is not)."""
-    _no_compile('AdEMAMix', fused, compiled)
     if betas is not None:
         if isinstance(betas, str) or not hasattr(betas, '__len__') or len(betas) != 3:
             raise ValueError(f"`betas` must be three numbers (mom, sqr_mom, beta3), got {betas!r}")

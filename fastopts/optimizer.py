@@ -323,6 +323,7 @@ class Optimizer(torch.optim.Optimizer):
         if not self.precision.applies(ps[0].dtype): return [_group_view(ps, [self.state[p] for p in ps], grads)]
         return [_group_view(c, [self.state[p] for p in c]) for c in ([ps] if whole else _chunks(ps, PRECISION_CHUNK))]
 
+    @torch.compiler.disable   # `torch.compile(opt.step)`: the driver runs eagerly (see below), `compiled=True` compiles the chains
     def _drive(self, only:set|None=None):
         "The one step: each group's chains, hyper stages first, on its params (`only`: the params of these ids, for gradient release)."
         self._chains_checked()
