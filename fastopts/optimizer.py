@@ -282,7 +282,7 @@ class Optimizer(torch.optim.Optimizer):
         return outs
 
     def routed(self, i:int, g:dict, params:list[Tensor]) -> list[tuple[Chain, list[Tensor]]]:
-        "The chains that step `params` of group `i`, each with its params: the group's chain here (routing may split a group)."
+        "The chains that run `params` of group `i`, each with its share (here: the group's chain, all of them; a router splits them by parameter)."
         return [(self.chain_of(g), params)]
 
     def _parts(self, i:int, chain:Chain, params:list[Tensor]):

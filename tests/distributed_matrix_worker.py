@@ -28,7 +28,11 @@ def reference(name, steps=STEPS, world=2):
     SOAP magnify the last bits in which that mean differs from the whole batch's gradient: after 5 steps 2.3e-6 and
     2.4e-5 apart, Adafactor 1.5e-8.)"""
     make, kw = optimizers()[name]
-    m = model(**kw); opt = make(list(m.parameters()))
+    m = model(**kw)
+    return mean_grad_fit(m, make(list(m.parameters())), steps, world)
+
+def mean_grad_fit(m, opt, steps, world) -> list:
+    "`steps` of `opt` on `m` with the whole batch, its gradient the mean of the `world` slices' gradients; the params."
     x, y = data()
     per = N_ROWS // world
     for _ in range(steps):
@@ -48,9 +52,8 @@ def train(mode, name, rank, world, steps=STEPS):
     elif mode == 'zero':
         from torch.distributed.optim import ZeroRedundancyOptimizer
         net = torch.nn.parallel.DistributedDataParallel(m)
-        from fastopts.matrix import muon_groups   # ZeRO's groups must be the local optimizers': Muon's split, for every rule alike
-        opt = ZeroRedundancyOptimizer(muon_groups(list(net.parameters()), adamw_lr_ratio=0.1) if name.startswith('muon') else list(net.parameters()),
-                                      optimizer_class=lambda ps, **kw: make(ps))
+        # the model's params as they are: each rank's optimizer keeps ZeRO's groups (Muon routes inside them)
+        opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=lambda ps, **kw: make(ps))
     elif mode == 'fsdp2':
         from torch.distributed.fsdp import fully_shard
         for layer in m:

@@ -312,7 +312,7 @@ def test_hybrid_routes_and_equals_torch_muon_plus_adamw():
     assert routes == [('0.weight', (4, 1, 3, 3), 'muon'), ('0.bias', (4,), 'adamw'), ('1.weight', (4,), 'adamw'), ('1.bias', (4,), 'adamw'),
                       ('3.weight', (6, 4, 3, 3), 'muon'), ('3.bias', (6,), 'adamw'), ('7.weight', (3, 6), 'adamw'), ('7.bias', (3,), 'adamw')]
     ours = Muon(m1.named_parameters(), lr=0.02, adamw='7.', adamw_lr_ratio=0.1, adamw_mom=0.8, adamw_sqr_mom=0.95, adamw_eps=1e-10, adamw_wd=0.05)
-    assert [g['chain'] for g in ours.param_groups] == ['muon', 'adamw']
+    assert len(ours.param_groups) == 1 and [ours.routes[p] for p in m1.parameters()] == [r for _, _, r in routes]   # the user's one group
     ps2 = dict(m2.named_parameters())
     mats = [torch.nn.Parameter(ps2[n].detach().reshape(s[0], -1).clone()) for n, s, r in routes if r == 'muon']
     rest = [ps2[n] for n, s, r in routes if r == 'adamw']
@@ -335,11 +335,11 @@ def test_hybrid_routes_and_equals_torch_muon_plus_adamw():
 
 def test_hybrid_lr_ratio_default_follows_adjust_lr_fn():
     ps = make([(4, 6), (4,)])
-    assert Muon(ps).param_groups[1]['lr_ratio'] == 0.015
-    assert Muon(ps, adjust_lr_fn='match_rms_adamw').param_groups[1]['lr_ratio'] == 1.0
+    assert Muon(ps).param_groups[0]['adamw_lr_ratio'] == 0.015
+    assert Muon(ps, adjust_lr_fn='match_rms_adamw').param_groups[0]['adamw_lr_ratio'] == 1.0
 
-def test_muon_groups_under_zero_keep_their_chains():
-    "Groups that already name a chain (ZeroRedundancyOptimizer hands each rank its share of `muon_groups`) stay as they are, empty ones too."
+def test_muon_groups_route_whole_groups():
+    "Groups that already name a chain (a user who routes whole groups, e.g. with `muon_groups`) stay as they are, empty ones too."
     from fastopts.matrix import muon_groups
     ps = make([(4, 6), (4,), (3, 4)])
     gs = muon_groups([ps[:2], ps[2:]], adamw_lr_ratio=0.1)
@@ -347,7 +347,7 @@ def test_muon_groups_under_zero_keep_their_chains():
     share = [{**g, 'params': g['params'] if i != 0 else []} for i, g in enumerate(gs)]
     opt = Muon(share)
     assert [(g['chain'], len(g['params'])) for g in opt.param_groups] == [('muon', 0), ('adamw', 1), ('muon', 1)]
-    assert opt.param_groups[1]['lr_ratio'] == 0.1
+    assert opt.param_groups[1]['adamw_lr_ratio'] == 0.1
 
 @pytest.mark.slow   # inductor compiles the chains (~40 s on CPU)
 @pytest.mark.parametrize('fac,kw', [(Muon, dict(ns_dtype=torch.float32)), (Muon, {}), (Adafactor, {})], ids=['muon', 'muon_bf16', 'adafactor'])
