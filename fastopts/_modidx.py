@@ -243,6 +243,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'fastopts.chain._fresh_copy': ('chain.html#_fresh_copy', 'fastopts/chain.py'),
                                 'fastopts.chain._hyper_tensors': ('chain.html#_hyper_tensors', 'fastopts/chain.py'),
                                 'fastopts.chain._is_transform': ('chain.html#_is_transform', 'fastopts/chain.py'),
+                                'fastopts.chain._kinds': ('chain.html#_kinds', 'fastopts/chain.py'),
                                 'fastopts.chain._needs_all_grads': ('chain.html#_needs_all_grads', 'fastopts/chain.py'),
                                 'fastopts.chain._run_cbs': ('chain.html#_run_cbs', 'fastopts/chain.py'),
                                 'fastopts.chain.stage': ('chain.html#stage', 'fastopts/chain.py'),

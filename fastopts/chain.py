@@ -69,6 +69,12 @@ def _cb_defaults(cb) -> dict:
 
 def _needs_all_grads(cb) -> bool: return getattr(cb, 'needs_all_grads', False) or getattr(_unwrap(cb)[0], 'needs_all_grads', False)
 
+def _kinds(cb) -> dict:
+    "The kinds of the state `cb` writes (`contract`), through partials and wrappers that keep the callback as `.cb`."
+    f = _unwrap(cb)[0]
+    k = getattr(f, 'kinds', None)
+    return dict(k) if k is not None else _kinds(f.cb) if hasattr(f, 'cb') else {}
+
 class Chain:
     "A list of callbacks (and stages) and what a step derives from it: its hypers, roles, segments, fused kernel and compiled code."
     def __init__(self,
@@ -99,6 +105,7 @@ class Chain:
         self._compiled_fns, self._warm = {}, {}   # a new chain: compile afresh
         self.defaults = {}
         for cb in self.cbs: self.defaults.update(_cb_defaults(cb))
+        self.kinds = {k: v for cb in self.cbs for k, v in _kinds(cb).items()}   # state -> kind (`contract`): the precision layer reads it
         self.whole = any(_needs_all_grads(cb) for cb in self.cbs if stage_of(cb) is None)   # one working copy of a group
         self.per_step = [cb_name(cb) for cb in self.cbs if stage_of(cb) is not None]   # stages: whole steps only
 

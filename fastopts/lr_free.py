@@ -82,7 +82,7 @@ def _plus_wd(grp, upd:list[Tensor], wd) -> list[Tensor]:
     return out
 
 # %% ../nbs/01b_lr_free.ipynb #c008
-@contract(reads='sqr_avg step', writes='z y_mom', hypers='lr mom sqr_mom eps wd')
+@contract(reads='sqr_avg step', writes={'z': 'iterate', 'y_mom': 'scalar'}, hypers='lr mom sqr_mom eps wd')
 def schedule_free_adam_step(grp, lr, mom, sqr_mom, eps, wd, ckp1, **_):
     "Schedule-Free AdamW's step: the gradient over `sqrt(S/(1-sqr_mom^t)) + eps`, plus `wd·y`, moves `z` and `y`."
     denom = torch._foreach_div(grp.state('sqr_avg'), [1 - sqr_mom**t for t in grp.steps])
@@ -92,7 +92,7 @@ def schedule_free_adam_step(grp, lr, mom, sqr_mom, eps, wd, ckp1, **_):
 schedule_free_adam_step.defaults = dict(eps=1e-8)
 schedule_free_adam_step.makes_update = False   # it moves y and z: no one update for a transformer (`cautious`)
 
-@contract(writes='z y_mom', hypers='lr mom wd')
+@contract(writes={'z': 'iterate', 'y_mom': 'scalar'}, hypers='lr mom wd')
 def schedule_free_sgd_step(grp, lr, mom, wd, ckp1, **_):
     "Schedule-Free SGD's step: the gradient plus `wd·y` moves `z` and `y`."
     _sf_update(grp, _plus_wd(grp, grp.grads, wd), lr, mom, ckp1)   # the grads are read, not written
@@ -183,7 +183,7 @@ ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _
 def _p0(p, slice_p, memory_format=None):
     return p.flatten()[::slice_p].detach().clone() if p.any() else torch.tensor(0, device=p.device, dtype=p.dtype)
 
-@contract(writes='grad_avg sqr_avg s p0', hypers='lr mom sqr_mom slice_p safeguard_warmup')
+@contract(writes={'grad_avg': 'moment', 'sqr_avg': 'moment', 's': 'sum', 'p0': 'iterate'}, hypers='lr mom sqr_mom slice_p safeguard_warmup')
 def prodigy_stats(grp, lr, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_warmup=False, **_):
     "Prodigy's first pass on a group: the EMAs (scaled by `d`), the sum `s` and this group's part of d's numerator and denominator."
     if lr <= 0: return   # a group at lr 0 adds nothing to d, as in the reference
@@ -235,7 +235,7 @@ def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list
     for g in opt.param_groups: _set_keys(g, d_numerator=d_numerator, d=d, d_max=d_max, k=g['k'] + 1)
     return [dict(d=d, dlr=d_old*h['lr']*h['bc']) for h in hypers]   # the step size is the one d had before this update
 
-@contract(reads='sqr_avg', hypers='mom eps wd')
+@contract(reads='sqr_avg', writes={'step': 'count'}, hypers='mom eps wd')
 def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, **_):
     "Prodigy's step: `p -= dlr·V/(sqrt(S) + d·eps)` (V the gradient times `d` when `mom`=0), decoupled decay `p -= wd·dlr·p`."
     for s in grp.states: s['step'] = s.get('step', 0) + 1
@@ -292,7 +292,7 @@ def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0.,
 # %% ../nbs/01b_lr_free.ipynb #c021
 def _default_clip(step): return step**0.25
 
-@contract(reads='step', writes='grad_avg sqr_avg', hypers='lr mom sqr_mom eps wd')
+@contract(reads='step', writes={'grad_avg': 'moment', 'sqr_avg': 'moment'}, hypers='lr mom sqr_mom eps wd')
 def adopt_step(grp, lr, mom, sqr_mom, eps, wd=0., clip_lambda=_default_clip, decouple=False, **_):
     "ADOPT's step: `m = lerp(m, clip(g/max(sqrt(S), eps)), 1-mom)`, `p -= lr·m`, then `S = sqr_mom·S + (1-sqr_mom)·g²`."
     sqs, avgs = grp.state('sqr_avg'), grp.state('grad_avg')
@@ -337,7 +337,7 @@ def _beta3_at(t, beta3, beta_start, warmup):
     a = t / float(warmup)
     return math.pow(0.5, 1/(((1.0 - a) * f(beta_start) + a * f(beta3)) + 1))
 
-@contract(reads='step', writes='slow_avg', hypers='mom beta3 beta3_warmup')
+@contract(reads='step', writes={'slow_avg': 'moment'}, hypers='mom beta3 beta3_warmup')
 def average_slow_grad(grp, mom, beta3, beta3_warmup=None, **_):
     "AdEMAMix's slow EMA `M = b3·M + (1-b3)·g` in state `slow_avg`, `b3` warmed up from `mom` over `beta3_warmup` steps."
     slow = grp.state('slow_avg')
