@@ -21,13 +21,12 @@ from .callbacks import *
 from .callbacks import _PRODUCERS, _unwrap, _pick, _local, _device_dtype_groups, _group_view, _is_t, _maybe_nonzero, _sqrt, _add_, _added, _lerped, _addcmul_, _addcdiv_, _per_tensor, _full_norms
 from .fused import *
 from .chain import *
-from .callbacks import cautious as _cautious
 from .chain import _cb_defaults, _check_fused, _check_compiled, _check_compilable
 from .torch_state import *
+from .keywords import *
 
 # %% auto #0
-__all__ = ['PRECISION_CHUNK', 'RUN_OPTIONS', 'UPDATE_OPTIONS', 'Optimizer', 'with_updates', 'torch_names', 'SGD', 'Momentum',
-           'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb', 'Lion']
+__all__ = ['PRECISION_CHUNK', 'Optimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb', 'Lion']
 
 # %% ../nbs/01_optimizer.ipynb #c020
 PRECISION_CHUNK = 32 * 2**20   # bytes of float32 params per working copy: the precision layer's peak stays small
@@ -59,9 +58,6 @@ def _to_groups(params) -> list[dict]:
     if isinstance(params[0], dict): return [dict(g) for g in params]
     if isinstance(params[0], Tensor) or _is_named(params[0]): return [{'params': params}]
     return [{'params': list(g)} for g in params]
-
-# how a step runs, not what it computes: every optimizer takes them (the last four: `Precision`, in 01c_precision)
-RUN_OPTIONS = {'fused': None, 'compiled': False, 'kahan_sum': None, 'stochastic_round': False, 'state_dtype': None, 'seed': None}
 
 
 # %% ../nbs/01_optimizer.ipynb #c021
@@ -421,69 +417,6 @@ def _group_flag(groups:list[dict], name:str, default:bool) -> bool:
     if len(vals) > 1: raise ValueError(f"param groups ask for `{name}` both True and False: fastopts builds one chain per optimizer")
     return vals.pop()
 
-def _torch_wd_in_groups(params) -> bool:
-    return isinstance(params, (list, tuple)) and any(isinstance(g, dict) and 'weight_decay' in g for g in params)
-
-UPDATE_OPTIONS = {'cautious': False, 'maximize': False}   # what every optimizer's chain takes on top of its rule
-
-def with_updates(opt:Optimizer, cautious:bool=False, maximize:bool=False) -> Optimizer:
-    "`opt` with each chain's gradient negated first (`maximize`, as torch's) and its update made `cautious` (Liang et al. 2024)."
-    for k, v in (('cautious', cautious), ('maximize', maximize)):
-        if not isinstance(v, bool): raise ValueError(f"`{k}` must be True or False, got {v!r}")
-    if not (cautious or maximize): return opt
-    def change(cbs):
-        cbs = [negate_grad, *cbs] if maximize else list(cbs)
-        if cautious:
-            try: Updated.of([cb for cb in cbs if stage_of(cb) is None], _cautious)
-            except ValueError as e: raise ValueError(f"`cautious=True` on {type(opt).__name__}: {e}") from None
-            cbs.append(_cautious)
-        return cbs
-    opt.cbs = {k: change(v) for k, v in opt.cbs.items()} if isinstance(opt.cbs, dict) else change(opt.cbs)
-    return opt
-
-def torch_names(f):
-    """Let optimizer factory `f` take torch.optim's keywords (aliases mapped to fastai's names, flags checked, the rest
-    refused by name) every run option of `RUN_OPTIONS` (passed on to the optimizer it builds, unless `f` takes it) and `cautious`, `maximize`
-    (`with_updates`)."""
-    sig = inspect.signature(f)
-    @wraps(f)
-    def _f(*args, **kw):
-        run = {k: kw.pop(k) for k in list(kw) if k in RUN_OPTIONS and k not in sig.parameters}
-        upd = {k: kw.pop(k) for k in list(kw) if k in UPDATE_OPTIONS and k not in sig.parameters}
-        given = set(sig.bind_partial(*args).arguments) | (kw.keys() & sig.parameters.keys())
-        out = {k: v for k, v in kw.items() if k in sig.parameters}
-        torch_wd = 'weight_decay' in kw or (args and _torch_wd_in_groups(args[0])) or _torch_wd_in_groups(kw.get('params'))
-        for k, v in kw.items():
-            if k in sig.parameters: continue
-            if k in TORCH_ALIASES: new = alias_values(k, v)
-            elif k == 'decoupled_weight_decay':
-                if 'decouple_wd' not in sig.parameters:
-                    if not v: raise ValueError(f"`decoupled_weight_decay=False`: {f.__name__}'s weight decay is always decoupled")
-                    continue
-                new = {'decouple_wd': bool(v)}
-            elif k in TORCH_FLAGS: check_flag(k, v); continue
-            elif k == 'nesterov':
-                if v: raise ValueError(f"`nesterov={v!r}`: {f.__name__} has no Nesterov form (SGD has)")
-                continue
-            else: raise ValueError(f"`{k}` is not a keyword of {f.__name__} (it takes {list(sig.parameters)[1:]}, torch's names for them and the run options {list(RUN_OPTIONS)})")
-            for n, x in new.items():
-                if n not in sig.parameters: raise ValueError(f"`{k}`={v!r} sets `{n}`, which {f.__name__} does not have")
-                if n in given: raise ValueError(f"both `{k}` and `{n}` given to {f.__name__}: pass one")
-                out[n] = x; given.add(n)
-        if torch_wd and 'decouple_wd' in sig.parameters and 'decouple_wd' not in given: out['decouple_wd'] = False
-        for n, v in sig.bind_partial(*args, **out).arguments.items():   # the hypers first: before `params` is looked at
-            if n not in HYPER_RANGES: continue
-            try: check_hyper(n, v)
-            except ValueError as e:
-                torch_k = next((k for k in kw if k in TORCH_ALIASES and n in TORCH_ALIASES[k]), None)
-                if torch_k is None: raise
-                raise ValueError(f"`{torch_k}={kw[torch_k]!r}`: {e}") from None
-        opt = with_updates(f(*args, **out), **upd)
-        return opt.configure(**run) if run else opt
-    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in {**UPDATE_OPTIONS, **RUN_OPTIONS}.items() if k not in sig.parameters]
-    ps = list(sig.parameters.values())
-    _f.__signature__ = sig.replace(parameters=[p for p in ps if p.kind != p.VAR_KEYWORD] + extra + [p for p in ps if p.kind == p.VAR_KEYWORD])
-    return _f
 
 # %% ../nbs/01_optimizer.ipynb #c042
 @torch_names
