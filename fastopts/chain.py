@@ -16,14 +16,15 @@ from .fused import fast_path
 __all__ = ['stage', 'stage_of', 'Updated', 'Chain']
 
 # %% ../nbs/00e_chain.ipynb #h005
-def stage(kind:str):
+def stage(kind:str, rule:str|None=None):
     """Declare `f` a stage of a chain: `'hyper'`, `f(opt, g, hyper) -> dict|None`, runs once per group and step before
     the callbacks and returns hypers for them; `'reduce'`, `f(opt, hypers, outs) -> list[dict]|None`, runs between the
     callbacks before it (on every group: `outs` is what they returned) and those after it (one dict of hypers per
-    group, None to end the step there). A stage works on whole steps: gradient release refuses it by name."""
+    group, None to end the step there). A stage works on whole steps: gradient release refuses it, naming the `rule`
+    (default: the optimizer's class) and the stage."""
     if kind not in ('hyper', 'reduce'): raise ValueError(f"`kind` must be 'hyper' or 'reduce', got {kind!r}")
     def _declare(f):
-        f.stage, f.needs_all_grads, f.hypers = kind, True, ()
+        f.stage, f.rule, f.hypers = kind, rule, ()
         return f
     return _declare
 
@@ -106,8 +107,8 @@ class Chain:
         self.defaults = {}
         for cb in self.cbs: self.defaults.update(_cb_defaults(cb))
         self.kinds = {k: v for cb in self.cbs for k, v in _kinds(cb).items()}   # state -> kind (`contract`): the precision layer reads it
-        self.whole = any(_needs_all_grads(cb) for cb in self.cbs if stage_of(cb) is None)   # one working copy of a group
-        self.per_step = [cb_name(cb) for cb in self.cbs if stage_of(cb) is not None]   # stages: whole steps only
+        self.whole = any(_needs_all_grads(cb) for cb in self.cbs)   # one working copy of a group
+        self.per_step = [cb for cb in self.cbs if stage_of(cb) is not None]   # stages: whole steps only
 
     def changed(self) -> bool:
         "Whether `cbs` was changed since the chain was checked (then it is checked again)."

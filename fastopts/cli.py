@@ -131,6 +131,9 @@ def _bench_parsers(sub):
     from fastopts.bench import memory as memory_bench
     p = bsub.add_parser('memory', help='bf16 + Kahan, int8 state, gradient release: state bytes, step time, peak memory, loss parity')
     memory_bench.add_memory_bench_args(p); p.set_defaults(run=memory_bench.memory_bench_main)
+    from fastopts.bench import dist as dist_bench
+    p = bsub.add_parser('dist', help='owner-based vs replicated Muon on gloo ranks: step time, bytes per step, Newton-Schulz work, FSDP2')
+    dist_bench.add_dist_bench_args(p); p.set_defaults(run=dist_bench.dist_bench_main)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fastopts', description='fastopts: optimizers, schedules and an LR finder for fastai')

@@ -204,7 +204,7 @@ def prodigy_stats(grp, lr, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard
     den = torch.stack([x.abs().sum() for x in s]).double().sum()
     return num, den
 
-@stage('hyper')
+@stage('hyper', rule='Prodigy')
 def prodigy_sizes(opt, g:dict, hyper:dict) -> dict:
     "Prodigy's hyper stage: the step sizes from the one `d` (kept in every group; group 0's read) and the largest lr."
     g0 = opt.param_groups[0]
@@ -213,7 +213,7 @@ def prodigy_sizes(opt, g:dict, hyper:dict) -> dict:
     beta3 = g0['beta3'] if g0.get('beta3') is not None else math.sqrt(sqr_mom)
     return dict(d=d, d0=g['d0'], dlr=d*max(x['lr'] for x in opt.param_groups)*bc, beta3=beta3, bc=bc)
 
-@stage('reduce')
+@stage('reduce', rule='Prodigy')
 def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list[dict]|None:
     "Prodigy's reduce stage: the new `d` from the groups' (and, `fsdp_in_use`, the ranks') sums; each group's step size."
     num, den = 0., 0.

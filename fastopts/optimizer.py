@@ -329,8 +329,9 @@ class Optimizer(torch.optim.Optimizer):
             if not ps: continue
             for chain, cps in self.routed(i, g, ps):
                 if only is not None and chain.per_step:
-                    raise ValueError(f"{type(self).__name__} cannot step one param at a time (gradient release): its chain's stage "
-                                     f"`{chain.per_step[0]}` works on a whole step of all params")
+                    st = chain.per_step[0]
+                    raise ValueError(f"{getattr(_unwrap(st)[0], 'rule', None) or type(self).__name__} cannot step one param at a time "
+                                     f"(gradient release): its chain's stage `{cb_name(st)}` works on a whole step of all params")
                 hyper = self._group_hypers(g)
                 for st in chain.hyper_stages: hyper.update(st(self, g, hyper) or {})
                 if chain.reducers: reduced.setdefault(id(chain), (chain, []))[1].append((i, cps, hyper))

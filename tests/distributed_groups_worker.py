@@ -57,14 +57,13 @@ def train_zero(name, rank, world, steps=STEPS) -> dict:
 
 @exits_cleanly
 def job(rank, world, init_file, out_file, names):
-    "A rank: each optimizer under ZeRO ({name: result or the exception's text}); rank 0 saves them."
+    "A rank: each optimizer under ZeRO ({name: result}); rank 0 saves them. An exception ends the job with its message (no barrier after it)."
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world, timeout=PG_TIMEOUT)
     torch.set_num_threads(1)
     res = {}
     try:
         for name in names:
             try: res[name] = train_zero(name, rank, world)
-            except Exception as e: res[name] = f'{type(e).__name__}: {e}'
-            dist.barrier()
+            except Exception as e: raise RuntimeError(f'rank {rank}, {name}: {type(e).__name__}: {e}') from e
         if rank == 0: torch.save(res, out_file)
     finally: dist.destroy_process_group()
