@@ -13,9 +13,10 @@ try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
 except ImportError: DTensor = ()
 
 # %% auto #0
-__all__ = ['ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain', 'average_grad', 'average_sqr_grad',
-           'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step', 'nesterov_step', 'rms_prop_step',
-           'adam_step', 'radam_step', 'lamb_step', 'lion_step']
+__all__ = ['STATE_KINDS', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain', 'average_grad',
+           'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step', 'nesterov_step',
+           'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'update_transform', 'cautious',
+           'negate_grad']
 
 # %% ../nbs/00b_callbacks.ipynb #c005
 class ParamGroupView:
@@ -81,10 +82,20 @@ def _group_view(ps:list[Tensor], states:list[dict], grads:list[Tensor]|None=None
 # %% ../nbs/00b_callbacks.ipynb #c007
 _PRODUCERS = {}   # state name -> the shipped callback that writes it (for the error message)
 
-def contract(reads:str='', writes:str='', hypers='', role=None):
-    "Declare the state a callback `reads` and `writes`, the `hypers` it uses and its fast-path `role` (`hypers` and `role` may be functions of a partial's keywords)."
+STATE_KINDS = ('moment', 'count', 'scalar', 'iterate', 'sum', 'factor', 'basis')   # what a written state is (see `contract`)
+
+def contract(reads:str='', writes:str|dict='', hypers='', role=None):
+    """Declare the state a callback `reads` and `writes`, the `hypers` it uses and its fast-path `role` (`hypers` and `role`
+    may be functions of a partial's keywords). `writes` as a dict also says what each state is, one of `STATE_KINDS`:
+    `moment` (an average of gradients, the param's shape: the precision layer may store it in low precision), `count`
+    (a step counter), `scalar` (a number), `iterate` (a copy of the params, as Schedule-Free's z), `sum` (an accumulated
+    sum of another shape), `factor` (a factored statistic), `basis` (a preconditioner's eigenbasis)."""
+    ws = dict(writes) if isinstance(writes, dict) else dict.fromkeys(writes.split())
+    bad = {k: v for k, v in ws.items() if v is not None and v not in STATE_KINDS}
+    if bad: raise ValueError(f"`writes` gives kinds {bad}: each must be one of {STATE_KINDS}")
     def _declare(f):
-        f.reads, f.writes, f.role = tuple(reads.split()), tuple(writes.split()), role
+        f.reads, f.writes, f.role = tuple(reads.split()), tuple(ws), role
+        f.kinds = {k: v for k, v in ws.items() if v is not None}
         f.hypers = hypers if callable(hypers) else tuple(hypers.split())
         for w in f.writes: _PRODUCERS.setdefault(w, f.__name__)
         return f
@@ -179,7 +190,7 @@ def _per_tensor(xs:list) -> list:
     return list(torch.cumsum(torch.stack([torch.zeros_like(c), c]), 0)[1].unbind())
 
 # %% ../nbs/00b_callbacks.ipynb #c026
-@contract(writes='grad_avg', hypers='mom', role=lambda dampening=False: 'ema' if dampening else 'buf')
+@contract(writes={'grad_avg': 'moment'}, hypers='mom', role=lambda dampening=False: 'ema' if dampening else 'buf')
 def average_grad(grp, mom, dampening=False, **_):
     "Moving average of the gradients in state `grad_avg`: EMA `mom*V + (1-mom)*g` with `dampening`, else `mom*V + g`."
     avg = grp.state('grad_avg')
@@ -189,7 +200,7 @@ def average_grad(grp, mom, dampening=False, **_):
         torch._foreach_add_(avg, grp.grads)
 average_grad.defaults = dict(mom=0.9)
 
-@contract(writes='sqr_avg', hypers='sqr_mom', role=lambda dampening=True: 'sqr_ema' if dampening else None)
+@contract(writes={'sqr_avg': 'moment'}, hypers='sqr_mom', role=lambda dampening=True: 'sqr_ema' if dampening else None)
 def average_sqr_grad(grp, sqr_mom, dampening=True, **_):
     "Moving average of the squared gradients in state `sqr_avg`: `sqr_mom*S + (1-sqr_mom)*g²` (or `+ g²`)."
     avg = grp.state('sqr_avg')
@@ -197,7 +208,7 @@ def average_sqr_grad(grp, sqr_mom, dampening=True, **_):
     _addcmul_(avg, grp.grads, grp.grads, 1 - sqr_mom if dampening else 1.)
 average_sqr_grad.defaults = dict(sqr_mom=0.99)
 
-@contract(writes='step', role='count')
+@contract(writes={'step': 'count'}, role='count')
 def step_stat(grp, **_):
     "Count the steps each parameter has taken, in state `step` (t in the bias corrections)."
     for s in grp.states: s['step'] = s.get('step', 0) + 1
@@ -240,7 +251,7 @@ def nesterov_step(grp, lr, mom, **_):
     "Nesterov momentum as torch writes it: `p -= lr*(g + mom*grad_avg)`."
     _add_(grp.params, _added(grp.grads, grp.state('grad_avg'), mom), -lr)
 
-@contract(reads='sqr_avg', writes='rms_buf', hypers=lambda with_mom=False: 'lr eps mom' if with_mom else 'lr eps',
+@contract(reads='sqr_avg', writes={'rms_buf': 'moment'}, hypers=lambda with_mom=False: 'lr eps mom' if with_mom else 'lr eps',
           role=lambda with_mom=False: 'rms_mom' if with_mom else 'rms')
 def rms_prop_step(grp, lr, eps, mom=0., with_mom=False, **_):
     "RMSProp: `p -= lr*g/(sqrt(S)+eps)`; `with_mom`, torch's momentum buffer `B = mom*B + g/(sqrt(S)+eps)`, `p -= lr*B`."
@@ -332,7 +343,7 @@ def lamb_step(grp, lr, mom, sqr_mom, eps, **_):
     torch._foreach_add_(grp.params, upd)
 lamb_step.defaults = dict(eps=1e-6)
 
-@contract(writes='grad_avg', hypers='lr mom sqr_mom', role='lion')
+@contract(writes={'grad_avg': 'moment'}, hypers='lr mom sqr_mom', role='lion')
 def lion_step(grp, lr, mom, sqr_mom, **_):
     "Lion (Chen et al. 2023): `p -= lr*sign(mom*V + (1-mom)*g)`, then `V = sqr_mom*V + (1-sqr_mom)*g`."
     avg = grp.state('grad_avg')
@@ -340,3 +351,21 @@ def lion_step(grp, lr, mom, sqr_mom, **_):
     torch._foreach_sign_(upd)
     _add_(grp.params, upd, -lr)
     _lerped(avg, grp.grads, 1 - sqr_mom, inplace=True)
+
+# %% ../nbs/00b_callbacks.ipynb #u001
+def update_transform(f):
+    "Declare `f(grp, upd, **hypers)` a transformer of the update (a list, changed in place) that the stepper before it computes."
+    f.transforms_update, f.reads, f.writes, f.role, f.hypers = True, (), (), None, ()
+    return f
+
+@update_transform
+def cautious(grp, upd:list[Tensor], **_):
+    "Cautious updates (Liang et al. 2024): the update where it descends the gradient, each tensor scaled by `numel/(kept+1)`."
+    for u, g in zip(upd, grp.grads):
+        mask = (u * g < 0).to(u.dtype)   # `u` is added to p: it descends where it has the sign of -g
+        u.mul_(mask.mul_(mask.numel() / (mask.sum() + 1)))
+
+@contract(role=None)
+def negate_grad(grp, **_):
+    "torch's `maximize=True`: the callbacks after it see `-g`, and the rule climbs the loss."
+    grp.grads = torch._foreach_neg(grp.grads)

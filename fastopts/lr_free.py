@@ -14,23 +14,16 @@ from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import check_range, check_int
-from .optimizer import (Optimizer, DTensor, contract, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
-                                l2_reg, _pick, _device_dtype_groups, _group_view)
+from .optimizer import (Optimizer, DTensor, contract, stage, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
+                                l2_reg, _pick)
 
 # %% auto #0
-__all__ = ['schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOptimizer', 'set_schedule_free_mode',
-           'ScheduleFreeAdamW', 'ScheduleFreeSGD', 'prodigy_stats', 'prodigy_step', 'ProdigyOptimizer', 'Prodigy',
-           'adopt_step', 'ADOPT', 'average_slow_grad', 'ademamix_step', 'AdEMAMix', 'recalibrate_bn',
-           'ScheduleFreeCallback']
+__all__ = ['schedule_free_weight', 'schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOptimizer',
+           'set_schedule_free_mode', 'ScheduleFreeAdamW', 'ScheduleFreeSGD', 'prodigy_stats', 'prodigy_sizes',
+           'prodigy_d', 'prodigy_step', 'ProdigyOptimizer', 'Prodigy', 'adopt_step', 'ADOPT', 'average_slow_grad',
+           'ademamix_step', 'AdEMAMix', 'recalibrate_bn', 'ScheduleFreeCallback']
 
 # %% ../nbs/01b_lr_free.ipynb #c005
-def _views(g:dict, state) -> list:
-    "The `ParamGroupView`s (one per device and dtype) of the params of group `g` that have a gradient."
-    ps = [p for p in g['params'] if p.grad is not None]
-    if not ps: return []
-    if any(p.grad.is_sparse for p in ps): raise ValueError("fastopts optimizers do not support sparse gradients")
-    return [_group_view(sub, [state[p] for p in sub]) for sub in (_pick(ps, idx) for idx in _device_dtype_groups(ps) or [None])]
-
 def _set_keys(g:dict, **kw):
     "Group keys that are bookkeeping, not hypers (fastai's `opt.hypers` does not show them)."
     for k, v in kw.items(): dict.__setitem__(g, k, v)
@@ -41,9 +34,6 @@ def _by_step(steps:list[int]):
     if len(ts) == 1: yield ts[0], None; return
     for t in ts: yield t, [i for i, s in enumerate(steps) if s == t]
 
-def _no_compile(name, fused, compiled):
-    if compiled: raise ValueError(f"`compiled={compiled!r}`: {name} takes the keyword `compiled` only as False (it has no compiled step yet)")
-    if fused: raise ValueError(f"`fused={fused!r}`: no fused kernel computes {name}; pass fused=None")
 
 # %% ../nbs/01b_lr_free.ipynb #c007
 def _sf_weight(g:dict) -> tuple[float, float]:
@@ -57,6 +47,16 @@ def _sf_weight(g:dict) -> tuple[float, float]:
     except ZeroDivisionError: ckp1 = 0
     _set_keys(g, k=k+1, lr_max=lr_max, weight_sum=weight_sum, scheduled_lr=lr)
     return lr, ckp1
+
+@stage('hyper')
+def schedule_free_weight(opt, g:dict, hyper:dict) -> dict:
+    "Schedule-Free's hyper stage: this step's lr and averaging weight `ckp1` for group `g` (refused in eval mode)."
+    if not getattr(opt, 'train_mode', True):
+        raise RuntimeError(f"{type(opt).__name__}.step() in eval mode: the params hold the average x, not y. Call "
+                           "`opt.train()` before training steps and `opt.eval()` before evaluating or saving (in a fastai "
+                           "Learner, `ScheduleFreeCallback` does both)")
+    lr, ckp1 = _sf_weight(g)
+    return dict(lr=lr, ckp1=ckp1)
 
 def _clone(p, memory_format=torch.preserve_format): return torch.clone(p, memory_format=memory_format).detach()
 
@@ -82,7 +82,7 @@ def _plus_wd(grp, upd:list[Tensor], wd) -> list[Tensor]:
     return out
 
 # %% ../nbs/01b_lr_free.ipynb #c008
-@contract(reads='sqr_avg step', writes='z y_mom', hypers='lr mom sqr_mom eps wd')
+@contract(reads='sqr_avg step', writes={'z': 'iterate', 'y_mom': 'scalar'}, hypers='lr mom sqr_mom eps wd')
 def schedule_free_adam_step(grp, lr, mom, sqr_mom, eps, wd, ckp1, **_):
     "Schedule-Free AdamW's step: the gradient over `sqrt(S/(1-sqr_mom^t)) + eps`, plus `wd·y`, moves `z` and `y`."
     denom = torch._foreach_div(grp.state('sqr_avg'), [1 - sqr_mom**t for t in grp.steps])
@@ -90,11 +90,13 @@ def schedule_free_adam_step(grp, lr, mom, sqr_mom, eps, wd, ckp1, **_):
     torch._foreach_add_(denom, eps)
     _sf_update(grp, _plus_wd(grp, torch._foreach_div(grp.grads, denom), wd), lr, mom, ckp1)
 schedule_free_adam_step.defaults = dict(eps=1e-8)
+schedule_free_adam_step.makes_update = False   # it moves y and z: no one update for a transformer (`cautious`)
 
-@contract(writes='z y_mom', hypers='lr mom wd')
+@contract(writes={'z': 'iterate', 'y_mom': 'scalar'}, hypers='lr mom wd')
 def schedule_free_sgd_step(grp, lr, mom, wd, ckp1, **_):
     "Schedule-Free SGD's step: the gradient plus `wd·y` moves `z` and `y`."
     _sf_update(grp, _plus_wd(grp, grp.grads, wd), lr, mom, ckp1)   # the grads are read, not written
+schedule_free_sgd_step.makes_update = False
 
 # %% ../nbs/01b_lr_free.ipynb #c009
 class ScheduleFreeOptimizer(Optimizer):
@@ -102,7 +104,7 @@ class ScheduleFreeOptimizer(Optimizer):
     needs_mode_callback = True   # a Learner adds `ScheduleFreeCallback`
     _sf_keys = dict(k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
     def __init__(self, params, cbs, **defaults):
-        super().__init__(params, cbs, fused=False, compiled=False, **defaults)
+        super().__init__(params, cbs, fused=False, **defaults)
         self.train_mode = False   # as the reference: call `train()` before the first step
         for g in self.param_groups: _set_keys(g, **{k: g.get(k, v) for k, v in self._sf_keys.items()})
 
@@ -131,25 +133,6 @@ class ScheduleFreeOptimizer(Optimizer):
         "Eval mode: the params become `x`, the average to evaluate, save and export."
         if self.train_mode: self._swap(False); self.train_mode = False
         return self
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if not self.train_mode:
-            raise RuntimeError(f"{type(self).__name__}.step() in eval mode: the params hold the average x, not y. Call "
-                               "`opt.train()` before training steps and `opt.eval()` before evaluating or saving (in a fastai "
-                               "Learner, `ScheduleFreeCallback` does both)")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad(): loss = closure()
-        self._chains_checked()
-        for i, g in enumerate(self.param_groups):
-            lr, ckp1 = _sf_weight(g)
-            self._step_group(i, g, g['params'], {**self._group_hypers(g), 'lr': lr, 'ckp1': ckp1})   # the precision layer included
-        return loss
-
-    def step_params(self, params):
-        raise ValueError(f"{type(self).__name__} cannot step one param at a time (gradient release): its weight schedule "
-                         "(`k`, `weight_sum`) advances once per step for a whole group")
 
     def state_dict(self) -> dict:
         "torch's state dict, with the mode in each group (`train_mode`), so that a checkpoint says what its params hold."
@@ -183,19 +166,16 @@ def set_schedule_free_mode(opt, train:bool):
 _SF_DOC = "`warmup_steps`: linear lr warmup; `r`, `weight_lr_power`: the average's weights `t^r·lr_max^weight_lr_power`."
 
 @torch_names
-def ScheduleFreeAdamW(params, lr=0.0025, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., warmup_steps=0, r=0., weight_lr_power=2.,
-                      fused=None, compiled=False) -> ScheduleFreeOptimizer:
+def ScheduleFreeAdamW(params, lr=0.0025, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., warmup_steps=0, r=0., weight_lr_power=2.) -> ScheduleFreeOptimizer:
     "Schedule-Free AdamW as `schedulefree.AdamWScheduleFree` (`betas=(mom, sqr_mom)`, `weight_decay=wd`); call `train()`/`eval()`."
-    _no_compile('ScheduleFreeAdamW', fused, compiled)
-    return ScheduleFreeOptimizer(params, [average_sqr_grad, step_stat, schedule_free_adam_step], lr=lr,
+    return ScheduleFreeOptimizer(params, [schedule_free_weight, average_sqr_grad, step_stat, schedule_free_adam_step], lr=lr,
                                  mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True), sqr_mom=sqr_mom, eps=eps, wd=wd,
                                  warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
 
 @torch_names
-def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight_lr_power=2., fused=None, compiled=False) -> ScheduleFreeOptimizer:
+def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight_lr_power=2.) -> ScheduleFreeOptimizer:
     "Schedule-Free SGD as `schedulefree.SGDScheduleFree` (`momentum=mom`, `weight_decay=wd`); call `train()`/`eval()`."
-    _no_compile('ScheduleFreeSGD', fused, compiled)
-    return ScheduleFreeOptimizer(params, [schedule_free_sgd_step], lr=lr, mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True),
+    return ScheduleFreeOptimizer(params, [schedule_free_weight, schedule_free_sgd_step], lr=lr, mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True),
                                  wd=wd, warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
 ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _SF_DOC
 
@@ -203,9 +183,10 @@ ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _
 def _p0(p, slice_p, memory_format=None):
     return p.flatten()[::slice_p].detach().clone() if p.any() else torch.tensor(0, device=p.device, dtype=p.dtype)
 
-@contract(writes='grad_avg sqr_avg s p0', hypers='mom sqr_mom slice_p safeguard_warmup')
-def prodigy_stats(grp, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_warmup=False, **_):
+@contract(writes={'grad_avg': 'moment', 'sqr_avg': 'moment', 's': 'sum', 'p0': 'iterate'}, hypers='lr mom sqr_mom slice_p safeguard_warmup')
+def prodigy_stats(grp, lr, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_warmup=False, **_):
     "Prodigy's first pass on a group: the EMAs (scaled by `d`), the sum `s` and this group's part of d's numerator and denominator."
+    if lr <= 0: return   # a group at lr 0 adds nothing to d, as in the reference
     slice_p = int(slice_p)   # hypers are stored as floats
     zeros = lambda p, memory_format=None: torch.zeros_like(p.flatten()[::slice_p])
     s, p0, sq = grp.state('s', zeros), grp.state('p0', partial(_p0, slice_p=slice_p)), grp.state('sqr_avg')
@@ -223,7 +204,38 @@ def prodigy_stats(grp, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_war
     den = torch.stack([x.abs().sum() for x in s]).double().sum()
     return num, den
 
-@contract(reads='sqr_avg', hypers='mom eps wd')
+@stage('hyper', rule='Prodigy')
+def prodigy_sizes(opt, g:dict, hyper:dict) -> dict:
+    "Prodigy's hyper stage: the step sizes from the one `d` (kept in every group; group 0's read) and the largest lr."
+    g0 = opt.param_groups[0]
+    mom, sqr_mom, k, d = g0['mom'], g0['sqr_mom'], g0['k'], g0['d']
+    bc = ((1 - sqr_mom**(k+1))**0.5) / (1 - mom**(k+1)) if g0['use_bias_correction'] else 1
+    beta3 = g0['beta3'] if g0.get('beta3') is not None else math.sqrt(sqr_mom)
+    return dict(d=d, d0=g['d0'], dlr=d*max(x['lr'] for x in opt.param_groups)*bc, beta3=beta3, bc=bc)
+
+@stage('reduce', rule='Prodigy')
+def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list[dict]|None:
+    "Prodigy's reduce stage: the new `d` from the groups' (and, `fsdp_in_use`, the ranks') sums; each group's step size."
+    num, den = 0., 0.
+    for n, m in outs: num, den = num + n, den + m
+    num, den = float(num), float(den)   # one sync per step
+    if fsdp_in_use:
+        t = torch.tensor([num, den], dtype=torch.float64, device=opt.param_groups[0]['params'][0].device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        num, den = t.tolist()
+    elif den == 0: return None   # no gradient yet: nothing learnt about d (as the reference)
+    g0, lr = opt.param_groups[0], max(g['lr'] for g in opt.param_groups)
+    d = d_hat = d_old = g0['d']
+    d_max, d_numerator = g0['d_max'], g0['d_numerator'] * hypers[0]['beta3'] + num
+    if lr > 0:
+        d_hat = g0['d_coef'] * d_numerator / den
+        if d == g0['d0']: d = max(d, d_hat)
+        d_max = max(d_max, d_hat)
+        d = min(d_max, d * g0['growth_rate']) if g0['growth_rate'] is not None else d_max
+    for g in opt.param_groups: _set_keys(g, d_numerator=d_numerator, d=d, d_max=d_max, k=g['k'] + 1)
+    return [dict(d=d, dlr=d_old*h['lr']*h['bc']) for h in hypers]   # the step size is the one d had before this update
+
+@contract(reads='sqr_avg', writes={'step': 'count'}, hypers='mom eps wd')
 def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, **_):
     "Prodigy's step: `p -= dlr·V/(sqrt(S) + d·eps)` (V the gradient times `d` when `mom`=0), decoupled decay `p -= wd·dlr·p`."
     for s in grp.states: s['step'] = s.get('step', 0) + 1
@@ -242,9 +254,9 @@ class ProdigyOptimizer(Optimizer):
     _keys = ('d', 'd_max', 'd_numerator', 'k')
     def __init__(self, params, decouple=True, fsdp_in_use=False, **defaults):
         self.decouple, self.fsdp_in_use = bool(decouple), bool(fsdp_in_use)
-        cbs = [prodigy_stats, partial(prodigy_step, decouple=self.decouple)]
-        if not self.decouple: cbs.insert(0, l2_reg)
-        super().__init__(params, cbs, fused=False, compiled=False, **defaults)
+        cbs = [prodigy_sizes, *([] if self.decouple else [l2_reg]), prodigy_stats, partial(prodigy_d, fsdp_in_use=self.fsdp_in_use),
+               partial(prodigy_step, decouple=self.decouple)]
+        super().__init__(params, cbs, fused=False, **defaults)
         if any(isinstance(p, DTensor) for g in self.param_groups for p in g['params']):
             raise ValueError("Prodigy does not take sharded DTensor params (FSDP2) yet: its dot products would need the whole "
                              "tensors; under ZeroRedundancyOptimizer pass fsdp_in_use=True")
@@ -261,65 +273,12 @@ class ProdigyOptimizer(Optimizer):
     @property
     def d(self) -> float: return self.param_groups[0]['d']
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad(): loss = closure()
-        self._chains_checked()
-        g0 = self.param_groups[0]
-        mom, sqr_mom = g0['mom'], g0['sqr_mom']
-        beta3 = g0['beta3'] if g0.get('beta3') is not None else math.sqrt(sqr_mom)
-        k, d, d_max, d0 = g0['k'], g0['d'], g0['d_max'], g0['d0']
-        lr = max(g['lr'] for g in self.param_groups)
-        bc = ((1 - sqr_mom**(k+1))**0.5) / (1 - mom**(k+1)) if g0['use_bias_correction'] else 1
-        dlr = d*lr*bc
-        stat_cbs, step_cbs = self.cbs[:-1], self.cbs[-1:]
-        views, num, den = [], 0., 0.
-        for g in self.param_groups:
-            hyper = {**self._group_hypers(g), 'd': d, 'd0': g['d0'], 'dlr': dlr, 'beta3': beta3}
-            for grp in _views(g, self.state):
-                work = self.precision.enter(grp)   # both passes on one working view (16-bit params, low-precision state)
-                views.append((g, grp, work))
-                if g['lr'] <= 0: continue
-                for cb in stat_cbs:
-                    out = cb(work, **hyper)
-                    if out is not None: num, den = num + out[0], den + out[1]
-        num, den = float(num), float(den)   # one sync per step
-        if self.fsdp_in_use:
-            t = torch.tensor([num, den], dtype=torch.float64, device=self._device())
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            num, den = t.tolist()
-        elif den == 0:   # no gradient yet: nothing learnt about d (as the reference)
-            for _, grp, work in views:
-                if work is not grp: self.precision.exit(work, grp)
-            return loss
-        d_numerator = g0['d_numerator'] * beta3 + num
-        d_hat = d_old = d
-        if lr > 0:
-            d_hat = g0['d_coef'] * d_numerator / den
-            if d == d0: d = max(d, d_hat)
-            d_max = max(d_max, d_hat)
-            d = min(d_max, d * g0['growth_rate']) if g0['growth_rate'] is not None else d_max
-        for g in self.param_groups: _set_keys(g, d_numerator=d_numerator, d=d, d_max=d_max, k=g['k'] + 1)
-        for g, grp, work in views:   # the step size is the one d had before this update, as the reference's
-            hyper = {**self._group_hypers(g), 'd': d, 'dlr': d_old*g['lr']*bc}
-            for cb in step_cbs: cb(work, **hyper)
-            if work is not grp: self.precision.exit(work, grp)
-        return loss
-
-    def step_params(self, params):
-        raise ValueError("Prodigy cannot step one param at a time (gradient release): its `d` comes from sums over all params of a step")
-
-    def _device(self): return self.param_groups[0]['params'][0].device
 
 # %% ../nbs/01b_lr_free.ipynb #c018
 @torch_names
 def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0., decouple=True, use_bias_correction=False,
-            safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float('inf'), fsdp_in_use=False, slice_p=1,
-            fused=None, compiled=False) -> ProdigyOptimizer:
+            safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float('inf'), fsdp_in_use=False, slice_p=1) -> ProdigyOptimizer:
     "Prodigy as `prodigyopt.Prodigy` 1.1.2 (`betas=(mom, sqr_mom)`, `weight_decay=wd`); `lr` multiplies the estimated step `d`."
-    _no_compile('Prodigy', fused, compiled)
     check_range('lr', lr, 0, lo_open=True); check_range('d0', d0, 0, lo_open=True); check_range('eps', eps, 0, lo_open=True)
     if beta3 is not None: check_range('beta3', beta3, 0, 1)
     gr = float(growth_rate)
@@ -333,7 +292,7 @@ def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0.,
 # %% ../nbs/01b_lr_free.ipynb #c021
 def _default_clip(step): return step**0.25
 
-@contract(reads='step', writes='grad_avg sqr_avg', hypers='lr mom sqr_mom eps wd')
+@contract(reads='step', writes={'grad_avg': 'moment', 'sqr_avg': 'moment'}, hypers='lr mom sqr_mom eps wd')
 def adopt_step(grp, lr, mom, sqr_mom, eps, wd=0., clip_lambda=_default_clip, decouple=False, **_):
     "ADOPT's step: `m = lerp(m, clip(g/max(sqrt(S), eps)), 1-mom)`, `p -= lr·m`, then `S = sqr_mom·S + (1-sqr_mom)·g²`."
     sqs, avgs = grp.state('sqr_avg'), grp.state('grad_avg')
@@ -358,10 +317,8 @@ def adopt_step(grp, lr, mom, sqr_mom, eps, wd=0., clip_lambda=_default_clip, dec
         torch._foreach_addcmul_(sq, gs, gs, value=1 - sqr_mom)
 
 @torch_names
-def ADOPT(params, lr=1e-3, mom=0.9, sqr_mom=0.9999, eps=1e-6, clip_lambda=_default_clip, wd=0., decouple=False,
-          fused=None, compiled=False) -> Optimizer:
+def ADOPT(params, lr=1e-3, mom=0.9, sqr_mom=0.9999, eps=1e-6, clip_lambda=_default_clip, wd=0., decouple=False) -> Optimizer:
     "ADOPT as `adopt.ADOPT` (torch-adopt 0.1.0: `betas=(mom, sqr_mom)`, `weight_decay=wd`, `decouple`, `clip_lambda(step)`)."
-    _no_compile('ADOPT', fused, compiled)
     if clip_lambda is not None and not callable(clip_lambda): raise ValueError(f"`clip_lambda` must be a function of the step or None, got {clip_lambda!r}")
     cbs = [step_stat, partial(adopt_step, clip_lambda=clip_lambda, decouple=bool(decouple))]
     if not decouple: cbs.insert(0, l2_reg)
@@ -380,7 +337,7 @@ def _beta3_at(t, beta3, beta_start, warmup):
     a = t / float(warmup)
     return math.pow(0.5, 1/(((1.0 - a) * f(beta_start) + a * f(beta3)) + 1))
 
-@contract(reads='step', writes='slow_avg', hypers='mom beta3 beta3_warmup')
+@contract(reads='step', writes={'slow_avg': 'moment'}, hypers='mom beta3 beta3_warmup')
 def average_slow_grad(grp, mom, beta3, beta3_warmup=None, **_):
     "AdEMAMix's slow EMA `M = b3·M + (1-b3)·g` in state `slow_avg`, `b3` warmed up from `mom` over `beta3_warmup` steps."
     slow = grp.state('slow_avg')
@@ -390,30 +347,37 @@ def average_slow_grad(grp, mom, beta3, beta3_warmup=None, **_):
         torch._foreach_mul_(m_, b)
         torch._foreach_add_(m_, _pick(grp.grads, idx), alpha=1 - b)
 
+def _masked(v:Tensor, g:Tensor) -> Tensor:
+    "`v` where it has the gradient's sign, scaled by `numel/(kept+1)` (Liang et al. 2024, as `pytorch_optimizer`'s `apply_cautious`)."
+    mask = (v * g > 0).to(v.dtype)
+    return v * mask.mul_(mask.numel() / (mask.sum() + 1))
+
 @contract(reads='grad_avg slow_avg sqr_avg step', hypers='lr mom sqr_mom eps alpha_mix alpha_warmup')
-def ademamix_step(grp, lr, mom, sqr_mom, eps, alpha_mix, alpha_warmup=None, **_):
-    "AdEMAMix's step: `p -= lr·(V/(1-mom^t) + alpha·M)/(sqrt(S)/sqrt(1-sqr_mom^t) + eps)`."
+def ademamix_step(grp, lr, mom, sqr_mom, eps, alpha_mix, alpha_warmup=None, cautious=False, **_):
+    "AdEMAMix's step: `p -= lr·(V/(1-mom^t) + alpha·M)/(sqrt(S)/sqrt(1-sqr_mom^t) + eps)`; `cautious`: V masked as `pytorch_optimizer` does."
     for t, idx in _by_step(grp.steps):
         denom = torch._foreach_sqrt(_pick(grp.state('sqr_avg'), idx))
         torch._foreach_div_(denom, math.sqrt(1 - sqr_mom**t))
         torch._foreach_add_(denom, eps)
-        upd = torch._foreach_div(_pick(grp.state('grad_avg'), idx), 1 - mom**t)
+        avg = _pick(grp.state('grad_avg'), idx)
+        if cautious: avg = [_masked(v, g) for v, g in zip(avg, _pick(grp.grads, idx))]
+        upd = torch._foreach_div(avg, 1 - mom**t)
         torch._foreach_add_(upd, _pick(grp.state('slow_avg'), idx), alpha=_alpha_at(t, alpha_mix, alpha_warmup))
         torch._foreach_div_(upd, denom)
         torch._foreach_add_(_pick(grp.params, idx), upd, alpha=-lr)
 
 @torch_names
 def AdEMAMix(params, lr=1e-3, mom=0.9, sqr_mom=0.999, beta3=0.9999, alpha=2.0, beta3_warmup=None, alpha_warmup=None, eps=1e-8,
-             wd=0., betas=None, fused=None, compiled=False) -> Optimizer:
-    "AdEMAMix as the authors' code (`betas=(mom, sqr_mom, beta3)`, `alpha`, `beta3_warmup`, `alpha_warmup`, `weight_decay=wd`)."
-    _no_compile('AdEMAMix', fused, compiled)
+             wd=0., betas=None, cautious=False) -> Optimizer:
+    """AdEMAMix as the authors' code (`betas=(mom, sqr_mom, beta3)`, `alpha`, `beta3_warmup`, `alpha_warmup`, `weight_decay=wd`).
+    `cautious=True` is `pytorch_optimizer`'s: the fast EMA is masked where its sign disagrees with the gradient's (the slow one is not)."""
     if betas is not None:
         if isinstance(betas, str) or not hasattr(betas, '__len__') or len(betas) != 3:
             raise ValueError(f"`betas` must be three numbers (mom, sqr_mom, beta3), got {betas!r}")
         mom, sqr_mom, beta3 = betas
     for n, v in (('beta3_warmup', beta3_warmup), ('alpha_warmup', alpha_warmup)):
         if v is not None: check_int(n, v, 1)
-    cbs = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, average_slow_grad, ademamix_step]
+    cbs = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, average_slow_grad, partial(ademamix_step, cautious=True) if cautious else ademamix_step]
     return Optimizer(params, cbs, lr=lr, mom=check_range('mom', mom, 0, 1, hi_open=True),
                      sqr_mom=check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True), beta3=check_range('beta3', beta3, 0, 1, hi_open=True),
                      alpha_mix=check_range('alpha', alpha, 0), beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps, wd=wd)

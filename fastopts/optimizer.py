@@ -20,71 +20,13 @@ from .hypers import _NEUTRAL
 from .callbacks import *
 from .callbacks import _PRODUCERS, _unwrap, _pick, _local, _device_dtype_groups, _group_view, _is_t, _maybe_nonzero, _sqrt, _add_, _added, _lerped, _addcmul_, _addcdiv_, _per_tensor, _full_norms
 from .fused import *
+from .chain import *
+from .chain import _cb_defaults, _check_fused, _check_compiled, _check_compilable
 from .torch_state import *
+from .keywords import *
 
 # %% auto #0
-__all__ = ['PRECISION_CHUNK', 'RUN_OPTIONS', 'Chain', 'Optimizer', 'torch_names', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW',
-           'RAdam', 'Lamb', 'Lion']
-
-# %% ../nbs/01_optimizer.ipynb #84fbf92f
-class Chain:
-    "A list of callbacks and what a step derives from it: its hypers, roles, fused kernel and compiled code."
-    def __init__(self,
-        cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order
-        fused:bool|None=None, # None: the fused kernel where one computes the chain; False: the callbacks; True: insist
-        compiled:dict|None=None # `torch.compile` keywords (None: run the callbacks eagerly)
-    ):
-        self.cbs = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
-        self.fused, self.compiled = fused, compiled or None
-        self.refresh()
-
-    def refresh(self):
-        "Check the chain and derive what the step needs from it (again, when someone changed `cbs`)."
-        check_chain(self.cbs)
-        self.live = frozenset(h for cb in self.cbs for h in cb_hypers(cb))
-        self.roles = tuple(cb_role(cb) for cb in self.cbs)
-        fast = None if (self.fused is False or self.compiled) else fast_path(self.roles)
-        if self.fused and fast is None:
-            raise ValueError(f"`fused=True`, but no fused kernel computes the chain {self.names}")
-        self.fast, self._key = fast, tuple(self.cbs)
-        self._compiled_fns, self._warm = {}, {}   # a new chain: compile afresh
-        self.defaults = {}
-        for cb in self.cbs: self.defaults.update(_cb_defaults(cb))
-        self.whole = any(getattr(cb, 'needs_all_grads', False) or getattr(_unwrap(cb)[0], 'needs_all_grads', False) for cb in self.cbs)
-
-    def changed(self) -> bool:
-        "Whether `cbs` was changed since the chain was checked (then it is checked again)."
-        if tuple(self.cbs) == self._key: return False
-        self.refresh()
-        return True
-
-    @property
-    def names(self) -> list[str]: return [cb_name(c) for c in self.cbs]
-
-    def run(self, grp, hyper:dict):
-        "The callbacks, in order, on the whole (sub-)group."
-        for cb in self.cbs: grp.update(cb(grp, **hyper), cb)
-
-    def run_compiled(self, key:tuple, grp, hyper:dict) -> bool:
-        "The compiled chain on sub-group `grp` (`key`: group index, device, dtype); False while its state is not made yet."
-        keys = self._warm.get(key)
-        if keys is None or not all(keys <= s.keys() for s in grp.states): return False
-        fn = self._compiled_fns.get(key)
-        if fn is None: fn = self._compiled_fns[key] = torch.compile(_fresh_copy(_chain_update), **self.compiled)
-        try: fn(tuple(self.cbs), grp.params, grp.grads, grp.states, grp._orig, _hyper_tensors(hyper, key[1]))
-        except torch._dynamo.exc.TorchDynamoException as e:
-            raise RuntimeError(f"`compiled`: torch.compile failed on the chain {self.names}: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0]}. Pass compiled=False to run the callbacks (compiled, a callback gets its "
-                               f"hypers as 0-d tensors)") from e
-        return True
-
-    def warmed(self, key:tuple, grp):
-        "Remember the state the callbacks made for `key`: from then on the compiled chain runs."
-        self._warm[key] = frozenset.intersection(*map(frozenset, grp.states))
-
-    def __getstate__(self): return {**self.__dict__, '_compiled_fns': {}}   # compiled code is rebuilt, not pickled
-    def __repr__(self): return f"Chain([{', '.join(self.names)}], fused={bool(self.fast)}, compiled={bool(self.compiled)})"
-
+__all__ = ['PRECISION_CHUNK', 'Optimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb', 'Lion']
 
 # %% ../nbs/01_optimizer.ipynb #c020
 PRECISION_CHUNK = 32 * 2**20   # bytes of float32 params per working copy: the precision layer's peak stays small
@@ -117,31 +59,6 @@ def _to_groups(params) -> list[dict]:
     if isinstance(params[0], Tensor) or _is_named(params[0]): return [{'params': params}]
     return [{'params': list(g)} for g in params]
 
-def _cb_defaults(cb) -> dict:
-    f, _ = _unwrap(cb)
-    return dict(getattr(cb, 'defaults', None) or getattr(f, 'defaults', None) or {})
-
-# how a step runs, not what it computes: every optimizer takes them (the last four: `Precision`, in 01c_precision)
-RUN_OPTIONS = {'fused': None, 'compiled': False, 'kahan_sum': None, 'stochastic_round': False, 'state_dtype': None, 'seed': None}
-
-def _check_fused(fused):
-    if fused not in (None, True, False): raise ValueError(f"`fused` must be None, True or False, got {fused!r}")
-    return fused
-
-def _check_compiled(compiled, fused) -> dict:
-    "The `torch.compile` keywords `compiled` asks for ({} when off); a ValueError for anything else, or with `fused=True`."
-    if compiled is False or compiled is None: return {}
-    if compiled is True: kw = {}
-    elif isinstance(compiled, dict): kw = dict(compiled)
-    else: raise ValueError(f"`compiled` must be True, False or a dict of torch.compile keywords, got {compiled!r}")
-    if fused: raise ValueError(f"`compiled={compiled!r}` and `fused=True` ask for two different steps: pick one")
-    try: inspect.signature(torch.compile).bind(None, **kw)
-    except TypeError as e: raise ValueError(f"`compiled={compiled!r}` has a keyword torch.compile does not take: {e}") from None
-    return {'dynamic': True, **kw}
-
-def _check_compilable(params):
-    if any(isinstance(p, DTensor) for p in params):
-        raise ValueError("`compiled=True` does not take sharded (DTensor, FSDP2) parameters: compile the model, or pass compiled=False")
 
 # %% ../nbs/01_optimizer.ipynb #c021
 class Optimizer(torch.optim.Optimizer):
@@ -351,36 +268,75 @@ class Optimizer(torch.optim.Optimizer):
             if work is not grp: self.precision.exit(work, grp)
         return True
 
-    def _run_chain(self, chain:Chain, key:tuple, grp, hyper:dict) -> bool:
-        if chain.compiled and chain.run_compiled(key, grp, hyper): return True
-        chain.run(grp, hyper)
-        if chain.compiled: chain.warmed(key, grp)   # the state it made: the compiled chain runs from the next step
-        return True
+    def _run_chain(self, chain:Chain, key:tuple, grp, hyper:dict, seg:int=0) -> list:
+        "Segment `seg` of `chain` on `grp`: compiled once its state is made, else the callbacks; their answers for a reduce stage."
+        if chain.compiled:
+            outs = chain.run_compiled(key, grp, hyper, seg)
+            if outs is not None: return outs
+        outs = chain.run(grp, hyper, seg)
+        if chain.compiled: chain.warmed(key, grp, seg)   # the state it made: the compiled chain runs from the next step
+        return outs
 
     def routed(self, i:int, g:dict, params:list[Tensor]) -> list[tuple[Chain, list[Tensor]]]:
         "The chains that run `params` of group `i`, each with its share (here: the group's chain, all of them; a router splits them by parameter)."
         return [(self.chain_of(g), params)]
 
-    def _step_group(self, i:int, g:dict, params:list[Tensor], hyper:dict|None=None):
-        "Step `params` of group `i` that have a gradient, each share with the chain `routed` gives it."
+    def _parts(self, i:int, chain:Chain, params:list[Tensor]):
+        "`(key, params, grads)` of the params that have a gradient, by device and dtype (`key`: group index, device, dtype)."
         grads = [p.grad for p in params]   # read once: `p.grad` is a slow attribute, and this is the hottest path
         ps, gs = [p for p, gr in zip(params, grads) if gr is not None], [gr for gr in grads if gr is not None]
-        if not ps: return
-        hyper = self._group_hypers(g) if hyper is None else hyper
+        if not ps: return []
         if any(gr.is_sparse for gr in gs): raise ValueError("fastopts optimizers do not support sparse gradients")
-        for chain, rps in self.routed(i, g, ps):
-            self._step_chain(i, chain, rps, gs if rps is ps else [p.grad for p in rps], hyper)
+        return [((i, sub[0].device, sub[0].dtype), sub, _pick(gs, idx)) for idx in _device_dtype_groups(ps) or [None] for sub in [_pick(ps, idx)]]
 
-    def _step_chain(self, i:int, chain:Chain, ps:list[Tensor], gs:list[Tensor], hyper:dict):
-        "The fused kernel of `chain` on the params of `ps` it computes correctly, the chain's callbacks on the rest."
-        for idx in _device_dtype_groups(ps) or [None]:
-            sub, sg = _pick(ps, idx), _pick(gs, idx)
+    def _step_group(self, i:int, chain:Chain, params:list[Tensor], hyper:dict):
+        "Step `params` of group `i` that have a gradient: the fused kernel on those it computes correctly, the chain on the rest."
+        for key, sub, sg in self._parts(i, chain, params):
             if chain.fast is not None:
                 fit, rest = kernel_layout(sub, self.state, sg)
                 if fit and self._run(fit, lambda grp: chain.fast(grp, **hyper), grads=None if rest else sg): sub, sg = rest, None
                 if not sub: continue
-            key = (i, sub[0].device, sub[0].dtype)
-            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper), whole=chain.whole, grads=sg)
+                key = (i, sub[0].device, sub[0].dtype)
+            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper) is not None, whole=chain.whole, grads=sg)
+
+    def _step_reduced(self, chain:Chain, parts:list[tuple]):
+        "A chain with reduce stages on all its groups at once: a segment on every group, then the stage on their answers, then the next."
+        views = [(key, hyper, grp, self.precision.enter(grp)) for i, ps, hyper in parts for key, sub, sg in self._parts(i, chain, ps)
+                 for grp in self._views(sub, sg, chain.whole)]
+        try:
+            for seg, reduce in enumerate(chain.reducers):
+                outs = [o for key, hyper, _, work in views for o in self._run_chain(chain, key, work, hyper, seg)]
+                new = reduce(self, [h for _, _, h in parts], outs)
+                if new is None: return   # the stage ends the step here
+                for (_, _, h), n in zip(parts, new): h.update(n)
+            for key, hyper, _, work in views: self._run_chain(chain, key, work, hyper, len(chain.reducers))
+        finally:
+            for _, _, grp, work in views:
+                if work is not grp: self.precision.exit(work, grp)
+
+    def _views(self, ps:list[Tensor], grads:list[Tensor], whole:bool) -> list:
+        "The `ParamGroupView`s of `ps` (one device and dtype): one, or one per `PRECISION_CHUNK` where the precision layer copies."
+        if not self.precision.applies(ps[0].dtype): return [_group_view(ps, [self.state[p] for p in ps], grads)]
+        return [_group_view(c, [self.state[p] for p in c]) for c in ([ps] if whole else _chunks(ps, PRECISION_CHUNK))]
+
+    @torch.compiler.disable   # `torch.compile(opt.step)`: the driver runs eagerly (see below), `compiled=True` compiles the chains
+    def _drive(self, only:set|None=None):
+        "The one step: each group's chains, hyper stages first, on its params (`only`: the params of these ids, for gradient release)."
+        self._chains_checked()
+        reduced = {}   # a chain with reduce stages steps all its groups together, after the others
+        for i, g in enumerate(self.param_groups):
+            ps = g['params'] if only is None else [p for p in g['params'] if id(p) in only]
+            if not ps: continue
+            for chain, cps in self.routed(i, g, ps):
+                if only is not None and chain.per_step:
+                    st = chain.per_step[0]
+                    raise ValueError(f"{getattr(_unwrap(st)[0], 'rule', None) or type(self).__name__} cannot step one param at a time "
+                                     f"(gradient release): its chain's stage `{cb_name(st)}` works on a whole step of all params")
+                hyper = self._group_hypers(g)
+                for st in chain.hyper_stages: hyper.update(st(self, g, hyper) or {})
+                if chain.reducers: reduced.setdefault(id(chain), (chain, []))[1].append((i, cps, hyper))
+                else: self._step_group(i, chain, cps, hyper)
+        for chain, parts in reduced.values(): self._step_reduced(chain, parts)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -388,18 +344,13 @@ class Optimizer(torch.optim.Optimizer):
         loss = None
         if closure is not None:
             with torch.enable_grad(): loss = closure()
-        self._chains_checked()
-        for i, g in enumerate(self.param_groups): self._step_group(i, g, g['params'])
+        self._drive()
         return loss
 
     @torch.no_grad()
     def step_params(self, params):
         "Step only `params` (each with its group's chain and hypers), outside torch's step hooks: for gradient release."
-        want = set(map(id, params))
-        self._chains_checked()
-        for i, g in enumerate(self.param_groups):
-            ps = [p for p in g['params'] if id(p) in want]
-            if ps: self._step_group(i, g, ps)
+        self._drive(set(map(id, params)))
 
     # -- checkpoints: our own format, and torch.optim's -----------------------------------------------------
     def state_dict(self) -> dict:
@@ -467,50 +418,6 @@ def _group_flag(groups:list[dict], name:str, default:bool) -> bool:
     if len(vals) > 1: raise ValueError(f"param groups ask for `{name}` both True and False: fastopts builds one chain per optimizer")
     return vals.pop()
 
-def _torch_wd_in_groups(params) -> bool:
-    return isinstance(params, (list, tuple)) and any(isinstance(g, dict) and 'weight_decay' in g for g in params)
-
-def torch_names(f):
-    """Let optimizer factory `f` take torch.optim's keywords (aliases mapped to fastai's names, flags checked, the rest
-    refused by name) and every run option of `RUN_OPTIONS` (passed on to the optimizer it builds, unless `f` takes it)."""
-    sig = inspect.signature(f)
-    @wraps(f)
-    def _f(*args, **kw):
-        run = {k: kw.pop(k) for k in list(kw) if k in RUN_OPTIONS and k not in sig.parameters}
-        given = set(sig.bind_partial(*args).arguments) | (kw.keys() & sig.parameters.keys())
-        out = {k: v for k, v in kw.items() if k in sig.parameters}
-        torch_wd = 'weight_decay' in kw or (args and _torch_wd_in_groups(args[0])) or _torch_wd_in_groups(kw.get('params'))
-        for k, v in kw.items():
-            if k in sig.parameters: continue
-            if k in TORCH_ALIASES: new = alias_values(k, v)
-            elif k == 'decoupled_weight_decay':
-                if 'decouple_wd' not in sig.parameters:
-                    if not v: raise ValueError(f"`decoupled_weight_decay=False`: {f.__name__}'s weight decay is always decoupled")
-                    continue
-                new = {'decouple_wd': bool(v)}
-            elif k in TORCH_FLAGS: check_flag(k, v); continue
-            elif k == 'nesterov':
-                if v: raise ValueError(f"`nesterov={v!r}`: {f.__name__} has no Nesterov form (SGD has)")
-                continue
-            else: raise ValueError(f"`{k}` is not a keyword of {f.__name__} (it takes {list(sig.parameters)[1:]}, torch's names for them and the run options {list(RUN_OPTIONS)})")
-            for n, x in new.items():
-                if n not in sig.parameters: raise ValueError(f"`{k}`={v!r} sets `{n}`, which {f.__name__} does not have")
-                if n in given: raise ValueError(f"both `{k}` and `{n}` given to {f.__name__}: pass one")
-                out[n] = x; given.add(n)
-        if torch_wd and 'decouple_wd' in sig.parameters and 'decouple_wd' not in given: out['decouple_wd'] = False
-        for n, v in sig.bind_partial(*args, **out).arguments.items():   # the hypers first: before `params` is looked at
-            if n not in HYPER_RANGES: continue
-            try: check_hyper(n, v)
-            except ValueError as e:
-                torch_k = next((k for k in kw if k in TORCH_ALIASES and n in TORCH_ALIASES[k]), None)
-                if torch_k is None: raise
-                raise ValueError(f"`{torch_k}={kw[torch_k]!r}`: {e}") from None
-        opt = f(*args, **out)
-        return opt.configure(**run) if run else opt
-    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in RUN_OPTIONS.items() if k not in sig.parameters]
-    ps = list(sig.parameters.values())
-    _f.__signature__ = sig.replace(parameters=[p for p in ps if p.kind != p.VAR_KEYWORD] + extra + [p for p in ps if p.kind == p.VAR_KEYWORD])
-    return _f
 
 # %% ../nbs/01_optimizer.ipynb #c042
 @torch_names
@@ -565,19 +472,3 @@ def Lamb(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.) -> Optimizer:
 def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0.) -> Optimizer:
     "Lion (Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'): sign of an interpolated momentum; `mom`=beta1, `sqr_mom`=beta2."
     return Optimizer(params, [weight_decay, lion_step], lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
-
-# %% ../nbs/01_optimizer.ipynb #c050
-def _chain_update(cbs, params, grads, states, orig, hyper):
-    "One sub-group's update by the callback chain: the function `compiled` compiles."
-    grp = ParamGroupView(params, grads, states, orig)
-    for cb in cbs: grp.update(cb(grp, **hyper), cb)
-
-def _fresh_copy(f):
-    "`f` with a code object of its own, so that torch.compile keeps a separate cache (and recompile limit) for it."
-    return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-
-def _hyper_tensors(hyper:dict, device) -> dict:
-    "The numeric hypers as 0-d tensors on `device` (float64 where the device has it), the rest as they are."
-    dt = torch.float64 if device.type in ('cpu', 'cuda') else torch.float32
-    return {k: torch.tensor(float(v), dtype=dt, device=device) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
-            for k, v in hyper.items()}

@@ -48,6 +48,7 @@ OPTIMIZERS = [
     OptSpec('lamb', Lamb, dict(lr=1e-2, wd=0.01)),
     OptSpec('lion', Lion, dict(lr=1e-3, wd=0.1)),
     OptSpec('lookahead_adam', _lookahead_adam, {}),
+    OptSpec('adamw_cautious', AdamW, dict(lr=1e-2, cautious=True)),   # an update transformer: tests/test_cautious.py
 ]
 BY_NAME = {o.name: o for o in OPTIMIZERS}
 # each factory's documented defaults (README "Using it", and the factories' signatures)

@@ -16,7 +16,7 @@ from fastai.losses import CrossEntropyLossFlat
 import fastopts.optimizer as fo
 from fastopts.optimizer import Adam, SGD, RAdam, Lion, Optimizer, average_grad, momentum_step
 from fastopts.data import sklearn_dls, dls_mlp
-from registry import OPTIMIZERS, BY_NAME, ids, assert_same, seeded_params
+from registry import OPTIMIZERS, BY_NAME, LR_FREE, ids, assert_same, seeded_params
 
 SHAPES = [(5, 3), (7,), (2, 3, 4), (4,)]
 
@@ -56,6 +56,36 @@ def test_traced_chain_equals_callbacks(spec):
     traced, opt = drive(lambda gs: spec.make(gs, compiled=dict(backend='aot_eager')))
     assert_same(traced, eager)
     assert graphs() - before == 2, f"{graphs() - before} graphs for 2 groups over a schedule of 8 steps"
+
+def _modal(opt): return opt.train() if hasattr(opt, 'train_mode') else opt   # Schedule-Free starts in eval mode
+
+@pytest.mark.parametrize('spec', LR_FREE, ids=ids)
+def test_lr_free_traced_equals_callbacks(spec):
+    "Schedule-Free, Prodigy (a hyper and a reduce stage), ADOPT and AdEMAMix compiled: the callbacks' numbers under a schedule."
+    eager, _ = drive(lambda gs: _modal(spec.make(gs, fused=False)), dtype=torch.float64)
+    traced, opt = drive(lambda gs: _modal(spec.make(gs, compiled=dict(backend='aot_eager'))), dtype=torch.float64)
+    assert_same(traced, eager, torch.float64)
+    assert opt._compiled_fns, 'nothing was compiled'
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['sf_adamw', 'prodigy', 'adopt', 'ademamix'])
+def test_lr_free_compiled_equals_callbacks(name):
+    "The same through inductor's generated code (float32)."
+    spec = {s.name: s for s in LR_FREE}[name]
+    eager, _ = drive(lambda gs: _modal(spec.make(gs, fused=False)))
+    compiled, _ = compiled_or_named_failure(lambda: drive(lambda gs: _modal(spec.make(gs, compiled=True))))
+    assert_same(compiled, eager)
+
+@pytest.mark.parametrize('spec', OPTIMIZERS + LR_FREE, ids=ids)
+def test_torch_compile_of_step_equals_eager(spec):
+    "torch's recipe `torch.compile(opt.step)` runs (the driver is a graph break) and gives the eager step's numbers."
+    eager, _ = drive(lambda gs: _modal(spec.make(gs)), steps=3)
+    def compiled_step(gs):
+        opt = _modal(spec.make(gs))
+        opt.step = torch.compile(opt.step)
+        return opt
+    compiled, _ = drive(compiled_step, steps=3)
+    assert_same(compiled, eager)
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=['f32', 'f64'])
 @pytest.mark.parametrize('name', ['adamw', 'radam', 'lion', 'sgd_nesterov_l2'])

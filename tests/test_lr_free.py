@@ -272,7 +272,7 @@ from registry import LR_FREE, LR_FREE_STATE_BYTES
 
 @pytest.mark.parametrize('spec', LR_FREE, ids=lambda s: s.name)
 def test_bad_input_is_refused_by_name(spec):
-    with pytest.raises(ValueError, match='compiled'): spec.make(_params(), compiled=True)
+    with pytest.raises(ValueError, match='compiled'): spec.make(_params(), compiled='yes')   # compiled=True works: tests/test_compiled.py
     with pytest.raises(ValueError, match='fused'): spec.make(_params(), fused=True)
     with pytest.raises(ValueError, match='nonsense'): spec.make(_params(), nonsense=1)
     with pytest.raises(ValueError, match='lr'): spec.make(_params(), lr=-1.)

@@ -143,6 +143,7 @@ REFUSED = [('amsgrad', True), ('maximize', True), ('capturable', True), ('differ
 @pytest.mark.parametrize('key,value', REFUSED, ids=[k for k, _ in REFUSED])
 @pytest.mark.parametrize('where', ['keyword', 'group_key', 'written_later'])
 def test_unhonourable_torch_settings_are_refused(key, value, where):
+    if (key, where) == ('maximize', 'keyword'): pytest.skip("`maximize=True` is honoured as a keyword (a callback): tests/test_cautious.py")
     m = model()
     with pytest.raises(ValueError, match=f'`{key}={value!r}`'):
         if where == 'keyword': Adam(m.parameters(), **{key: value})

@@ -163,12 +163,15 @@ def _rules() -> dict:
                         torch=lambda lr: _reference('prodigyopt', 'Prodigy', lr=lr, betas=(MOM, SQR_MOM), eps=EPS), fastai=None),
         'adopt': dict(lr=1e-3, fastopts=partial(lf.ADOPT, mom=MOM, sqr_mom=0.9999, eps=1e-6),
                       torch=lambda lr: _reference('adopt', 'ADOPT', lr=lr, betas=(MOM, 0.9999), eps=1e-6), fastai=None),
-        'ademamix': dict(lr=1e-3, fastopts=partial(lf.AdEMAMix, mom=MOM, sqr_mom=SQR_MOM, eps=EPS), torch=lambda lr: {}, fastai=None,
-                         unchecked={n: "no AdEMAMix package: tests/test_lr_free.py checks it against the paper's update"
-                                    for n in ('fastopts', 'fastopts fused=False')}),
+        'ademamix': dict(lr=1e-3, fastopts=partial(lf.AdEMAMix, mom=MOM, sqr_mom=SQR_MOM, eps=EPS), fastai=None,
+                         torch=lambda lr: _reference('pytorch_optimizer', 'AdEMAMix', lr=lr, betas=(MOM, SQR_MOM, 0.9999), alpha=2.0, eps=EPS)),
         # matrix-aware rules (fastopts.matrix). Muon: every contender gets the problem's 2+-dim tensors only (the step
         # that Muon adds; torch.optim.Muon takes 2-D weights, so conv weights go in as 2-D views sharing storage and grad)
-        'muon': dict(lr=2e-2, fastopts=_fastopts_muon, fastai=None,
+        # Newton-Schulz in bf16 (torch's default): inductor keeps a fused chain of bf16 ops in float32 and rounds once,
+        # eager rounds after each op; both are bf16 Newton-Schulz, and they differ by bf16's rounding (unit roundoff
+        # 2^-9 = 2e-3, a few of them after five iterations), not by float32's: the timed float32 check allows 1e-2
+        # here; the float64 check (both in bf16, the same small shapes) stays at CHECK_TOL
+        'muon': dict(lr=2e-2, fastopts=_fastopts_muon, fastai=None, tol=1e-2,
                      torch=lambda lr: {'torch (for-loop)': lambda ps: torch.optim.Muon([_as_matrix(p) for p in _matrices(ps)], lr=lr)}),
         'adafactor': dict(lr=1e-2, fastopts=fm.Adafactor, fastai=None,
                           torch=lambda lr: _torch(torch.optim.Adafactor, impls=('for-loop', 'foreach'), lr=lr)),
@@ -369,7 +372,7 @@ def time_rule(rule:str, problem:str, n:int=10, warmup:int=2, device='cpu', names
         if name in spec.get('unchecked', {}): r.update(check='unchecked', note=spec['unchecked'][name]); continue
         if ref is None: r.update(check='unchecked', note=note64 or f'no reference for {rule}: not checked'); continue
         if name != check_ref or 'expected' in spec: r['err'] = _displacement_error(params[name], ref, p0)
-        if (r['err'] or 0) > tol or (r['err64'] or 0) > check_tol: r['check'] = 'WRONG'
+        if (r['err'] or 0) > spec.get('tol', tol) or (r['err64'] or 0) > check_tol: r['check'] = 'WRONG'
         elif r['err64'] is None: r.update(check='unchecked', note=note64)
         else: r['check'] = 'reference' if name == check_ref and 'expected' not in spec else 'ok'
     refs = [c for c in opts if c.startswith('reference (')]   # a reference package, where torch has no such rule
