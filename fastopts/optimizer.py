@@ -371,6 +371,8 @@ class Optimizer(torch.optim.Optimizer):
                 if fit and self._run(fit, lambda grp: chain.fast(grp, **hyper), grads=None if rest else sg): sub, sg = rest, None
                 if not sub: continue
             key = (i, sub[0].device, sub[0].dtype)
+            if chain.compiled and not chain.whole and self.precision.applies(key[2]) and self.precision.fused_step(   # one pass per tensor
+                chain.cbs, sub, sg, [self.state[p] for p in sub], _hyper_tensors(hyper, key[1]), chain.compiled, getattr(chain, 'kinds', None)): continue
             self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper), whole=chain.whole, grads=sg)
 
     @torch.no_grad()

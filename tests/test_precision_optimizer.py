@@ -83,7 +83,7 @@ def test_stochastic_rounding_seeded_through_the_optimizer():
     c, _ = _fit(spec, torch.bfloat16, steps=5, stochastic_round=True, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and not all(torch.equal(x, y) for x, y in zip(a, c))
 
-@pytest.mark.parametrize('kw,msg', [(dict(state_dtype='int4'), 'state_dtype'), (dict(kahan_sum=True, stochastic_round=True), 'pick one'),
+@pytest.mark.parametrize('kw,msg', [(dict(state_dtype='int2'), 'state_dtype'), (dict(kahan_sum=True, stochastic_round=True), 'pick one'),
                                     (dict(kahan_sum='on'), 'kahan_sum'), (dict(seed=1), 'stochastic_round=True')])
 def test_factories_refuse(kw, msg):
     with pytest.raises(ValueError, match=msg): Adam(_params(torch.float32), lr=1e-3, **kw)
@@ -146,4 +146,4 @@ def test_every_factory_takes_the_precision_options():
             ps[0].grad = torch.randn_like(ps[0]); opt.step()
         assert not torch.equal(ps[0], w0) and ps[0].dtype == torch.bfloat16, f.__name__
         assert any(isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.uint8) for v in opt.state[ps[0]].values()) or f is Adafactor, f.__name__
-        with pytest.raises(ValueError, match='state_dtype'): f(ps, state_dtype='int4')
+        with pytest.raises(ValueError, match='state_dtype'): f(ps, state_dtype='int2')
