@@ -100,6 +100,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'fastopts.bench.memory.TinyGPT.forward': ( 'memory_bench.html#tinygpt.forward',
                                                                                   'fastopts/bench/memory.py'),
                                        'fastopts.bench.memory._fastopts': ('memory_bench.html#_fastopts', 'fastopts/bench/memory.py'),
+                                       'fastopts.bench.memory._lion': ('memory_bench.html#_lion', 'fastopts/bench/memory.py'),
                                        'fastopts.bench.memory._others': ('memory_bench.html#_others', 'fastopts/bench/memory.py'),
                                        'fastopts.bench.memory._storages': ('memory_bench.html#_storages', 'fastopts/bench/memory.py'),
                                        'fastopts.bench.memory._sync': ('memory_bench.html#_sync', 'fastopts/bench/memory.py'),

@@ -397,9 +397,10 @@ def _compiled_body(prec, key:tuple, compile_kw:dict):
     "The compiled `_fused_body` for `key` (chain, plan, shape, dtypes, device): one graph each, made once."
     fn = prec._fused.get(key)
     if fn is None:
-        kw = {'fullgraph': True, 'dynamic': False, **compile_kw}
-        if kw.get('backend', 'inductor') == 'inductor' and 'mode' not in kw:   # keep each cast to 16 bits (eager's numbers)
-            kw['options'] = {'emulate_precision_casts': True, **kw.get('options', {})}
+        kw = {'fullgraph': True, **compile_kw, 'dynamic': False}   # one graph per shape: sizes known, loops unrolled to them
+        if kw.get('backend', 'inductor') == 'inductor' and 'mode' not in kw:
+            # keep each cast to 16 bits (eager's numbers); the map lookups index in range by construction (codes, bits)
+            kw['options'] = {'emulate_precision_casts': True, 'assert_indirect_indexing': False, **kw.get('options', {})}
         f = _fused_body
         fn = prec._fused[key] = torch.compile(types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__), **kw)
     return fn
@@ -407,6 +408,8 @@ def _compiled_body(prec, key:tuple, compile_kw:dict):
 def _fused_tensor_step(prec, cbs:tuple, plan, p:Tensor, g:Tensor, s:dict, hyper:dict, compile_kw:dict, kinds):
     "`_fused_body` on one tensor, compiled: Python ints of the state go in as 0-d tensors (no recompile per step) and come back as ints."
     ints = plan[4]
+    for _, f in plan[3]:   # the maps are made outside the graph (a constant in it)
+        if f[0] == 'q': _qmap(f[1], True, p.device), _qmap(f[1], False, p.device)
     st = {k: (torch.tensor(v) if k in ints else v) for k, v in s.items()}
     key = prec.key(p.device) if plan[0] == 'stochastic' else None
     fn = _compiled_body(prec, (cbs, plan, tuple(p.shape), p.dtype, g.dtype, str(p.device)), compile_kw)

@@ -17,9 +17,9 @@ from .step import make_params, check_device, _device_name
 from ..core import check_int
 
 # %% auto #0
-__all__ = ['BF16', 'SETTINGS', 'LR', 'BETAS', 'EPS', 'WD', 'PARITY_SETTINGS', 'contenders', 'tensor_bytes', 'state_bytes',
-           'state_benchmark', 'format_state_rows', 'TinyGPT', 'MemoryMeter', 'peak_step', 'peak_benchmark',
-           'format_peak_rows', 'SeqTransformer', 'fit_loss', 'parity_benchmark', 'format_parity_rows',
+__all__ = ['BF16', 'SETTINGS', 'FUSED_SETTINGS', 'LION', 'LR', 'BETAS', 'EPS', 'WD', 'PARITY_SETTINGS', 'contenders',
+           'tensor_bytes', 'state_bytes', 'state_benchmark', 'format_state_rows', 'TinyGPT', 'MemoryMeter', 'peak_step',
+           'peak_benchmark', 'format_peak_rows', 'SeqTransformer', 'fit_loss', 'parity_benchmark', 'format_parity_rows',
            'add_memory_bench_args', 'memory_bench_main']
 
 # %% ../../nbs/09b_memory_bench.ipynb #m006
@@ -32,7 +32,13 @@ SETTINGS = {
     'bf16 + Kahan': (BF16, dict(kahan_sum=True)),
     'bf16 + stochastic rounding': (BF16, dict(stochastic_round=True, seed=0)),
     'bf16 + Kahan, int8 state': (BF16, dict(kahan_sum=True, state_dtype='int8')),
+    'fp32, int4 state': (torch.float32, dict(state_dtype='int4')),
 }
+# the same settings through the fused pass (`compiled=True`: one compiled function per tensor shape)
+FUSED_SETTINGS = {f'{k}, fused': (dt, {**kw, 'compiled': True}) for k, (dt, kw) in SETTINGS.items() if kw}
+FUSED_SETTINGS['bf16 + Kahan, int4 state, fused'] = (BF16, dict(kahan_sum=True, state_dtype='int4', compiled=True))
+# a chain that is not AdamW, against its own fp32 step
+LION = {'Lion fp32': (torch.float32, {}), 'Lion bf16 + Kahan, int8 state, fused': (BF16, dict(kahan_sum=True, state_dtype='int8', compiled=True))}
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
 def _fastopts(kw): return lambda ps: fo.AdamW(ps, lr=LR, mom=BETAS[0], sqr_mom=BETAS[1], eps=EPS, wd=WD, **kw)
@@ -55,9 +61,12 @@ def _others() -> dict:
     except Exception: pass
     return out
 
+def _lion(kw): return lambda ps: fo.Lion(ps, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=WD, **kw)
+
 def contenders(names=None) -> dict:
-    "name -> (params dtype, factory(params) -> optimizer): fastopts' settings, then the other libraries'."
-    out = {k: (dt, _fastopts(kw)) for k, (dt, kw) in SETTINGS.items()}
+    "name -> (params dtype, factory(params) -> optimizer): fastopts' settings (eager, then fused), Lion's, then the other libraries'."
+    out = {k: (dt, _fastopts(kw)) for k, (dt, kw) in {**SETTINGS, **FUSED_SETTINGS}.items()}
+    out.update({k: (dt, _lion(kw)) for k, (dt, kw) in LION.items()})
     out.update(_others())
     return out if names is None else {k: v for k, v in out.items() if k in names}
 
@@ -96,8 +105,9 @@ def state_bytes(opt, params) -> int:
 # %% ../../nbs/09b_memory_bench.ipynb #m011
 def _sync(device): return torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
-def state_benchmark(problem:str='gpt2', n:int=3, warmup:int=1, device='cpu', names=None, progress=None) -> list[dict]:
-    "Rows `{contender, dtype, state_bytes_per_param, step_ms}` for each contender on `problem`'s params."
+def state_benchmark(problem:str='gpt2', n:int=3, warmup:int=2, device='cpu', names=None, progress=None) -> list[dict]:
+    """Rows `{contender, dtype, state_bytes_per_param, step_ms, warmup_s}` for each contender on `problem`'s params
+    (`warmup_s`: the first `warmup` steps, which make the state and, fused, compile one graph per shape)."""
     device = check_device(device)
     rows, sync = [], _sync(device)
     for name, (dt, make) in contenders(names).items():
@@ -105,22 +115,28 @@ def state_benchmark(problem:str='gpt2', n:int=3, warmup:int=1, device='cpu', nam
         ps = make_params(problem, device=device)
         for p in ps: p.data, p.grad = p.data.to(dt), p.grad.to(dt)
         opt = make(ps)
+        sync(); t0 = time.perf_counter()
         for _ in range(warmup): opt.step()
+        sync(); warm = time.perf_counter() - t0
         times = []
         for _ in range(n):
             sync(); t0 = time.perf_counter(); opt.step(); sync(); times.append(time.perf_counter() - t0)
         nparams = sum(p.numel() for p in ps)
         rows.append(dict(contender=name, dtype=str(dt).replace('torch.', ''), params=nparams,
-                         state_bytes_per_param=state_bytes(opt, ps) / nparams, step_ms=1000 * statistics.median(times)))
+                         state_bytes_per_param=state_bytes(opt, ps) / nparams, step_ms=1000 * statistics.median(times), warmup_s=warm))
         del opt, ps
     ref = next((r['step_ms'] for r in rows if r['contender'].startswith('torch fused')), None)
-    for r in rows: r['vs_torch_fused'] = r['step_ms'] / ref if ref else math.nan
+    lion = next((r['step_ms'] for r in rows if r['contender'] == 'Lion fp32'), None)
+    for r in rows:
+        r['vs_torch_fused'] = r['step_ms'] / ref if ref else math.nan
+        r['vs_own_fp32'] = r['step_ms'] / lion if lion and r['contender'].startswith('Lion') else math.nan
     return rows
 
 def format_state_rows(rows) -> str:
-    out = ['| contender | params | state B/param | step ms | vs torch fused fp32 |', '|---|---|---:|---:|---:|']
+    out = ['| contender | params | state B/param | step ms | vs torch fused fp32 | vs its own fp32 step | warm-up s |', '|---|---|---:|---:|---:|---:|---:|']
     for r in rows:
-        out.append(f"| {r['contender']} | {r['dtype']} | {r['state_bytes_per_param']:.3f} | {r['step_ms']:.0f} | {r['vs_torch_fused']:.2f} |")
+        own = '' if math.isnan(r.get('vs_own_fp32', math.nan)) else f"{r['vs_own_fp32']:.2f}"
+        out.append(f"| {r['contender']} | {r['dtype']} | {r['state_bytes_per_param']:.3f} | {r['step_ms']:.0f} | {r['vs_torch_fused']:.2f} | {own} | {r.get('warmup_s', math.nan):.1f} |")
     return '\n'.join(out)
 
 # %% ../../nbs/09b_memory_bench.ipynb #m014
@@ -270,6 +286,7 @@ def add_memory_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--seeds', type=int, default=2, help='seeds per loss-parity fit (default 2)')
     p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    p.add_argument('--only', nargs='+', default=None, help='state table: only the contenders whose name contains one of these')
     return p
 
 def memory_bench_main(args) -> dict:
@@ -280,7 +297,8 @@ def memory_bench_main(args) -> dict:
     say, out = (lambda s: print(f'  {s} ...', file=sys.stderr, flush=True)), {}
     print(f"torch {torch.__version__}, {_device_name(device)}\n")
     if 'state' in args.parts:
-        out['state'] = rows = state_benchmark('gpt2', n=n, device=device, progress=say)
+        names = None if not getattr(args, 'only', None) else [k for k in contenders() if any(o in k for o in args.only)]
+        out['state'] = rows = state_benchmark('gpt2', n=n, device=device, names=names, progress=say)
         print(f"## Optimizer state and step time: AdamW on 4 GPT-2 blocks ({rows[0]['params'] / 1e6:.1f}M params), median of {n} steps\n")
         print(format_state_rows(rows) + '\n')
     if 'peak' in args.parts:
