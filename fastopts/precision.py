@@ -302,12 +302,22 @@ class Precision:
         return True
 
 # %% ../nbs/01c_precision.ipynb #p017
+def _local(t:Tensor) -> Tensor:
+    "A sharded tensor's (FSDP2's DTensor's) local shard; other tensors as they are: codes and scales are kept per shard."
+    return t.to_local() if hasattr(t, 'to_local') else t
+
+def _like(p:Tensor, local:Tensor) -> Tensor:
+    "`local` as a shard of a tensor sharded like `p` (a DTensor), or itself."
+    if not hasattr(p, 'to_local'): return local
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
 def _decode(s:dict, p:Tensor, wdt, kinds=None) -> dict:
     "A per-param state dict with its moments in `wdt` (other values are the same objects)."
     out = {}
     for k, v in s.items():
         if k == 'kahan_comp' or _is_scale(k): continue
-        if _codes_of(s, k): out[k] = _decode_codes(v, s[f"{k}{ABSMAX}"], p.shape, wdt)
+        if _codes_of(s, k): out[k] = _like(p, _decode_codes(v, s[f"{k}{ABSMAX}"], _local(p).shape, wdt))
         elif Precision.is_moment(k, v, p, kinds) and v.dtype != wdt: out[k] = v.to(wdt)
         else: out[k] = v
     return out
@@ -321,7 +331,7 @@ def _store(s:dict, k:str, v:Tensor, target):
     "Put moment `v` into state `s[k]` as `target` storage, in place where the stored tensor has that form."
     old, ak = s.get(k), f"{k}{ABSMAX}"
     if target in _QUANT:
-        bits = _QUANT[target]
+        bits, v = _QUANT[target], _local(v)
         codes, absmax = quantize_blockwise(v, QUANT_BLOCK if bits == 8 else QUANT4_BLOCK, bits, _quant_signed(old, v))
         if isinstance(old, Tensor) and old.dtype == codes.dtype and old.shape == codes.shape and isinstance(s.get(ak), Tensor) and s[ak].shape == absmax.shape:
             old.copy_(codes); s[ak].copy_(absmax)
@@ -344,7 +354,7 @@ def _kahan(p:Tensor, w:Tensor, comp:Tensor):
 def _moment_format(s:dict, k, v, p:Tensor, target, kinds):
     "How moment `k` is stored, when that is `target`'s form: ('q', bits, signed) or ('cast', dtype); None: not a moment; False: another form."
     if _codes_of(s, k):
-        bits = 8 if v.numel() == p.numel() else 4
+        bits = 8 if v.shape == p.shape else 4
         return ('q', bits, v.dtype == torch.int8) if _QUANT.get(target) == bits else False
     if not Precision.is_moment(k, v, p, kinds): return None
     return ('cast', v.dtype) if v.dtype == target and v.shape == p.shape else False

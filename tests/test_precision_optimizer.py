@@ -147,3 +147,12 @@ def test_every_factory_takes_the_precision_options():
         assert not torch.equal(ps[0], w0) and ps[0].dtype == torch.bfloat16, f.__name__
         assert any(isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.uint8) for v in opt.state[ps[0]].values()) or f is Adafactor, f.__name__
         with pytest.raises(ValueError, match='state_dtype'): f(ps, state_dtype='int2')
+
+def test_paired_interval_is_the_one_sample_t_interval():
+    "The parity table's interval: scipy's one-sample t-test's confidence interval of the paired differences (another code path)."
+    from scipy.stats import ttest_1samp
+    from fastopts.bench.memory import paired_interval
+    d = [0.012, -0.004, 0.021, 0.003, 0.009, -0.011, 0.017, 0.006]
+    m, lo, hi = paired_interval(d)
+    ci = ttest_1samp(d, 0.).confidence_interval(0.95)
+    assert m == pytest.approx(sum(d) / 8) and lo == pytest.approx(ci.low) and hi == pytest.approx(ci.high)

@@ -19,8 +19,8 @@ from ..core import check_int
 # %% auto #0
 __all__ = ['BF16', 'SETTINGS', 'FUSED_SETTINGS', 'LION', 'LR', 'BETAS', 'EPS', 'WD', 'PARITY_SETTINGS', 'contenders',
            'tensor_bytes', 'state_bytes', 'state_benchmark', 'format_state_rows', 'TinyGPT', 'MemoryMeter', 'peak_step',
-           'peak_benchmark', 'format_peak_rows', 'SeqTransformer', 'fit_loss', 'parity_benchmark', 'format_parity_rows',
-           'add_memory_bench_args', 'memory_bench_main']
+           'peak_benchmark', 'format_peak_rows', 'SeqTransformer', 'fit_loss', 'paired_interval', 'parity_benchmark',
+           'format_parity_rows', 'add_memory_bench_args', 'memory_bench_main']
 
 # %% ../../nbs/09b_memory_bench.ipynb #m006
 BF16 = torch.bfloat16
@@ -258,32 +258,48 @@ def fit_loss(task:str, setting:str, seed:int=0) -> float:
         learn.fit_one_cycle(epochs, lr)
         return float(learn.validate()[0])
 
-PARITY_SETTINGS = ('fp32', 'bf16 + Kahan', 'bf16 plain', 'bf16 + stochastic rounding', 'fp32, bf16 state', 'fp32, int8 state', 'bf16 + Kahan, int8 state')
+PARITY_SETTINGS = ('fp32', 'bf16 + Kahan', 'bf16 plain', 'bf16 + stochastic rounding', 'fp32, bf16 state', 'fp32, int8 state',
+                   'bf16 + Kahan, int8 state', 'fp32, int4 state')
 
-def parity_benchmark(tasks=('digits_cnn', 'seq_transformer'), settings=PARITY_SETTINGS, seeds=(0, 1), progress=None) -> list[dict]:
-    "Rows `{task, setting, val_loss (mean over seeds), vs_fp32}`."
+def paired_interval(diffs, level:float=0.95) -> tuple[float, float, float]:
+    "Mean of paired differences and its `level` t-interval (Student's t with n-1 degrees of freedom)."
+    from scipy.stats import t as student
+    n, m = len(diffs), statistics.mean(diffs)
+    if n < 2: return m, math.nan, math.nan
+    half = student.ppf((1 + level) / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return m, m - half, m + half
+
+def parity_benchmark(tasks=('digits_cnn', 'seq_transformer'), settings=PARITY_SETTINGS, seeds=tuple(range(8)), progress=None) -> list[dict]:
+    """Rows `{task, setting, val_loss (mean over seeds), vs_fp32, diff, lo, hi}`: seeds are paired (each seed gives every
+    setting the same init and data), so `diff` is the mean over seeds of `loss/loss_fp32 - 1` of that seed, with its 95%
+    interval `lo`..`hi`; the spread between seeds cancels out of it."""
     rows = []
     for task in tasks:
-        for s in settings:
+        ref = None
+        for s in ('fp32',) + tuple(x for x in settings if x != 'fp32'):
             losses = [fit_loss(task, s, seed) for seed in seeds]
             if progress: progress(f"{task}: {s}: final valid loss {', '.join(f'{l:.4f}' for l in losses)}")
-            rows.append(dict(task=task, setting=s, val_loss=statistics.mean(losses), losses=losses))
-        ref = next(r['val_loss'] for r in rows if r['task'] == task and r['setting'] == 'fp32')
-        for r in rows:
-            if r['task'] == task: r['vs_fp32'] = r['val_loss'] / ref - 1
+            if s == 'fp32': ref = losses
+            d, lo, hi = paired_interval([l / r - 1 for l, r in zip(losses, ref)])
+            rows.append(dict(task=task, setting=s, val_loss=statistics.mean(losses), losses=losses,
+                             vs_fp32=statistics.mean(losses) / statistics.mean(ref) - 1, diff=d, lo=lo, hi=hi))
     return rows
 
 def format_parity_rows(rows) -> str:
-    out = ['| task | setting | final valid loss (mean of seeds) | vs fp32 |', '|---|---|---:|---:|']
-    for r in rows: out.append(f"| {r['task']} | {r['setting']} | {r['val_loss']:.4f} | {r['vs_fp32']:+.1%} |")
+    out = ['| task | setting | final valid loss (mean of seeds) | paired difference to fp32 | 95% interval | within +-2% |', '|---|---|---:|---:|---|---|']
+    for r in rows:
+        ok = '' if r['setting'] == 'fp32' else ('yes' if -0.02 <= r['lo'] and r['hi'] <= 0.02 else 'no')
+        out.append(f"| {r['task']} | {r['setting']} | {r['val_loss']:.4f} | {r['diff']:+.2%} | {r['lo']:+.2%} .. {r['hi']:+.2%} | {ok} |")
     return '\n'.join(out)
+
 
 # %% ../../nbs/09b_memory_bench.ipynb #m020
 def add_memory_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--parts', nargs='+', default=['state', 'peak', 'parity'], choices=['state', 'peak', 'parity'], help='tables to make (default: all)')
     p.add_argument('--n', type=int, default=3, help='timed steps per contender (median; default 3)')
     p.add_argument('--layers', type=int, default=4, help='GPT-2 blocks of the peak-memory model (default 4)')
-    p.add_argument('--seeds', type=int, default=2, help='seeds per loss-parity fit (default 2)')
+    p.add_argument('--seeds', type=int, default=8, help='paired seeds of the loss-parity fits (default 8)')
+    p.add_argument('--tasks', nargs='+', default=['digits_cnn', 'seq_transformer'], choices=['digits_cnn', 'seq_transformer'], help='loss-parity tasks')
     p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     p.add_argument('--only', nargs='+', default=None, help='state table: only the contenders whose name contains one of these')
@@ -306,7 +322,7 @@ def memory_bench_main(args) -> dict:
         print(f"## Peak memory of a training step besides activations: TinyGPT, {layers} blocks of d_model 768 ({rows[0]['params'] / 1e6:.1f}M params)\n")
         print(format_peak_rows(rows) + '\n')
     if 'parity' in args.parts:
-        out['parity'] = rows = parity_benchmark(seeds=tuple(range(seeds)), progress=say)
-        print(f"## Loss parity: final validation loss, mean of {seeds} seeds\n")
+        out['parity'] = rows = parity_benchmark(tasks=tuple(args.tasks), seeds=tuple(range(seeds)), progress=say)
+        print(f"## Loss parity: final validation loss over {seeds} paired seeds, and each setting's paired difference to fp32\n")
         print(format_parity_rows(rows) + '\n')
     return out
