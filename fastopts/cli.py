@@ -39,7 +39,7 @@ DEMO_OPTIMIZERS = {
     'Lamb':         (Lamb, 3e-2),
     'Lion':         (Lion, 3e-3),
     'Lookahead(RAdam)': (_lookahead_radam, 3e-2),
-    'Muon':         (Muon, 5e-2),             # the hidden matrices; biases and the head's AdamW part at lr*0.015
+    'Muon':         (Muon, 5e-2),             # the hidden matrices; biases and the output layer take AdamW at lr*0.015
     'SOAP':         (SOAP, 1e-2),
     'Adafactor':    (Adafactor, 3e-2),
     'ScheduleFreeAdamW': (ScheduleFreeAdamW, 1e-2),   # under fit_one_cycle too: its `mom` moves exactly

@@ -15,12 +15,13 @@ except ImportError: DTensor, Replicate = (), None
 from .core import check_range, check_choice, check_int
 from .optimizer import (Optimizer, contract, torch_names, weight_decay, average_grad, average_sqr_grad, step_stat,
                                 adam_step, cb_name, _to_groups, _is_named)
+from .routes import RoutedOptimizer, Renamed, head_and_embedding_names
 
 # %% auto #0
-__all__ = ['MUON_NS_COEFFICIENTS', 'MUON_ADJUST_LR', 'ADAMW_PART', 'newton_schulz', 'muon_lr', 'muon_step', 'muon_chain',
-           'adafactor_step', 'soap_step', 'MatrixOptimizer', 'ratio_weight_decay', 'ratio_adam_step', 'muon_routes',
-           'Muon', 'muon_groups', 'Adafactor', 'SOAP', 'muon_from_torch', 'adafactor_from_torch',
-           'state_bytes_per_param']
+__all__ = ['MUON_NS_COEFFICIENTS', 'MUON_ADJUST_LR', 'ADAMW_PART', 'ADAMW_KEYS', 'ADAMW_ROUTE', 'newton_schulz', 'muon_lr',
+           'muon_step', 'muon_chain', 'adafactor_step', 'soap_step', 'MatrixOptimizer', 'ratio_weight_decay',
+           'ratio_adam_step', 'MuonRoute', 'muon_routes', 'Muon', 'muon_groups', 'Adafactor', 'SOAP', 'muon_from_torch',
+           'adafactor_from_torch', 'muon_from_split', 'state_bytes_per_param']
 
 # %% ../nbs/01a_matrix.ipynb #c006
 def _int_hyper(name:str, v, lo:int=1) -> int:
@@ -307,12 +308,13 @@ def _soap_refresh(lay, s, gg, qs) -> list:
     return out
 
 # %% ../nbs/01a_matrix.ipynb #c018
-class MatrixOptimizer(Optimizer):
-    "fastopts' `Optimizer`, which also loads the `torch.optim` state dicts of the rule named by `torch_rule_name` (Muon, Adafactor)."
+class MatrixOptimizer(RoutedOptimizer):
+    "fastopts' (routed) `Optimizer`, which also loads the `torch.optim` state dicts of the rule named by `torch_rule_name` (Muon, Adafactor)."
     torch_rule_name = None
     def load_state_dict(self, state_dict:dict):
         conv = _FROM_TORCH.get(self.torch_rule_name)
         if conv is not None and _is_torch_sd(state_dict): state_dict = conv(self, state_dict)
+        if self.torch_rule_name == 'Muon': state_dict = muon_from_split(self, state_dict)
         super().load_state_dict(state_dict)
 
 def _build(cls_rule, groups, cbs, **kw) -> MatrixOptimizer:
@@ -334,31 +336,50 @@ def ratio_adam_step(grp, lr, mom, sqr_mom, eps, lr_ratio=1., **_):
 ratio_weight_decay.defaults = ratio_adam_step.defaults = dict(lr_ratio=1.)
 
 ADAMW_PART = [ratio_weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, ratio_adam_step]
+ADAMW_KEYS = dict(mom='adamw_mom', sqr_mom='adamw_sqr_mom', eps='adamw_eps', wd='adamw_wd', lr_ratio='adamw_lr_ratio')
+ADAMW_ROUTE = [Renamed(cb, **ADAMW_KEYS) for cb in ADAMW_PART]   # the AdamW part reading its own knobs: it shares groups with Muon
 
-def _adamw_pick(adamw):
-    "`adamw` as a predicate `f(name, p)`."
-    if adamw is None: return lambda n, p: False
-    if callable(adamw): return adamw
+def _adamw_names(adamw):
+    "`adamw` checked: None, a predicate `f(name, p)`, or the substrings of the names it picks."
+    if adamw is None or callable(adamw): return adamw
     subs = (adamw,) if isinstance(adamw, str) else tuple(adamw) if isinstance(adamw, (list, tuple, set, frozenset)) else (adamw,)
     if not all(isinstance(s, str) for s in subs): raise ValueError(f"`adamw` must be a predicate f(name, p), a string or strings, got {adamw!r}")
-    return lambda n, p: n is not None and any(s in n for s in subs)
+    return subs
 
-def muon_routes(params, adamw=None) -> list[tuple[str|None, tuple, str]]:
-    "`(name, shape, 'muon' or 'adamw')` for every tensor of `params`, as `Muon` routes them."
-    pick, out = _adamw_pick(adamw), []
+class MuonRoute:
+    "Where `Muon` sends a param: AdamW for tensors under 2 dims, those `adamw` picks and the names in `auto` (a model's embeddings and output layer); Muon for the rest."
+    def __init__(self, adamw=None, auto=()): self.adamw, self.auto = _adamw_names(adamw), frozenset(auto)
+    def __call__(self, name:str|None, p:Tensor) -> str: return 'adamw' if p.ndim < 2 or name in self.auto or self._picks(name, p) else 'muon'
+    def _picks(self, name, p) -> bool:
+        if self.adamw is None: return False
+        if callable(self.adamw): return bool(self.adamw(name, p))
+        return name is not None and any(s in name for s in self.adamw)
+
+def _muon_route(adamw, model) -> tuple[MuonRoute, dict]:
+    "The router and the `{param: name}` of `model` (given: a Learner's); without an `adamw` choice its embeddings and output layer take AdamW."
+    if model is None: return MuonRoute(adamw), {}
+    if not isinstance(model, torch.nn.Module): raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    return MuonRoute(adamw, head_and_embedding_names(model) if adamw is None else ()), {p: n for n, p in model.named_parameters()}
+
+def muon_routes(params, adamw=None, model=None) -> list[tuple[str|None, tuple, str]]:
+    "`(name, shape, 'muon' or 'adamw')` for every tensor of `params`, as `Muon` routes them (with `model`: as in a Learner)."
+    route, known = _muon_route(adamw, model)
     groups, names = _named_groups(params)
+    out = []
     for g in groups:
         for x in g['params']:
-            p = _tensor(x); n = names.get(id(p))
-            out.append((n, tuple(p.shape), 'adamw' if p.ndim < 2 or pick(n, p) else 'muon'))
+            p = _tensor(x); n = names.get(id(p), known.get(p))
+            out.append((n, tuple(p.shape), route(n, p)))
     return out
 
 # %% ../nbs/01a_matrix.ipynb #c021
 @torch_names
 def Muon(params, lr=1e-3, mom=0.95, wd=0.1, nesterov=True, ns_coefficients=MUON_NS_COEFFICIENTS, eps=1e-7, ns_steps=5,
          adjust_lr_fn=None, ns_dtype=torch.bfloat16, adamw=None, adamw_lr_ratio=None, adamw_mom=0.9, adamw_sqr_mom=0.999,
-         adamw_eps=1e-8, adamw_wd=0.01, fused=None, compiled=False) -> MatrixOptimizer:
-    "Muon (torch.optim.Muon's rule and keywords) for hidden matrices; AdamW (its own hypers) for the other tensors."
+         adamw_eps=1e-8, adamw_wd=0.01, model=None, fused=None, compiled=False) -> MatrixOptimizer:
+    """Muon (torch.optim.Muon's rule and keywords) for hidden matrices; AdamW (its own `adamw_*` hypers) for the other
+    tensors, routed param by param inside the groups given. `model` (a Learner passes its own) names the params and,
+    unless `adamw` says otherwise, sends its embeddings and output layer to AdamW."""
     groups, names = _named_groups(params)
     _refuse_complex(groups, names, 'Muon')
     check_range('mom', mom, 0, 1, hi_open=True); check_range('wd', wd, 0); check_range('eps', eps, 0, lo_open=True)
@@ -371,33 +392,36 @@ def Muon(params, lr=1e-3, mom=0.95, wd=0.1, nesterov=True, ns_coefficients=MUON_
     check_choice('adjust_lr_fn', adjust_lr_fn, MUON_ADJUST_LR)
     check_choice('ns_dtype', ns_dtype, (torch.bfloat16, torch.float16, torch.float32, torch.float64))
     _pop_flag(groups, 'nesterov', nesterov, 'Muon')
-    split = muon_groups(groups, adamw, adamw_lr_ratio, adamw_mom, adamw_sqr_mom, adamw_eps, adamw_wd, adjust_lr_fn)
-    hypers = dict(lr=lr, mom=mom, wd=wd, eps=eps, ns_coefficients=ns_coefficients, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
-    chain = muon_chain(nesterov, ns_dtype)
-    if not any('chain' in g for g in groups) and not any(g['params'] for g in split if g['chain'] == 'adamw'):
-        # matrices only: torch.optim.Muon's case, one chain
-        split = [{k: v for k, v in g.items() if k not in ('layer', 'chain')} for g in split if g['chain'] == 'muon']
-        return _build('Muon', split, chain, fused=fused, compiled=compiled, **hypers)
-    return _build('Muon', split, {'muon': chain, 'adamw': ADAMW_PART}, fused=fused, compiled=compiled, **hypers)
+    route, known = _muon_route(adamw, model)
+    hypers = dict(lr=lr, mom=mom, wd=wd, eps=eps, ns_coefficients=ns_coefficients, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+                  **_adamw_hypers(adamw_lr_ratio, adamw_mom, adamw_sqr_mom, adamw_eps, adamw_wd, adjust_lr_fn))
+    return _build('Muon', groups, {'muon': muon_chain(nesterov, ns_dtype), 'adamw': ADAMW_ROUTE}, route=route, names=known,
+                  fused=fused, compiled=compiled, **hypers)
+
+def _adamw_hypers(lr_ratio, mom, sqr_mom, eps, wd, adjust_lr_fn) -> dict:
+    "The AdamW part's hypers, checked, as group keys; `lr_ratio` None: 1 with `adjust_lr_fn='match_rms_adamw'`, else 0.015."
+    if lr_ratio is None: lr_ratio = 1. if adjust_lr_fn == 'match_rms_adamw' else 0.015
+    return dict(adamw_lr_ratio=check_range('adamw_lr_ratio', lr_ratio, 0), adamw_mom=check_range('adamw_mom', mom, 0, 1, hi_open=True),
+                adamw_sqr_mom=check_range('adamw_sqr_mom', sqr_mom, 0, 1, hi_open=True),
+                adamw_eps=check_range('adamw_eps', eps, 0, lo_open=True), adamw_wd=check_range('adamw_wd', wd, 0))
 
 def muon_groups(params, adamw=None, adamw_lr_ratio=None, adamw_mom=0.9, adamw_sqr_mom=0.999, adamw_eps=1e-8, adamw_wd=0.01,
                 adjust_lr_fn=None) -> list[dict]:
-    """The param groups `Muon` runs: each group split into a Muon group and an AdamW group (keys `'chain'`, `'layer'`,
-    AdamW's hypers); a group that already has a `'chain'` is kept as it is, even empty. Give these to
-    `ZeroRedundancyOptimizer` (its local optimizers must have its groups)."""
+    """Each group split into a Muon group and an AdamW group (keys `'chain'`, `'layer'`, AdamW's `adamw_*` hypers), for
+    users who route whole groups themselves (`Muon` routes inside the groups and needs none of this); a group that
+    already has a `'chain'` is kept as it is, even empty."""
     groups, names = _named_groups(params)
-    if adamw_lr_ratio is None: adamw_lr_ratio = 1. if adjust_lr_fn == 'match_rms_adamw' else 0.015
-    pick, out = _adamw_pick(adamw), []
+    route, ad_keys = MuonRoute(adamw), _adamw_hypers(adamw_lr_ratio, adamw_mom, adamw_sqr_mom, adamw_eps, adamw_wd, adjust_lr_fn)
+    out = []
     for i, g in enumerate(groups):
         if 'chain' in g: out.append(g); continue
         keys = {k: v for k, v in g.items() if k != 'params'}
-        mu = [x for x in g['params'] if _tensor(x).ndim >= 2 and not pick(names.get(id(_tensor(x))), _tensor(x))]
+        mu = [x for x in g['params'] if route(names.get(id(_tensor(x))), _tensor(x)) == 'muon']
         ids = {id(_tensor(x)) for x in mu}
         ad = [x for x in g['params'] if id(_tensor(x)) not in ids]
         layer = keys.pop('layer', i)
         if mu: out.append({**keys, 'params': mu, 'layer': layer, 'chain': 'muon'})
-        if ad: out.append({'mom': adamw_mom, 'sqr_mom': adamw_sqr_mom, 'eps': adamw_eps, 'wd': adamw_wd, 'lr_ratio': adamw_lr_ratio,
-                           **keys, 'params': ad, 'layer': layer, 'chain': 'adamw'})
+        if ad: out.append({**ad_keys, **keys, 'params': ad, 'layer': layer, 'chain': 'adamw'})
     return out
 
 def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=None, foreach=None, maximize=False,
@@ -415,6 +439,9 @@ def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=Non
     if foreach not in (None, True, False): raise ValueError(f"`foreach` must be None, True or False, got {foreach!r}")
     if not isinstance(maximize, bool): raise ValueError(f"`maximize` must be True or False, got {maximize!r}")
     _pop_flag(groups, 'maximize', maximize, 'Adafactor')
+    if state_dtype in ('int8', 'int4', torch.bfloat16, torch.float16):   # the precision layer stores moments of a param's shape only
+        raise ValueError(f"`state_dtype={state_dtype!r}`: Adafactor's second moments of a matrix are factored (a row and a column, "
+                         "m + n numbers per m x n weight), which low-precision state does not cover; pass state_dtype=None")
     for g in groups:
         g.pop('foreach', None)   # torch's loop or foreach: the same numbers
         if 'eps' in g: g['eps1'], g['eps2'] = _eps_pair(g.pop('eps'))
@@ -483,7 +510,7 @@ def muon_from_torch(opt, sd:dict) -> dict:
             raise ValueError(f"param_groups[{i}] has nesterov={g.get('nesterov')}, this Muon was built with nesterov={nesterov}")
         out = _common_group(i, {k: v for k, v in g.items() if k != 'nesterov'}, {})
         out['ns_coefficients'] = tuple(out['ns_coefficients'])
-        groups.append({**{k: cur[k] for k in ('layer', 'chain') if k in cur}, **out})
+        groups.append({**{k: v for k, v in cur.items() if k not in ('params', 'param_names')}, **out})   # AdamW's keys, which torch has not
     state = {k: {('grad_avg' if n == 'momentum_buffer' else n): v for n, v in s.items()} for k, s in sd['state'].items()}
     return {**sd, 'state': state, 'param_groups': groups}
 
@@ -507,6 +534,33 @@ def adafactor_from_torch(opt, sd:dict) -> dict:
     return {**sd, 'state': {k: conv(s) for k, s in sd['state'].items()}, 'param_groups': groups}
 
 _FROM_TORCH = {'Muon': muon_from_torch, 'Adafactor': adafactor_from_torch}
+
+def _is_split(sd:dict, opt) -> bool:
+    groups = sd.get('param_groups', ())
+    return len(groups) != len(opt.param_groups) and bool(groups) and all(g.get('chain') in ('muon', 'adamw') and 'layer' in g for g in groups)
+
+def muon_from_split(opt, sd:dict) -> dict:
+    """A checkpoint of the earlier `Muon`, which split each group `i` in a `'muon'` and an `'adamw'` group (`'layer': i`),
+    in the groups of `opt` (routed param by param); any other state dict as it is."""
+    if not _is_split(sd, opt): return sd
+    groups, used = [], 0
+    for i, cur in enumerate(opt.param_groups):
+        parts = {g['chain']: g for g in sd['param_groups'] if g['layer'] == cur.get('layer', i)}
+        ids = {k: iter(g['params']) for k, g in parts.items()}
+        try: params = [next(ids[opt._label(cur, j, p)]) for j, p in enumerate(cur['params'])] if opt._is_routed(cur) else None
+        except (KeyError, StopIteration): params = None
+        if params is None or any(next(it, None) is not None for it in ids.values()):
+            raise ValueError(f"param_groups of the state dict (an earlier Muon's split groups) do not hold group {i}'s params as this "
+                             f"Muon routes them: build the optimizer the checkpoint was saved from")
+        g = {k: v for k, v in cur.items() if k not in ('params', 'param_names')}
+        mu, ad = parts.get('muon', {}), parts.get('adamw', {})
+        g.update({k: v for k, v in mu.items() if k not in ('params', 'chain', 'layer', 'lr_ratio', 'sqr_mom')})
+        g.update({ADAMW_KEYS[k]: v for k, v in ad.items() if k in ADAMW_KEYS})
+        if not mu: g['lr'] = ad['lr']
+        groups.append({**g, 'params': params}); used += len(params)
+    if used != sum(len(g['params']) for g in sd['param_groups']):
+        raise ValueError(f"the state dict (an earlier Muon's split groups) holds {sum(len(g['params']) for g in sd['param_groups'])} params, this Muon {used}")
+    return {**sd, 'param_groups': groups}
 
 # %% ../nbs/01a_matrix.ipynb #c029
 def state_bytes_per_param(opt) -> dict:

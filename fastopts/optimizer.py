@@ -357,13 +357,22 @@ class Optimizer(torch.optim.Optimizer):
         if chain.compiled: chain.warmed(key, grp)   # the state it made: the compiled chain runs from the next step
         return True
 
+    def routed(self, i:int, g:dict, params:list[Tensor]) -> list[tuple[Chain, list[Tensor]]]:
+        "The chains that run `params` of group `i`, each with its share (here: the group's chain, all of them; a router splits them by parameter)."
+        return [(self.chain_of(g), params)]
+
     def _step_group(self, i:int, g:dict, params:list[Tensor], hyper:dict|None=None):
-        "Step `params` of group `i` that have a gradient: the fused kernel on those it computes correctly, the chain on the rest."
+        "Step `params` of group `i` that have a gradient, each share with the chain `routed` gives it."
         grads = [p.grad for p in params]   # read once: `p.grad` is a slow attribute, and this is the hottest path
         ps, gs = [p for p, gr in zip(params, grads) if gr is not None], [gr for gr in grads if gr is not None]
         if not ps: return
-        chain, hyper = self.chain_of(g), self._group_hypers(g) if hyper is None else hyper
+        hyper = self._group_hypers(g) if hyper is None else hyper
         if any(gr.is_sparse for gr in gs): raise ValueError("fastopts optimizers do not support sparse gradients")
+        for chain, rps in self.routed(i, g, ps):
+            self._step_chain(i, chain, rps, gs if rps is ps else [p.grad for p in rps], hyper)
+
+    def _step_chain(self, i:int, chain:Chain, ps:list[Tensor], gs:list[Tensor], hyper:dict):
+        "The fused kernel of `chain` on the params of `ps` it computes correctly, the chain's callbacks on the rest."
         for idx in _device_dtype_groups(ps) or [None]:
             sub, sg = _pick(ps, idx), _pick(gs, idx)
             if chain.fast is not None:

@@ -33,9 +33,20 @@ def digits_dls():
     from fastopts.data import sklearn_dls
     return sklearn_dls('digits')
 
+@pytest.fixture(scope='session', autouse=True)
+def no_models_folder_left():
+    "fastai's `lr_find` and `save` write under `learn.path/'models'`: a test that leaves that folder in the repository fails the session."
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    before = {d for d in (root/'models', root/'nbs'/'models', root/'tests'/'models') if d.exists()}
+    yield
+    left = {d for d in (root/'models', root/'nbs'/'models', root/'tests'/'models') if d.exists()} - before
+    assert not left, f"tests left {sorted(map(str, left))} behind: give the Learner `path=tmp_path`"
+
 @pytest.fixture
-def make_learner(digits_dls):
-    "`make_learner(opt_func=fastai's Adam, **Learner kwargs)`: a seeded Learner on digits with an MLP, no bars, no log."
+def make_learner(digits_dls, tmp_path):
+    """`make_learner(opt_func=fastai's Adam, **Learner kwargs)`: a seeded Learner on digits with an MLP, no bars, no log,
+    its `path` under `tmp_path` (fastai's `lr_find` saves the model in `learn.path/'models'`)."""
     import torch.nn.functional as F
     from fastai.learner import Learner
     from fastai.callback.progress import ProgressCallback
@@ -43,6 +54,7 @@ def make_learner(digits_dls):
     from fastcore.basics import noop
     from fastopts.data import dls_mlp
     def make(opt_func=Adam, **kwargs):
+        kwargs.setdefault('path', tmp_path)
         torch.manual_seed(0)
         learn = Learner(digits_dls, dls_mlp(digits_dls), loss_func=F.cross_entropy, opt_func=opt_func, **kwargs)
         learn.remove_cb(ProgressCallback); learn.logger = noop

@@ -28,7 +28,11 @@ def reference(name, steps=STEPS, world=2):
     SOAP magnify the last bits in which that mean differs from the whole batch's gradient: after 5 steps 2.3e-6 and
     2.4e-5 apart, Adafactor 1.5e-8.)"""
     make, kw = optimizers()[name]
-    m = model(**kw); opt = make(list(m.parameters()))
+    m = model(**kw)
+    return mean_grad_fit(m, make(list(m.parameters())), steps, world)
+
+def mean_grad_fit(m, opt, steps, world) -> list:
+    "`steps` of `opt` on `m` with the whole batch, its gradient the mean of the `world` slices' gradients; the params."
     x, y = data()
     per = N_ROWS // world
     for _ in range(steps):
@@ -48,9 +52,8 @@ def train(mode, name, rank, world, steps=STEPS):
     elif mode == 'zero':
         from torch.distributed.optim import ZeroRedundancyOptimizer
         net = torch.nn.parallel.DistributedDataParallel(m)
-        from fastopts.matrix import muon_groups   # ZeRO's groups must be the local optimizers': Muon's split, for every rule alike
-        opt = ZeroRedundancyOptimizer(muon_groups(list(net.parameters()), adamw_lr_ratio=0.1) if name.startswith('muon') else list(net.parameters()),
-                                      optimizer_class=lambda ps, **kw: make(ps))
+        # the model's params as they are: each rank's optimizer keeps ZeRO's groups (Muon routes inside them)
+        opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=lambda ps, **kw: make(ps))
     elif mode == 'fsdp2':
         from torch.distributed.fsdp import fully_shard
         for layer in m:
@@ -61,7 +64,38 @@ def train(mode, name, rank, world, steps=STEPS):
     return [_full(p) for p in m.parameters()]
 
 @exits_cleanly
-def job(rank, world, init_file, out_file, modes, names):
-    "Entry point of a rank: train each named optimizer in each mode, rank 0 saves {(mode, name): params or error text}."
-    res = train_all(rank, world, init_file, train, modes, names, key=lambda mode, name: f'{mode} {name}')
+def job(rank, world, init_file, out_file, modes, names, refusals):
+    "Entry point of a rank: train each named optimizer in each mode, rank 0 saves {'mode name': params, or the expected refusal's text}."
+    res = train_all(rank, world, init_file, train, modes, names, key=lambda mode, name: f'{mode} {name}', refusals=refusals)
     if rank == 0: torch.save(res, out_file)
+
+# Muon under ZeroRedundancyOptimizer given plain `model.parameters()` (not `muon_groups`): a 3-layer MLP with biases
+MUON_KW = dict(lr=0.05, ns_dtype=torch.float32, adamw_lr_ratio=0.1)
+
+def mlp3():
+    torch.manual_seed(2)
+    return torch.nn.Sequential(torch.nn.Linear(N_IN, N_HID), torch.nn.Tanh(), torch.nn.Linear(N_HID, N_HID), torch.nn.Tanh(),
+                               torch.nn.Linear(N_HID, N_OUT))
+
+def muon_zero_reference(steps=STEPS, world=2):
+    "One process, the whole batch as `world` slices' mean gradient (as DDP forms it)."
+    from fastopts.matrix import Muon
+    m = mlp3()
+    return mean_grad_fit(m, Muon(m.parameters(), **MUON_KW), steps, world)
+
+@exits_cleanly
+def muon_zero_job(rank, world, init_file, out_file, steps=STEPS):
+    "`ZeroRedundancyOptimizer(model.parameters(), optimizer_class=Muon, ...)` on a DDP MLP; rank 0 saves the params."
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from fastopts.matrix import Muon
+    from distributed_worker import init_group
+    init_group(rank, world, init_file)
+    x, y = data()
+    per = N_ROWS // world
+    x, y = x[rank*per:(rank+1)*per], y[rank*per:(rank+1)*per]
+    m = mlp3(); net = torch.nn.parallel.DistributedDataParallel(m)
+    opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=Muon, **MUON_KW)
+    for _ in range(steps):
+        opt.zero_grad(); loss_fn(net, x, y).backward(); opt.step()
+    if rank == 0: torch.save([p.detach().clone() for p in m.parameters()], out_file)
+    dist.destroy_process_group()

@@ -17,6 +17,15 @@ def exits_cleanly(job):
         os._exit(0)
     return run
 
+COLLECTIVE_TIMEOUT = 90   # seconds a collective waits for a rank that never joins (then it raises): under the test's own timeout
+
+def init_group(rank, world, init_file):
+    "Join the 2-rank gloo group with a collective timeout (a rank that fails alone ends the job, not a wait forever), one torch thread."
+    from datetime import timedelta
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT))
+    torch.set_num_threads(1)
+
 def data():
     g = torch.Generator().manual_seed(0)
     return torch.randn(N_ROWS, N_IN, generator=g), torch.randint(0, N_OUT, (N_ROWS,), generator=g)
@@ -70,17 +79,22 @@ def train(mode, name, rank, world, steps=STEPS):
         opt.zero_grad(); loss_fn(net, x, y).backward(); opt.step()
     return [_full(p) for p in m.parameters()]
 
-def train_all(rank, world, init_file, train, modes, names, key=lambda mode, name: name) -> dict:
-    "Join the gloo group, train each of `names` in each of `modes` ({key: params, or an exception's text}), leave the group."
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def train_all(rank, world, init_file, train, modes, names, key=lambda mode, name: name, refusals=None) -> dict:
+    """Join the gloo group, train each of `names` in each of `modes` ({key: params}), leave the group. An exception ends
+    the job at once with its message (spawn reports it and stops the other rank, which may be waiting in a collective:
+    a barrier after it would hang). Only an expected refusal, `refusals[key]` in its message, is kept as the key's
+    result (text) and the job goes on: a refusal at construction, raised on every rank alike before any collective."""
+    init_group(rank, world, init_file)
     res = {}
     try:
         for mode in modes:
             for name in names:
-                try: res[key(mode, name)] = train(mode, name, rank, world)
-                except Exception as e: res[key(mode, name)] = f'{type(e).__name__}: {e}'
-                dist.barrier()
+                k = key(mode, name)
+                try: res[k] = train(mode, name, rank, world)
+                except Exception as e:
+                    msg = f'{type(e).__name__}: {e}'
+                    if refusals and k in refusals and refusals[k] in msg: res[k] = msg; continue
+                    raise RuntimeError(f'rank {rank}, {k}: {msg}') from e
     finally: dist.destroy_process_group()
     return res
 
@@ -101,8 +115,7 @@ def ckpt_job(rank, world, init_file, out_file, names):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_group(rank, world, init_file)
     x, y = data()
     per = N_ROWS // world
     x, y = x[rank*per:(rank+1)*per], y[rank*per:(rank+1)*per]
@@ -116,7 +129,7 @@ def ckpt_job(rank, world, init_file, out_file, names):
         for _ in range(n): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
     res = {}
     try:
-        for name in names:
+        for name in names:   # an exception ends the job with its message (no barrier after it: the other rank may be in a collective)
             try:
                 m1, o1 = build(name); steps(m1, o1, 3)
                 msd, osd = _clone(get_model_state_dict(m1)), _clone(get_optimizer_state_dict(m1, o1))
@@ -124,9 +137,8 @@ def ckpt_job(rank, world, init_file, out_file, names):
                 m2, o2 = build(name)
                 set_model_state_dict(m2, msd); set_optimizer_state_dict(m2, o2, osd)
                 steps(m2, o2, 3)
-                res[name] = ([_full(p) for p in m1.parameters()], [_full(p) for p in m2.parameters()])
-            except Exception as e: res[name] = f'{type(e).__name__}: {e}'
-            dist.barrier()
+            except Exception as e: raise RuntimeError(f'rank {rank}, {name}: {type(e).__name__}: {e}') from e
+            res[name] = ([_full(p) for p in m1.parameters()], [_full(p) for p in m2.parameters()])
         if rank == 0: torch.save(res, out_file)
     finally: dist.destroy_process_group()
 
@@ -163,8 +175,7 @@ def fit_record(learn, m):
 @exits_cleanly
 def learner_job(rank, world, init_file, out_file, n_acc):
     "A fastai Learner per rank (model in DDP, data sharded by hand: fastai's launcher needs CUDA), each rank saves."
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_group(rank, world, init_file)
     try:
         learn, m = learner(rank, world, n_acc)
         torch.save(fit_record(learn, m), f'{out_file}.{rank}')
@@ -198,8 +209,7 @@ def find_lr_job(rank, world, init_file, out_file, epochs):
     fit without find_lr, and a rank with one batch fewer (which must fail on both ranks, not hang)."""
     import warnings
     from fastai.torch_core import set_seed
-    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    init_group(rank, world, init_file)
     out = {}
     try:
         def fit(find):
@@ -225,6 +235,14 @@ def find_lr_job(rank, world, init_file, out_file, epochs):
         except ValueError as e: out['mismatch'] = str(e)
         torch.save(out, f'{out_file}.{rank}')
     finally: dist.destroy_process_group()
+
+@exits_cleanly
+def fail_alone_job(rank, world, init_file):
+    "For the harness's own test: rank 1 raises while rank 0 waits in an all-reduce that rank 1 never joins."
+    init_group(rank, world, init_file)
+    if rank == 1: raise ValueError('rank 1 fails alone')   # no barrier, no clean-up collective: the job ends here
+    dist.all_reduce(torch.ones(1))
+    dist.destroy_process_group()
 
 def abort_job(rank, world, init_file, marker, times):
     "For the harness's own test: rank 1 aborts (SIGABRT, as gloo's threads once did) on its first `times` runs."

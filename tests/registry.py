@@ -91,3 +91,19 @@ LR_FREE = [
     OptSpec('ademamix', AdEMAMix, dict(lr=1e-3)),   # no package: tests/test_lr_free.py writes the paper's update
 ]
 LR_FREE_STATE_BYTES = {'sf_adamw': 8, 'sf_sgd': 4, 'prodigy': 16, 'adopt': 8, 'ademamix': 12}   # float32 state per parameter
+
+# Matrix optimizers (fastopts.matrix). Kept out of OPTIMIZERS for the same reason as LR_FREE (no compiled step for
+# all, no fused kernel; tests/test_matrix.py holds their references).
+from fastopts.matrix import Muon, SOAP, Adafactor
+MATRIX = [
+    OptSpec('muon', Muon, dict(lr=0.02)),   # the hybrid: Muon for matrices, AdamW for the rest
+    OptSpec('soap', SOAP, dict(lr=3e-3, precondition_frequency=2)),
+    OptSpec('adafactor', Adafactor, dict(lr=1e-2)),
+]
+ALL = OPTIMIZERS + MATRIX + LR_FREE
+
+# Gradient release (tests/test_release.py): every optimizer in ALL steps one param at a time with the ordinary step's
+# numbers, except these, which refuse it with a ValueError matching the pattern (their step couples the params).
+RELEASE_REFUSED = {'sf_adamw': 'ScheduleFreeOptimizer cannot step one param', 'sf_sgd': 'ScheduleFreeOptimizer cannot step one param',
+                   'prodigy': 'Prodigy cannot step one param'}
+RELEASE = [o for o in ALL if o.name not in RELEASE_REFUSED]

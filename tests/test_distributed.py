@@ -38,6 +38,12 @@ def test_a_rank_killed_by_a_signal_gets_one_more_try(times, tmp_path):
         with pytest.raises(mp.ProcessExitedException, match='SIGABRT'): run_ranks(w.abort_job, (str(marker), times), tmp_path)
     assert (tmp_path / 'runs.1').read_text() == '2'
 
+def test_a_rank_that_fails_alone_ends_the_job_with_its_message(tmp_path):
+    "Rank 1 raises while rank 0 waits in a collective: the test fails at once with rank 1's message, not after a timeout."
+    t0 = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException, match='rank 1 fails alone'): run_ranks(w.fail_alone_job, (), tmp_path)
+    assert time.monotonic() - t0 < w.COLLECTIVE_TIMEOUT
+
 def test_another_signal_is_not_retried(tmp_path):
     "A rank killed by a signal other than SIGABRT (here a crash, SIGSEGV) fails the test at once, without a second run."
     from signal_worker import signal_job

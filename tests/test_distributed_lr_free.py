@@ -11,15 +11,23 @@ NAMES = list(w.optimizers())
 
 MODES = ['ddp', 'zero']
 
+def test_schedule_free_and_prodigy_under_ddp_and_zero(tmp_path):
+    "The default run's case: Schedule-Free AdamW (modes swapped under ZeRO) and Prodigy (its sums all-reduced), one spawn."
+    _check(['ddp', 'zero'], ['sf_adamw', 'prodigy'], tmp_path)
+
 @pytest.mark.slow   # about 45 s on the shared 2-core machine (starting the ranks is most of it): run with --slow
 def test_lr_free_optimizers_match_one_process(tmp_path):
     "Both modes in one spawn of the ranks (starting them is most of the time)."
+    _check(MODES, NAMES, tmp_path)
+
+def _check(modes, names, tmp_path):
+    "Train `names` in `modes` on 2 ranks (one spawn); both ranks' results equal one process's."
     out = tmp_path / 'out'
-    run_ranks(w.job, (str(out), MODES, NAMES), tmp_path)
+    run_ranks(w.job, (str(out), modes, names), tmp_path)
     r0, r1 = (torch.load(f'{out}.{r}', weights_only=True) for r in (0, 1))
     errors = {n: r for n, r in {**r0, **r1}.items() if isinstance(r, str)}
     assert not errors, errors
-    for mode, name in [(m, n) for m in MODES for n in NAMES]:
+    for mode, name in [(m, n) for m in modes for n in names]:
         ref_trained, ref_eval, ref_d = w.reference(name)
         assert any(not torch.equal(a, b) for a, b in zip(ref_trained, [p.detach() for p in w.model().parameters()])), name
         for res in (r0[f'{mode}/{name}'], r1[f'{mode}/{name}']):

@@ -103,3 +103,34 @@ def test_gallery_is_copied_in(tmp_path):
     assert broken_links(site) == []
     with pytest.raises(ValueError, match='`gallery`'): build_docs(tmp_path/'site2', nbs, tmp_path/'README.md', gallery=nbs)
     with pytest.raises(ValueError, match='`out`'): build_docs(nbs, nbs, tmp_path/'README.md')   # never wipes a folder it did not write
+
+def test_broken_links_checks_fragments(tmp_path):
+    "A `#id` link, on the page itself or on another page, resolves only if that page has an element with that id."
+    from fastopts.docs import broken_links
+    (tmp_path/'a.html').write_text('<h2 id="here">x</h2><a href="#here">ok</a> <a href="#nowhere">bad</a> '
+                                   '<a href="b.html#there">ok</a> <a href="b.html#gone">bad</a> <a href="b.html">ok</a>')
+    (tmp_path/'b.html').write_text('<p id="there">y</p>')
+    assert sorted(broken_links(tmp_path)) == ['a.html -> #nowhere', 'a.html -> b.html#gone']
+
+def test_broken_links_refuses_links_that_leave_the_site(tmp_path):
+    "A relative or absolute path to a file outside the site is broken once the site is moved; web and mail links are not checked."
+    from fastopts.docs import broken_links
+    site = tmp_path/'site'; site.mkdir()
+    (tmp_path/'outside.html').write_text('<p>outside</p>')
+    (site/'a.html').write_text(f'<a href="../outside.html">up</a> <img src="{tmp_path}/outside.html"> '
+                               '<a href="https://example.org/x#y">web</a> <a href="mailto:a@b.c">mail</a>')
+    assert sorted(broken_links(site)) == sorted(['a.html -> ../outside.html', f'a.html -> {tmp_path}/outside.html'])
+
+def test_not_blank(tmp_path):
+    "A flat page, or one with a few specks of many colours (under 1% of its pixels), is blank; a drawn page is not."
+    from PIL import Image, ImageDraw
+    from fastopts.docs import not_blank
+    img = Image.new('RGB', (200, 200), 'white'); img.save(tmp_path/'white.png')
+    assert not not_blank(tmp_path/'white.png')
+    for i in range(30): img.putpixel((i, i), (8*i, 255 - 8*i, 4*i))   # 30 pixels of 0.075%, 30 colours
+    img.save(tmp_path/'specks.png')
+    assert not not_blank(tmp_path/'specks.png')
+    d = ImageDraw.Draw(img)
+    for i in range(12): d.rectangle([10 + 15*i, 50, 20 + 15*i, 60], fill=(20*i, 100, 255 - 20*i))   # 12 colours, 3% of the pixels
+    img.save(tmp_path/'drawn.png')
+    assert not_blank(tmp_path/'drawn.png')

@@ -45,9 +45,11 @@ def _muon_run(kw, ns_dtype=torch.bfloat16, patch_f32=False):
 
 @pytest.mark.parametrize('kw', MUON_KW, ids=lambda kw: ','.join(f'{k}={v}' for k, v in kw.items()) or 'defaults')
 def test_muon_equals_torch_muon(kw):
-    assert _muon_run(kw) <= 1e-2                                  # bf16 Newton-Schulz, as torch's
-    assert _muon_run(kw, ns_dtype=torch.float32) <= 1e-2           # the f32 option against torch's bf16
-    assert _muon_run(kw, ns_dtype=torch.float32, patch_f32=True) <= 1e-5   # ... and against torch's rule in f32
+    # measured (12 steps, float32 params): bf16 vs torch's bf16 <= 4.2e-7 (0 in half the cases), f32 vs torch patched to
+    # f32 <= 7.2e-7, f32 vs torch's bf16 2.5e-3 .. 6.7e-3; each bound about 10x the measured error
+    assert _muon_run(kw) <= 4e-6                                   # bf16 Newton-Schulz, as torch's: a f32 one is 1e-3 off
+    assert 1e-3 <= _muon_run(kw, ns_dtype=torch.float32) <= 2e-2  # the f32 option is not torch's bf16 rule ...
+    assert _muon_run(kw, ns_dtype=torch.float32, patch_f32=True) <= 7e-6   # ... but torch's rule in f32
 
 def test_muon_f32_option_is_closer_to_exact():
     "float32 Newton-Schulz is nearer the float64 iteration than bfloat16 (torch's)."
@@ -208,7 +210,8 @@ SOAP_SHAPES = [(7,), (6, 4), (3, 4, 5), (4, 3, 2, 2), (20, 3)]
 SOAP_KW = [dict(), dict(precondition_frequency=3, weight_decay=0.1), dict(precondition_frequency=4, precondition_1d=True, max_precond_dim=6),
            dict(precondition_frequency=3, merge_dims=True, max_precond_dim=12), dict(merge_dims=True, data_format='channels_last',
            precondition_frequency=5, max_precond_dim=8), dict(normalize_grads=True, correct_bias=False, shampoo_beta=0.8, betas=(0.9, 0.99),
-           precondition_frequency=2, eps=1e-6)]
+           precondition_frequency=2, eps=1e-6), dict(betas=(0.9, 0.99)),   # betas apart: shampoo_beta defaults to the second
+           dict(betas=(0.9, 0.99), precondition_frequency=3, merge_dims=True, max_precond_dim=12)]
 
 @pytest.mark.parametrize('kw', SOAP_KW, ids=lambda kw: ','.join(f'{k}={v}' for k, v in kw.items()) or 'defaults')
 def test_soap_equals_reference(kw):
@@ -218,8 +221,10 @@ def test_soap_equals_reference(kw):
     run_pair(ours, ref, SOAP(ours, lr=0.01, **kw), RefSOAP(ref, lr=0.01, **kw), SOAP_SHAPES, torch.float32)
     for a, b, a0 in zip(ours, ref, p0):
         assert not torch.equal(b.detach(), a0)
-        assert_close(a, b, rtol=1e-3, atol=1e-5)
-    assert displacement_error(ours, ref, p0) <= 1e-3
+        # float32 through eigendecompositions, measured: <= 3.6e-7 apart (1.5 units in the last place of params ~2), total
+        # displacement 1.2e-6 relative; bounds ~8x that (shampoo_beta from the wrong beta: 0.19)
+        assert_close(a, b, rtol=1e-5, atol=3e-6)
+    assert displacement_error(ours, ref, p0) <= 1e-5
 
 def test_soap_first_step_only_builds_the_basis():
     ps = make([(5, 3)])
@@ -312,7 +317,7 @@ def test_hybrid_routes_and_equals_torch_muon_plus_adamw():
     assert routes == [('0.weight', (4, 1, 3, 3), 'muon'), ('0.bias', (4,), 'adamw'), ('1.weight', (4,), 'adamw'), ('1.bias', (4,), 'adamw'),
                       ('3.weight', (6, 4, 3, 3), 'muon'), ('3.bias', (6,), 'adamw'), ('7.weight', (3, 6), 'adamw'), ('7.bias', (3,), 'adamw')]
     ours = Muon(m1.named_parameters(), lr=0.02, adamw='7.', adamw_lr_ratio=0.1, adamw_mom=0.8, adamw_sqr_mom=0.95, adamw_eps=1e-10, adamw_wd=0.05)
-    assert [g['chain'] for g in ours.param_groups] == ['muon', 'adamw']
+    assert len(ours.param_groups) == 1 and [ours.routes[p] for p in m1.parameters()] == [r for _, _, r in routes]   # the user's one group
     ps2 = dict(m2.named_parameters())
     mats = [torch.nn.Parameter(ps2[n].detach().reshape(s[0], -1).clone()) for n, s, r in routes if r == 'muon']
     rest = [ps2[n] for n, s, r in routes if r == 'adamw']
@@ -335,11 +340,11 @@ def test_hybrid_routes_and_equals_torch_muon_plus_adamw():
 
 def test_hybrid_lr_ratio_default_follows_adjust_lr_fn():
     ps = make([(4, 6), (4,)])
-    assert Muon(ps).param_groups[1]['lr_ratio'] == 0.015
-    assert Muon(ps, adjust_lr_fn='match_rms_adamw').param_groups[1]['lr_ratio'] == 1.0
+    assert Muon(ps).param_groups[0]['adamw_lr_ratio'] == 0.015
+    assert Muon(ps, adjust_lr_fn='match_rms_adamw').param_groups[0]['adamw_lr_ratio'] == 1.0
 
-def test_muon_groups_under_zero_keep_their_chains():
-    "Groups that already name a chain (ZeroRedundancyOptimizer hands each rank its share of `muon_groups`) stay as they are, empty ones too."
+def test_muon_groups_route_whole_groups():
+    "Groups that already name a chain (a user who routes whole groups, e.g. with `muon_groups`) stay as they are, empty ones too."
     from fastopts.matrix import muon_groups
     ps = make([(4, 6), (4,), (3, 4)])
     gs = muon_groups([ps[:2], ps[2:]], adamw_lr_ratio=0.1)
@@ -347,7 +352,7 @@ def test_muon_groups_under_zero_keep_their_chains():
     share = [{**g, 'params': g['params'] if i != 0 else []} for i, g in enumerate(gs)]
     opt = Muon(share)
     assert [(g['chain'], len(g['params'])) for g in opt.param_groups] == [('muon', 0), ('adamw', 1), ('muon', 1)]
-    assert opt.param_groups[1]['lr_ratio'] == 0.1
+    assert opt.param_groups[1]['adamw_lr_ratio'] == 0.1
 
 @pytest.mark.slow   # inductor compiles the chains (~40 s on CPU)
 @pytest.mark.parametrize('fac,kw', [(Muon, dict(ns_dtype=torch.float32)), (Muon, {}), (Adafactor, {})], ids=['muon', 'muon_bf16', 'adafactor'])

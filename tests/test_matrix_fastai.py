@@ -34,7 +34,7 @@ def learner(dls, opt_func, model, seed=0, **kw):
 def fit(learn, *args, **kw):
     with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(*args, **kw)
 
-OPTS = {'muon': partial(Muon, adamw_lr_ratio=0.1), 'soap': SOAP, 'adafactor': Adafactor}
+OPTS = {'muon': partial(Muon, adamw_lr_ratio=0.2), 'soap': SOAP, 'adafactor': Adafactor}   # in a Learner Muon's output layer takes AdamW (at lr*0.2)
 LRS = {'muon': 0.05, 'soap': 3e-2, 'adafactor': 0.1}
 
 @pytest.mark.parametrize('model', [cnn, dls_mlp], ids=['cnn', 'mlp'])
@@ -42,8 +42,11 @@ LRS = {'muon': 0.05, 'soap': 3e-2, 'adafactor': 0.1}
 def test_fit_one_cycle_with_freeze_trains_and_resumes(name, model, digits, tmp_path):
     learn = learner(digits, OPTS[name], model, path=tmp_path)
     learn.create_opt()
-    if name == 'muon':   # the Learner's 2 layer groups, each split by rule, and the layer each group keeps
-        assert [(g['layer'], g['chain']) for g in learn.opt.param_groups] == [(0, 'muon'), (0, 'adamw'), (1, 'muon'), (1, 'adamw')]
+    if name == 'muon':   # the Learner's 2 layer groups stay 2; inside them hidden matrices take Muon, the rest and the output layer AdamW
+        assert len(learn.opt.param_groups) == 2
+        hidden = [p for m in learn.model[:-1] if isinstance(m, (nn.Conv2d, nn.Linear)) for p in [m.weight]]
+        assert [learn.opt.routes[p] for p in learn.model.parameters()] == \
+               ['muon' if any(p is q for q in hidden) else 'adamw' for p in learn.model.parameters()]
     body = [p for m in learn.model[:-1] if not isinstance(m, nn.BatchNorm2d) for p in m.parameters()]   # fastai trains frozen BNs
     body0, head0 = [p.detach().clone() for p in body], learn.model[-1].weight.detach().clone()
     learn.freeze_to(1)

@@ -77,8 +77,13 @@ def test_stochastic_rounding_unbiased(dtype, x0):
     down = torch.tensor(x0).to(dtype)
     if down.float() > x0: down = torch.nextafter(down, torch.tensor(-1e9, dtype=dtype))
     up = torch.nextafter(down, torch.tensor(1e9, dtype=dtype))
-    assert set(r.float().unique().tolist()) <= {down.float().item(), up.float().item()}   # only the two neighbours
-    assert abs(r.double().mean().item() - x0) <= 3e-5 * max(1, abs(x0))
+    lo, hi, xf = down.double().item(), up.double().item(), torch.tensor(x0).item()   # xf: x0 as the float32 rounded
+    assert set(r.double().unique().tolist()) == {lo, hi}   # both neighbours, nothing else (round-to-nearest gives one)
+    # unbiased: the fraction rounded up is p = (x - lo)/(hi - lo); the mean of n draws is within 5 standard deviations of x
+    p, n = (xf - lo) / (hi - lo), x.numel()
+    assert 0.05 < p < 0.95
+    sd = (hi - lo) * (p * (1 - p) / n) ** 0.5
+    assert abs(r.double().mean().item() - xf) <= 5 * sd
 
 def test_stochastic_rounding_seeded_through_precision():
     def sgd(grp, lr, **_): torch._foreach_add_(grp.params, grp.grads, alpha=-lr)
@@ -91,6 +96,53 @@ def test_stochastic_rounding_seeded_through_precision():
     assert len(a.unique()) == 2                         # rounded both ways, no Kahan buffer
     assert abs(a.double().mean().item() - (torch.tensor(0.3).bfloat16().double().item() - 1e-4)) < 3e-5
 
+def bnb_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
+    """bitsandbytes' dynamic quantisation map (`bitsandbytes.functional.create_dynamic_map`; Dettmers et al. 2022,
+    "8-bit Optimizers via Block-wise Quantization", section 2), written here from its definition: for each exponent
+    i = 0..max_exponent_bits-1, the midpoints of a linear split of [0.1, 1] into 2**(i + non-sign bits - exponent bits)
+    (unsigned: twice as many) intervals, scaled by 10**(i - (max_exponent_bits - 1)); their negatives when signed; then
+    0 and 1; zeros up to 2**total_bits entries; sorted."""
+    data, non_sign = [], total_bits - 1
+    for i in range(max_exponent_bits):
+        n = 2 ** (i + non_sign - max_exponent_bits + (0 if signed else 1))
+        edges = [0.1 + 0.9 * j / n for j in range(n + 1)]
+        mids = [(a + b) / 2 * 10.0 ** (i - (max_exponent_bits - 1)) for a, b in zip(edges[:-1], edges[1:])]
+        data += mids + ([-m for m in mids] if signed else [])
+    data += [0., 1.]
+    assert len(data) == 2 ** total_bits   # 7 exponent bits of 8: no extra items, no padding
+    return torch.tensor(sorted(data), dtype=torch.float64).float()
+
+def test_dynamic_map_is_bitsandbytes():
+    "Our map is the definition's, entry for entry (float32, at most one unit in the last place apart); a few values by hand."
+    for signed in (True, False):
+        ours, ref = dynamic_map(signed), bnb_dynamic_map(signed)
+        assert ours.shape == (256,) and ours.dtype == torch.float32
+        torch.testing.assert_close(ours, ref, rtol=2**-23, atol=0)
+        assert (ours == 0).sum() == 1 and ours[-1] == 1
+    s, u = dynamic_map(True), dynamic_map(False)
+    # by hand: the first exponent's one interval [0.1, 1] (two, unsigned) at 1e-6; the last's 64 intervals of 0.9/64 at 1
+    assert s[128].item() == pytest.approx(0.55e-6, rel=1e-6) and s[0].item() == pytest.approx(-(1 - 0.45/64), rel=1e-7)
+    assert u[1].item() == pytest.approx(0.325e-6, rel=1e-6) and u[-2].item() == pytest.approx(1 - 0.45/128, rel=1e-7)
+
+def test_int8_codes_are_the_nearest_of_the_dynamic_map():
+    """Each value, divided by its block's absmax, decodes to the nearest entry of bitsandbytes' map (the definition
+    above); unsigned (second moments): a positive value whose nearest entry is 0 decodes to the smallest positive entry
+    instead, so Adam's denominator never becomes eps alone."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 512, generator=g) * torch.logspace(-9, 0, 4)[:, None]
+    x[0, :3] = torch.tensor([1.0, 1e-9, 3e-8])   # tiny values beside 1.0 in one block
+    for t, signed in ((x, True), (x.abs(), False)):
+        codes, absmax = quantize_blockwise(t)
+        assert codes.dtype == (torch.int8 if signed else torch.uint8)
+        ref = bnb_dynamic_map(signed)
+        blocks = t.reshape(-1, QUANT_BLOCK)
+        normed = blocks / absmax[:, None]
+        want = ref[(normed[..., None] - ref).abs().argmin(-1)]
+        if not signed: want = torch.where((want == 0) & (normed > 0), ref[ref > 0].min(), want)
+        got = dequantize_blockwise(codes, absmax).reshape(-1, QUANT_BLOCK)
+        torch.testing.assert_close(got, want * absmax[:, None], rtol=2**-22, atol=0)
+        if not signed: assert (got[0, 1:3] > 0).all()
+
 def test_int8_round_trip_bounded_per_block():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 777, generator=g) * torch.logspace(-8, 0, 5)[:, None]
@@ -102,9 +154,8 @@ def test_int8_round_trip_bounded_per_block():
         torch.testing.assert_close(absmax, flat.abs().amax(1), rtol=0, atol=0)
         err = (dequantize_blockwise(codes, absmax) - t).reshape(-1)
         err = torch.cat([err, err.new_zeros(n * QUANT_BLOCK - t.numel())]).view(n, QUANT_BLOCK).abs().amax(1)
-        gap = dynamic_map(codes.dtype == torch.int8).diff().max()
+        gap = bnb_dynamic_map(codes.dtype == torch.int8).diff().max()   # the definition's widest step, not our map's
         assert (err <= absmax * gap / 2 * (1 + 1e-4)).all()
-        assert gap < 0.015    # the map's widest step: 1.4% of the block's absmax at most
 
 # torchao's 4-bit maps (AdamW4bit), written out: the signed dynamic map with 3 exponent bits, and 1/16 .. 1 without zero
 _M4 = [0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875]
@@ -155,14 +206,15 @@ def test_state_storage_and_bytes():
     nbytes = sum(v.numel() * v.element_size() for k, v in big.items() if isinstance(v, torch.Tensor))
     assert nbytes / (QUANT_MIN_NUMEL * 2) <= 1.1 and small['grad_avg'].dtype == torch.float32
 
-@pytest.mark.parametrize('state_dtype,share', [(torch.bfloat16, 0.05), ('int8', 0.05), ('int4', 0.3)])
-def test_low_state_close_to_fp32_state(state_dtype, share):
-    "20 steps on pure-noise gradients (the hardest case for quantised moments): 4 bits move the path by up to 30%, 8 bits by a few %."
+@pytest.mark.parametrize('state_dtype', [torch.bfloat16, 'int8', 'int4'])
+def test_low_state_close_to_fp32_state(state_dtype):
+    "20 steps on pure-noise gradients (the hardest case for quantised moments)."
     ref, _ = _adam_states(None, steps=20)
     got, _ = _adam_states(Precision(state_dtype=state_dtype), steps=20)
     p0 = torch.randn(QUANT_MIN_NUMEL * 2, generator=torch.Generator().manual_seed(0))
     move = (ref[0] - p0).abs().mean()
-    assert (got[0] - ref[0]).abs().mean() < share * move     # the moments' rounding changes the path by a few %
+    # the moments' rounding changes the path: measured 0.22% (bf16), 1.58% (int8) and 21% (int4: 16 levels) of the distance moved; bounds 2x that
+    assert (got[0] - ref[0]).abs().mean() <= {torch.bfloat16: 0.0044, 'int8': 0.032, 'int4': 0.42}[state_dtype] * move
 
 def test_fused_kernel_runs_on_the_working_view():
     "The fused kernel is one more chain: on the working view it gives what the callbacks give."

@@ -46,7 +46,8 @@ def test_state_dtype_on_every_optimizer(spec, state_dtype):
     got, opt = _fit(spec, torch.float32, state_dtype=state_dtype)
     p0 = _params(torch.float32)
     move = sum((r - q).abs().sum() for r, q in zip(ref, p0))
-    assert sum((a - r).abs().sum() for a, r in zip(got, ref)) <= 0.05 * move
+    # measured over the registry: <= 0.30% of the distance moved with bf16 state, <= 1.72% with int8; bounds ~2x that
+    assert sum((a - r).abs().sum() for a, r in zip(got, ref)) <= {torch.bfloat16: 0.006, 'int8': 0.034}[state_dtype] * move
     inner = getattr(opt, 'opt', opt)
     big = inner.param_groups[0]['params'][0]            # 6144 elements: quantised
     moments = [k for k, v in inner.state[big].items() if isinstance(v, torch.Tensor) and v.shape == big.shape]
@@ -136,7 +137,7 @@ def test_a_chain_that_needs_all_grads_gets_one_working_copy(monkeypatch):
 def test_every_factory_takes_the_precision_options():
     "kahan_sum, stochastic_round, state_dtype and seed on every optimizer, the new ones included (GUIDE: on every optimizer)."
     from fastopts.all import Muon, SOAP, Adafactor, ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix, Lion, RAdam
-    for f in (Muon, SOAP, Adafactor, ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix, Lion, RAdam):
+    for f in (Muon, SOAP, ScheduleFreeAdamW, ScheduleFreeSGD, Prodigy, ADOPT, AdEMAMix, Lion, RAdam):
         ps = [torch.randn(64, 80, dtype=torch.bfloat16, requires_grad=True)]
         opt = f(ps, kahan_sum=True, state_dtype='int8')
         assert opt.precision.kahan_sum is True and opt.precision.state_dtype == 'int8', f.__name__
@@ -145,8 +146,15 @@ def test_every_factory_takes_the_precision_options():
         for _ in range(2):
             ps[0].grad = torch.randn_like(ps[0]); opt.step()
         assert not torch.equal(ps[0], w0) and ps[0].dtype == torch.bfloat16, f.__name__
-        assert any(isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.uint8) for v in opt.state[ps[0]].values()) or f is Adafactor, f.__name__
+        assert any(isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.uint8) for v in opt.state[ps[0]].values()), f.__name__
         with pytest.raises(ValueError, match='state_dtype'): f(ps, state_dtype='int2')
+    # Adafactor's matrix state is factored (a row and a column), which 8- and 16-bit state do not cover: refused by name
+    ps = [torch.randn(64, 80, dtype=torch.bfloat16, requires_grad=True)]
+    for sd in ('int8', 'int4', torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match=r'state_dtype=.*Adafactor.*factored'): Adafactor(ps, state_dtype=sd)
+    opt = Adafactor(ps, kahan_sum=True, state_dtype=torch.float32)
+    ps[0].grad = torch.randn_like(ps[0]); opt.step()
+    assert opt.precision.kahan_sum is True and 'kahan_comp' in opt.state[ps[0]]
 
 def test_paired_interval_is_the_one_sample_t_interval():
     "The parity table's interval: scipy's one-sample t-test's confidence interval of the paired differences (another code path)."

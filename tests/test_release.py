@@ -2,7 +2,7 @@
 
 The reference is the same optimizer stepped the ordinary way (backward, then `opt.step()`), on a copy of the model.
 """
-import copy
+import copy, warnings
 from functools import partial
 import pytest, torch
 from torch import nn
@@ -10,12 +10,12 @@ from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.training import GradientClip, GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelBackwardException
 from fastai.losses import MSELossFlat
 import fastai.callback.schedule  # noqa: F401 (fit_one_cycle)
 from fastopts.optimizer import Adam, AdamW, Optimizer, ParamGroupView
 from fastopts.release import GradientRelease, release_gradients
-from registry import OPTIMIZERS, ids
+from registry import ALL, RELEASE, RELEASE_REFUSED, ids
 
 def _model(seed=0):
     torch.manual_seed(seed)
@@ -36,12 +36,24 @@ def _train(spec, release:bool):
     if h: h.remove()
     return [p.detach().clone() for p in m.parameters()], h
 
-@pytest.mark.parametrize('spec', OPTIMIZERS, ids=ids)
+@pytest.mark.parametrize('spec', RELEASE, ids=ids)
 def test_release_equals_ordinary_step(spec):
     ref, _ = _train(spec, False)
     got, h = _train(spec, True)
     assert h.steps == len(ref) * len(_batches())
     for i, (a, b) in enumerate(zip(got, ref)): assert torch.equal(a, b), f"{spec.name}: param {i} differs by {(a - b).abs().max()}"
+
+@pytest.mark.parametrize('spec', [o for o in ALL if o.name in RELEASE_REFUSED], ids=ids)
+def test_release_refused_by_name_before_a_param_moves(spec):
+    "An optimizer whose step couples its params (Schedule-Free's weight schedule, Prodigy's d) refuses gradient release by name."
+    m = _model()
+    opt = spec.make(list(m.parameters()))
+    if hasattr(opt, 'train_mode'): opt.train()
+    w = [p.detach().clone() for p in m.parameters()]
+    x, y = _batches(1)[0]
+    with pytest.raises(ValueError, match=RELEASE_REFUSED[spec.name]), release_gradients(opt):
+        nn.functional.mse_loss(m(x), y).backward()
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), w))
 
 def test_release_composes_with_precision():
     "bf16 weights, Kahan summation and int8 state, stepped one param at a time: the same numbers as the ordinary step."
@@ -113,3 +125,41 @@ def test_release_checks_every_chain_of_a_multi_chain_optimizer():
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
     opt = Optimizer([{'params': [a], 'chain': 'x'}, {'params': [b], 'chain': 'y'}], {'x': [sgd_step], 'y': [global_norm, sgd_step]}, lr=0.1)
     with pytest.raises(ValueError, match='global_norm'): release_gradients(opt)
+
+def test_bf16_mixed_precision_is_accepted():
+    "bf16 autocast has no loss scaler (fastai's `MixedPrecision(amp_mode='bf16')`): gradient release runs with it, equal to the plain fit."
+    a, b = _learner([MixedPrecision(amp_mode='bf16')]), _learner([MixedPrecision(amp_mode='bf16'), GradientRelease()])
+    with a.no_logging(), b.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)   # on CPU, fastai's autocast('cuda') switches itself off, saying so
+        a.fit(1); b.fit(1)
+    for p, q in zip(a.model.parameters(), b.model.parameters()): assert torch.equal(p, q)
+    assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), _model().parameters()))
+
+def test_refuses_rules_needing_all_grads_inside_lookahead():
+    "The needs-all-grads check reads the chains of the optimizer a `Lookahead` wraps."
+    from fastopts.lookahead import Lookahead
+    from fastopts.optimizer import sgd_step
+    def global_clip(grp, **_): pass
+    global_clip.needs_all_grads = True
+    opt = Lookahead(Optimizer(list(_model().parameters()), [global_clip, sgd_step], lr=0.1))
+    with pytest.raises(ValueError, match='global_clip'): release_gradients(opt)
+    release_gradients(Lookahead(Adam(list(_model().parameters()), lr=0.1))).remove()   # a per-param rule inside: accepted
+
+class CancelledBackward(Callback):
+    "Cancels every backward (after GradientRelease switched release on), then runs a backward of its own in `after_cancel_backward`."
+    order = GradientRelease.order + 1
+    def before_fit(self): self.stepped, self.kept = [], []
+    def before_backward(self): raise CancelBackwardException()
+    def after_cancel_backward(self):
+        ps = list(self.learn.model.parameters()); w = [p.detach().clone() for p in ps]
+        self.learn.model(self.learn.xb[0]).pow(2).mean().backward()
+        self.stepped.append(any(not torch.equal(p, q) for p, q in zip(ps, w)))
+        self.kept.append(all(p.grad is not None for p in ps))
+        for p in ps: p.grad = None
+
+def test_cancelled_backward_switches_release_off():
+    "A backward cancelled by a callback ends gradient release for that batch: a later backward leaves its grads in place, steps nothing."
+    cb = CancelledBackward()
+    learn = _learner([GradientRelease(), cb])
+    with learn.no_logging(): learn.fit(1)
+    assert cb.stepped and not any(cb.stepped) and all(cb.kept)
