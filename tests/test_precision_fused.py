@@ -54,6 +54,7 @@ def test_write_back_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(r_e, r_c))
     assert (eager[1] != 0).any() and not torch.equal(r_e[0], w.bfloat16())   # something was compensated, and rounded off nearest
 
+@pytest.mark.slow
 def test_fused_step_equals_eager_layer_kahan_int8():
     """AdamW's chain with Kahan and int8 state: codes, scales, params and steps equal the eager layer's. The chain's own
     arithmetic is not always the same: ATen's eager division by a per-tensor scalar and inductor's loop differ by one
