@@ -114,7 +114,7 @@ def demo(out='fastopts-demo', epochs:int=5, seed:int=0, optimizers=None, show_pr
 
 # %% ../nbs/07_cli.ipynb #c013
 def _bench_parsers(sub):
-    "`fastopts bench lr-find`, `lr-seeds`, `step`, `epoch` and `memory`, from the benchmark modules."
+    "`fastopts bench lr-find`, `lr-seeds`, `step`, `epoch`, `memory`, `dist` and `race`, from the benchmark modules."
     bench = sub.add_parser('bench', help='benchmarks (see `fastopts bench -h`)')
     bsub = bench.add_subparsers(dest='bench', required=True)
     from fastopts.bench import lr_find as bench
@@ -131,6 +131,12 @@ def _bench_parsers(sub):
     from fastopts.bench import memory as memory_bench
     p = bsub.add_parser('memory', help='bf16 + Kahan, int8 state, gradient release: state bytes, step time, peak memory, loss parity')
     memory_bench.add_memory_bench_args(p); p.set_defaults(run=memory_bench.memory_bench_main)
+    from fastopts.bench import race as race_bench
+    p = bsub.add_parser('race', help='time to a validation target on six small workloads: self-tuning vs external tuning, AlgoPerf-style scores')
+    race_bench.add_race_args(p); p.set_defaults(run=race_bench.race_main)
+    from fastopts.bench import dist as dist_bench
+    p = bsub.add_parser('dist', help='owner-based vs replicated Muon on gloo ranks: step time, bytes per step, Newton-Schulz work, FSDP2')
+    dist_bench.add_dist_bench_args(p); p.set_defaults(run=dist_bench.dist_bench_main)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='fastopts', description='fastopts: optimizers, schedules and an LR finder for fastai')

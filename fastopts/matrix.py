@@ -61,7 +61,7 @@ def _refuse_shards(groups, names, why):
         for j, x in enumerate(g['params']):
             if isinstance(_tensor(x), DTensor):
                 raise ValueError(f"{why}, but {_param_label(_tensor(x), names, i, j)} is an FSDP2 shard (DTensor): use DDP or "
-                                 "ZeroRedundancyOptimizer, or Muon (which gathers each matrix)")
+                                 "ZeroRedundancyOptimizer, or Muon (each matrix orthogonalised whole on one owner rank)")
 
 def _pop_flag(groups:list[dict], name:str, value, rule:str):
     "A rule flag that torch allows per group (`nesterov`, `maximize`): every group must agree with the factory's, since it picks the chain."
@@ -121,28 +121,33 @@ def _muon_check(grp, ns_steps, ns_coefficients, eps, adjust_lr_fn):
     return steps
 
 @contract(reads='grad_avg', hypers='lr mom eps ns_coefficients ns_steps adjust_lr_fn',
-          role=lambda nesterov=True, ns_dtype=None: 'muon_nesterov' if nesterov else 'muon')
-def muon_step(grp, lr, mom, eps, ns_coefficients, ns_steps, adjust_lr_fn, nesterov=True, ns_dtype=torch.bfloat16, **_):
-    "Muon's step: the (Nesterov) momentum of each weight, viewed as `out x rest`, orthogonalised; `p -= muon_lr(lr)*O`."
+          role=lambda nesterov=True, ns_dtype=None, owners=None: 'muon_nesterov' if nesterov else 'muon')
+def muon_step(grp, lr, mom, eps, ns_coefficients, ns_steps, adjust_lr_fn, nesterov=True, ns_dtype=torch.bfloat16, owners=None, **_):
+    """Muon's step: the (Nesterov) momentum of each weight, viewed as `out x rest`, orthogonalised; `p -= muon_lr(lr)*O`.
+    `owners` (`fastopts.owners.Owners`, several processes): each matrix orthogonalised on one owner rank."""
     steps = _muon_check(grp, ns_steps, ns_coefficients, eps, adjust_lr_fn)
     bufs = grp.state('grad_avg')
     upd = torch._foreach_lerp(grp.grads, bufs, mom) if nesterov else bufs
     by_shape = defaultdict(list)
-    for i, p in enumerate(grp.params): by_shape[(p.shape[0], p[0].numel())].append(i)
+    for i, p in enumerate(grp.params): by_shape[(p.shape[0], math.prod(p.shape[1:]))].append(i)   # not `p[0]`: a shard's row 0 is a gather
+    owned = None if owners is None else owners.orthogonalise(grp.params, upd, ns_coefficients, steps, eps, ns_dtype)
     for (rows, cols), idx in by_shape.items():
-        # each matrix cast before stacking: one copy in `ns_dtype`, as torch's `.bfloat16()` makes
-        O = newton_schulz(torch.stack([_matrix(_full(upd[i])).to(ns_dtype) for i in idx]), ns_coefficients, steps, eps, ns_dtype)
         ps = [grp.params[i] for i in idx]
-        us = [u.view(p.shape) for u, p in zip(O.unbind(0), ps)]   # added in the params' dtype, as torch's `add_` does
-        if isinstance(ps[0], DTensor): ps, us = [p.to_local() for p in ps], [_own_shard(u, p) for u, p in zip(us, ps)]
+        if owned is not None: us = [owned[i].view(p.to_local().shape if isinstance(p, DTensor) else p.shape) for i, p in zip(idx, ps)]
+        else:   # each matrix cast before stacking: one copy in `ns_dtype`, as torch's `.bfloat16()` makes
+            O = newton_schulz(torch.stack([_matrix(_full(upd[i])).to(ns_dtype) for i in idx]), ns_coefficients, steps, eps, ns_dtype)
+            us = [u.view(p.shape) for u, p in zip(O.unbind(0), ps)]   # added in the params' dtype, as torch's `add_` does
+            if isinstance(ps[0], DTensor): us = [_own_shard(u, p) for u, p in zip(us, ps)]
+        if isinstance(ps[0], DTensor): ps = [p.to_local() for p in ps]
         step = muon_lr(lr, adjust_lr_fn, rows, cols)
         if isinstance(step, Tensor): torch._foreach_add_(ps, torch._foreach_mul([u.to(p.dtype) for u, p in zip(us, ps)], -step))
         else: torch._foreach_add_(ps, us, alpha=-step)
 muon_step.defaults = dict(eps=1e-7, ns_coefficients=MUON_NS_COEFFICIENTS, ns_steps=5, adjust_lr_fn=None)
 
-def muon_chain(nesterov:bool=True, ns_dtype=torch.bfloat16) -> list:
-    "Muon's callbacks: decoupled weight decay, torch's EMA momentum, the orthogonalised step."
-    step = muon_step if (nesterov, ns_dtype) == (True, torch.bfloat16) else partial(muon_step, nesterov=nesterov, ns_dtype=ns_dtype)
+def muon_chain(nesterov:bool=True, ns_dtype=torch.bfloat16, owners=None) -> list:
+    "Muon's callbacks: decoupled weight decay, torch's EMA momentum, the orthogonalised step (`owners`: on owner ranks)."
+    kw = {k: v for k, v, default in (('nesterov', nesterov, True), ('ns_dtype', ns_dtype, torch.bfloat16), ('owners', owners, None)) if v != default}
+    step = partial(muon_step, **kw) if kw else muon_step
     return [weight_decay, partial(average_grad, dampening=True), step]
 
 # %% ../nbs/01a_matrix.ipynb #c014
@@ -376,10 +381,11 @@ def muon_routes(params, adamw=None, model=None) -> list[tuple[str|None, tuple, s
 @torch_names
 def Muon(params, lr=1e-3, mom=0.95, wd=0.1, nesterov=True, ns_coefficients=MUON_NS_COEFFICIENTS, eps=1e-7, ns_steps=5,
          adjust_lr_fn=None, ns_dtype=torch.bfloat16, adamw=None, adamw_lr_ratio=None, adamw_mom=0.9, adamw_sqr_mom=0.999,
-         adamw_eps=1e-8, adamw_wd=0.01, model=None, fused=None, compiled=False) -> MatrixOptimizer:
+         adamw_eps=1e-8, adamw_wd=0.01, model=None, fused=None, compiled=False, owners=None) -> MatrixOptimizer:
     """Muon (torch.optim.Muon's rule and keywords) for hidden matrices; AdamW (its own `adamw_*` hypers) for the other
     tensors, routed param by param inside the groups given. `model` (a Learner passes its own) names the params and,
-    unless `adamw` says otherwise, sends its embeddings and output layer to AdamW."""
+    unless `adamw` says otherwise, sends its embeddings and output layer to AdamW. `owners` (None: auto, True, False): on
+    several processes each matrix is orthogonalised on one owner rank (`fastopts.owners`)."""
     groups, names = _named_groups(params)
     _refuse_complex(groups, names, 'Muon')
     check_range('mom', mom, 0, 1, hi_open=True); check_range('wd', wd, 0); check_range('eps', eps, 0, lo_open=True)
@@ -395,7 +401,10 @@ def Muon(params, lr=1e-3, mom=0.95, wd=0.1, nesterov=True, ns_coefficients=MUON_
     route, known = _muon_route(adamw, model)
     hypers = dict(lr=lr, mom=mom, wd=wd, eps=eps, ns_coefficients=ns_coefficients, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                   **_adamw_hypers(adamw_lr_ratio, adamw_mom, adamw_sqr_mom, adamw_eps, adamw_wd, adjust_lr_fn))
-    return _build('Muon', groups, {'muon': muon_chain(nesterov, ns_dtype), 'adamw': ADAMW_ROUTE}, route=route, names=known,
+    if compiled and owners: raise ValueError(f"`owners={owners!r}` and `compiled={compiled!r}`: the owners' collectives run eagerly; pass one")
+    from fastopts.owners import resolve_owners   # here: owners.py builds on this module
+    own = None if compiled else resolve_owners(owners, [_tensor(x) for g in groups for x in g['params']])
+    return _build('Muon', groups, {'muon': muon_chain(nesterov, ns_dtype, own), 'adamw': ADAMW_ROUTE}, route=route, names=known,
                   fused=fused, compiled=compiled, **hypers)
 
 def _adamw_hypers(lr_ratio, mom, sqr_mom, eps, wd, adjust_lr_fn) -> dict:

@@ -142,29 +142,32 @@ def ckpt_job(rank, world, init_file, out_file, names):
         if rank == 0: torch.save(res, out_file)
     finally: dist.destroy_process_group()
 
-def learner(rank=None, world=1, n_acc=0):
-    """A fastai Learner on 64 rows, fastopts Adam, fastopts' OneCycle and StepDecay... as callbacks. With `rank`: the
-    model wrapped in DDP and this rank's half of every global batch of 8 (no shuffling, so one process with bs 8
-    sees the same batches)."""
+def sharded_dls(rank=None, world=1):
+    """DataLoaders on 64 rows in global batches of 8; with `rank`: this rank's half of every global batch (no shuffling,
+    so one process with bs 8 sees the same batches)."""
     from fastai.data.load import DataLoader
     from fastai.data.core import DataLoaders
-    from fastai.learner import Learner
-    import fastai.callback.progress, fastai.callback.schedule, fastopts.lr_finder  # noqa: F401 (no_bar, fit_one_cycle, find_lr)
-    from fastai.callback.training import GradientAccumulation
     from fastopts.data import XYDataset
-    from fastopts.optimizer import Adam
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(64, N_IN, generator=g), torch.randint(0, N_OUT, (64,), generator=g)
     bs = 8 // world
     if rank is not None:   # rank r: rows [8k + r*bs, 8k + (r+1)*bs) of each global batch k
         idx = torch.cat([torch.arange(8*k + rank*bs, 8*k + (rank+1)*bs) for k in range(8)])
         x, y = x[idx], y[idx]
-    dls = DataLoaders(DataLoader(XYDataset(x, y), bs=bs, shuffle=False, drop_last=True),
-                      DataLoader(XYDataset(x[:16], y[:16]), bs=bs, shuffle=False))
+    return DataLoaders(DataLoader(XYDataset(x, y), bs=bs, shuffle=False, drop_last=True),
+                       DataLoader(XYDataset(x[:16], y[:16]), bs=bs, shuffle=False))
+
+def learner(rank=None, world=1, n_acc=0):
+    """A fastai Learner on `sharded_dls`, fastopts Adam, fastopts' OneCycle and StepDecay... as callbacks. With `rank`:
+    the model wrapped in DDP and this rank's half of every global batch."""
+    from fastai.learner import Learner
+    import fastai.callback.progress, fastai.callback.schedule, fastopts.lr_finder  # noqa: F401 (no_bar, fit_one_cycle, find_lr)
+    from fastai.callback.training import GradientAccumulation
+    from fastopts.optimizer import Adam
     m = model()
     net = m if rank is None else torch.nn.parallel.DistributedDataParallel(m)
     cbs = [GradientAccumulation(n_acc // world)] if n_acc else []
-    return Learner(dls, net, opt_func=Adam, cbs=cbs), m
+    return Learner(sharded_dls(rank, world), net, opt_func=Adam, cbs=cbs), m
 
 def fit_record(learn, m):
     from fastopts.schedule import OneCycle

@@ -1,5 +1,5 @@
 """Muon, SOAP and Adafactor under data parallelism with 2 `gloo` ranks on CPU: DDP and ZeroRedundancyOptimizer equal
-one process on the whole batch; under FSDP2 Muon gathers each matrix before orthogonalising (and equals one process),
+one process on the whole batch; under FSDP2 Muon orthogonalises each matrix on its owner rank (fastopts.owners; equals one process),
 SOAP and Adafactor refuse the sharded parameters by name. One spawn runs every mode (the ranks' start-up is most of the time)."""
 import pytest, torch
 from torch.testing import assert_close

@@ -99,7 +99,7 @@ def test_torch_scheduler_and_set_hyper_reach_every_chain():
     assert [h['mom'] for h in opt.hypers] == [0.8, 0.8]
 
 def layered(ps):
-    "Two layer groups, the first split in two rules (as a Muon/AdamW hybrid splits a splitter's groups)."
+    "Two layer groups, the first split in two rules (as a user who routes whole groups splits a splitter's groups)."
     return Optimizer([{'params': ps[:1], 'chain': 'adamw', 'layer': 0}, {'params': ps[1:2], 'chain': 'sgd', 'layer': 0, 'mom': 0.9},
                       {'params': ps[2:], 'chain': 'adamw', 'layer': 1}], {'adamw': ADAMW, 'sgd': SGD_MOM}, lr=1e-2)
 

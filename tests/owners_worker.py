@@ -1,0 +1,144 @@
+"""Worker code for tests/test_owners.py: owner-based Muon in 2 spawned `gloo` ranks on CPU (DDP, FSDP2, a fastai Learner
+under DDP). A rank's exception is not caught (no barrier, no `destroy_process_group` after it, either of which could wait on
+the other rank): it ends the rank with its message, and the harness ends the job."""
+import functools
+from datetime import timedelta
+import torch, torch.distributed as dist
+from distributed_worker import exits_cleanly, loss_fn, _full, N_IN, N_OUT
+
+N_ROWS, STEPS, TIMEOUT_S = 32, 3, 60
+WIDTHS = [N_IN, 16, 16, 16, 24, N_OUT]   # matrices 16x6, 16x16, 16x16, 24x16, 3x24: owners get 3 and 2 of them
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N_ROWS, N_IN, generator=g), torch.randint(0, N_OUT, (N_ROWS,), generator=g)
+
+def model():
+    torch.manual_seed(1)
+    layers = []
+    for a, b in zip(WIDTHS[:-1], WIDTHS[1:]): layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1])
+
+def n_matrices(m=None): return sum(p.ndim == 2 for p in (m or model()).parameters())
+
+def muon(ps, lr=0.05, ns_dtype=torch.float32, **kw):
+    from fastopts.matrix import Muon
+    return Muon(ps, lr=lr, ns_dtype=ns_dtype, adamw_lr_ratio=0.1, **kw)
+
+def reference(steps=STEPS, world=2, ns_dtype=torch.float32):
+    "One process, the whole batch, its gradient the mean of the `world` slices' gradients as DDP forms it."
+    m = model(); opt = muon(list(m.parameters()), ns_dtype=ns_dtype)
+    x, y = data(); per = N_ROWS // world
+    for _ in range(steps):
+        opt.zero_grad()
+        for r in range(world): (loss_fn(m, x[r*per:(r+1)*per], y[r*per:(r+1)*per])/world).backward()
+        opt.step()
+    return [p.detach().clone() for p in m.parameters()]
+
+class Counter:
+    "Counts the matrices `fastopts.matrix.newton_schulz` is given, the largest batch, and calls of `DTensor.full_tensor`."
+    def __init__(self):
+        import fastopts.matrix as fm
+        from torch.distributed.tensor import DTensor
+        self.matrices, self.largest, self.gathers, ns, full = 0, 0, 0, fm.newton_schulz, DTensor.full_tensor
+        def counted_ns(X, *a, **kw):
+            self.matrices += X.shape[0]; self.largest = max(self.largest, X.numel()); return ns(X, *a, **kw)
+        def counted_full(t, *a, **kw):
+            self.gathers += 1; return full(t, *a, **kw)
+        fm.newton_schulz, DTensor.full_tensor = counted_ns, counted_full
+    def read(self): return dict(matrices=self.matrices, largest=self.largest, gathers=self.gathers)
+
+def train(mode, rank, world, owners=None, ns_dtype=torch.float32):
+    "STEPS steps of this rank's half of the batch; (params, Newton-Schulz counts, owner stats)."
+    from fastopts.owners import OWNER_STATS
+    x, y = data(); per = N_ROWS // world
+    x, y = x[rank*per:(rank+1)*per], y[rank*per:(rank+1)*per]
+    m = model()
+    if mode == 'ddp': net = torch.nn.parallel.DistributedDataParallel(m)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear): fully_shard(layer)
+        net = fully_shard(m)
+    opt = muon(list(net.parameters()), ns_dtype=ns_dtype, owners=owners)
+    counter = Counter(); OWNER_STATS.clear()
+    for _ in range(STEPS): opt.zero_grad(); loss_fn(net, x, y).backward(); opt.step()
+    counts = counter.read()
+    return [_full(p) for p in m.parameters()], counts, dict(OWNER_STATS)
+
+def resume(rank, world):
+    """FSDP2, owners: 2 steps, save model and optimizer with torch's distributed-checkpoint helpers, 2 more; a fresh model
+    and optimizer loaded from the save take the same 2 steps. (params straight, params resumed)"""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    from distributed_worker import _clone
+    x, y = data(); per = N_ROWS // world
+    x, y = x[rank*per:(rank+1)*per], y[rank*per:(rank+1)*per]
+    def build():
+        m = model()
+        for layer in m:
+            if isinstance(layer, torch.nn.Linear): fully_shard(layer)
+        fully_shard(m)
+        return m, muon(list(m.parameters()), ns_dtype=torch.bfloat16)
+    def steps(m, opt, n):
+        for _ in range(n): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
+    m1, o1 = build(); steps(m1, o1, 2)
+    msd, osd = _clone(get_model_state_dict(m1)), _clone(get_optimizer_state_dict(m1, o1))
+    steps(m1, o1, 2)
+    m2, o2 = build()
+    set_model_state_dict(m2, msd); set_optimizer_state_dict(m2, o2, osd)
+    steps(m2, o2, 2)
+    return [_full(p) for p in m1.parameters()], [_full(p) for p in m2.parameters()]
+
+def _join(rank, world, init_file, timeout=TIMEOUT_S):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+    torch.set_num_threads(1)
+
+@exits_cleanly
+def job(rank, world, init_file, out_file):
+    "DDP (float32 against one process; bf16 owners against bf16 without owners) and FSDP2; each rank saves its results."
+    _join(rank, world, init_file)
+    res = {'ddp': train('ddp', rank, world), 'ddp_bf16': train('ddp', rank, world, ns_dtype=torch.bfloat16),
+           'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
+           'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False),
+           'fsdp2_resume': resume(rank, world)}
+    torch.save(res, f'{out_file}.{rank}')
+    dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
+
+def learner(rank=None, world=1):
+    "A fastai Learner with Muon on distributed_worker's `sharded_dls`; with `rank`: the model in DDP and this rank's half of each batch."
+    from fastai.learner import Learner
+    import fastai.callback.progress  # noqa: F401 (no_bar)
+    from distributed_worker import sharded_dls
+    m = model()
+    net = m if rank is None else torch.nn.parallel.DistributedDataParallel(m)
+    return Learner(sharded_dls(rank, world), net, loss_func=torch.nn.functional.cross_entropy,
+                   opt_func=functools.partial(muon, ns_dtype=torch.float32)), m
+
+def fit(learn, m):
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
+    return [p.detach().clone() for p in m.parameters()]
+
+@exits_cleanly
+def learner_job(rank, world, init_file, out_file):
+    "A fastai Learner per rank, model in DDP (fastai's launcher needs CUDA: the data is sharded by hand)."
+    _join(rank, world, init_file)
+    learn, m = learner(rank, world)
+    counter = Counter()
+    weights = fit(learn, m)
+    torch.save(dict(weights=weights, counts=counter.read(), owners=repr(learn.opt.chains['muon'].cbs[-1])),
+               f'{out_file}.{rank}')
+    dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
+
+@exits_cleanly
+def failing_job(rank, world, init_file, out_file):
+    """Rank 1 fails (a bad hyper) before the owners' all-gather, in which rank 0 then waits: the job fails with rank 1's
+    message; the process group's short timeout bounds rank 0's wait."""
+    _join(rank, world, init_file, timeout=8)
+    x, y = data()
+    net = torch.nn.parallel.DistributedDataParallel(model())
+    opt = muon(list(net.parameters()))
+    if rank == 1: opt.set_hyper('ns_steps', 0)
+    loss_fn(net, x, y).backward(); opt.step()
+    dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank

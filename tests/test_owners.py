@@ -1,0 +1,77 @@
+"""Owner-based Muon (fastopts.owners) with 2 real `gloo` ranks on CPU: under DDP each rank runs Newton-Schulz on about half
+the matrices and the result equals one process on the whole batch (bf16: equals the ranks' own bf16 result without owners,
+bit for bit); under FSDP2 the shards travel to their owners by all-to-all, nobody gathers a whole parameter, and a rank holds
+at most its own matrices; a fastai Learner under DDP trains with it. Every multi-process run is bounded by a timeout."""
+import pytest, torch
+import torch.multiprocessing as mp
+from torch.testing import assert_close
+from test_distributed import run_ranks
+import owners_worker as w
+
+@pytest.fixture(scope='module')
+def ranks(tmp_path_factory):
+    "One spawn of the 2 ranks for every mode (starting them is most of the time): each rank's results."
+    tmp = tmp_path_factory.mktemp('owners')
+    out = tmp / 'out'
+    run_ranks(w.job, (str(out),), tmp, timeout=180)
+    return [torch.load(f'{out}.{r}', weights_only=True) for r in (0, 1)]
+
+def _sizes(): return [p.numel() for p in w.model().parameters() if p.ndim == 2]
+
+def test_ddp_owners_equal_one_process(ranks):
+    ref = w.reference()
+    assert any(not torch.equal(a, b) for a, b in zip(ref, w.model().parameters()))
+    for res in ranks:
+        for a, b in zip(res['ddp'][0], ref): assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+def test_ddp_each_rank_orthogonalises_about_half(ranks):
+    n = w.n_matrices()
+    per_rank = [res['ddp'][1]['matrices'] for res in ranks]
+    assert sum(per_rank) == n * w.STEPS, per_rank                     # every matrix once per step, on one rank
+    assert all(c <= (n // 2 + 1) * w.STEPS for c in per_rank), per_rank   # 3 and 2 of the 5 matrices per step
+    assert ranks[0]['ddp_bf16_off'][1]['matrices'] == n * w.STEPS        # without owners: every rank every matrix
+
+def test_ddp_bf16_owners_equal_bf16_without(ranks):
+    "bf16 Newton-Schulz: the owners' result equals every rank's own bf16 result on the same matrices, bit for bit."
+    for res in ranks:
+        for a, b in zip(res['ddp_bf16'][0], res['ddp_bf16_off'][0]): assert torch.equal(a, b)
+    for a, b in zip(ranks[0]['ddp_bf16'][0], ranks[1]['ddp_bf16'][0]): assert torch.equal(a, b)
+
+def test_fsdp2_owners_equal_one_process_without_gathering(ranks):
+    ref = w.reference()
+    sizes = _sizes()
+    for res in ranks:
+        params, counts, stats = res['fsdp2']
+        for a, b in zip(params, ref): assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert counts['gathers'] == 0   # no `full_tensor` in the steps
+        assert counts['matrices'] <= (len(sizes) // 2 + 1) * w.STEPS
+        # whole matrices held at once: this rank's own, at most 1/world of all plus one matrix
+        assert stats['full_elems'] <= sum(sizes) / 2 + max(sizes), (stats, sizes)
+    assert sum(res['fsdp2'][1]['matrices'] for res in ranks) == len(sizes) * w.STEPS
+    assert ranks[0]['fsdp2_off'][1]['gathers'] == len(sizes) * w.STEPS       # without owners every rank gathers every matrix
+
+def test_fsdp2_owners_checkpoint_resumes_bit_for_bit(ranks):
+    "torch's get/set_optimizer_state_dict under FSDP2 with owner-based Muon (bf16): the resumed run equals the straight one."
+    straight, resumed = ranks[0]['fsdp2_resume']
+    for a, b in zip(straight, resumed): assert torch.equal(a, b)
+
+@pytest.mark.slow   # about 60 s on the shared 2-core machine (a spawn and two fastai fits): run with --slow
+def test_learner_under_ddp_with_owner_muon(tmp_path):
+    "A fastai Learner with Muon, model in DDP: both ranks end with one process's weights, each orthogonalising about half."
+    out = tmp_path / 'out'
+    run_ranks(w.learner_job, (str(out),), tmp_path, timeout=180)
+    r0, r1 = (torch.load(f'{out}.{r}', weights_only=True) for r in (0, 1))
+    ref = w.fit(*w.learner())
+    assert 'owners=Owners()' in r0['owners'], r0['owners']
+    for a, b, c in zip(r0['weights'], r1['weights'], ref):
+        assert torch.equal(a, b)
+        assert_close(a, c, rtol=1e-5, atol=1e-6)
+    steps = 2 * 8   # the test's opt_func wraps Muon, so the Learner's model names do not reach it: all 5 matrices on Muon
+    assert r0['counts']['matrices'] + r1['counts']['matrices'] == w.n_matrices() * steps
+    assert max(r0['counts']['matrices'], r1['counts']['matrices']) <= (w.n_matrices() // 2 + 1) * steps
+
+@pytest.mark.slow   # a spawn of its own, about 60 s under the shared machine's load: run with --slow
+def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
+    "Rank 1 raises before the owners' all-gather that rank 0 waits in: the job fails at once, with rank 1's message."
+    with pytest.raises(mp.ProcessRaisedException, match='ns_steps'):
+        run_ranks(w.failing_job, (str(tmp_path / 'out'),), tmp_path, timeout=w.TIMEOUT_S + 60)
