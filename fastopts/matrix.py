@@ -490,7 +490,7 @@ def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=Non
     if foreach not in (None, True, False): raise ValueError(f"`foreach` must be None, True or False, got {foreach!r}")
     if not isinstance(maximize, bool): raise ValueError(f"`maximize` must be True or False, got {maximize!r}")
     _pop_flag(groups, 'maximize', maximize, 'Adafactor')
-    if state_dtype in ('int8', torch.bfloat16, torch.float16):   # the precision layer stores moments of a param's shape only
+    if state_dtype in ('int8', 'int4', torch.bfloat16, torch.float16):   # the precision layer stores moments of a param's shape only
         raise ValueError(f"`state_dtype={state_dtype!r}`: Adafactor's second moments of a matrix are factored (a row and a column, "
                          "m + n numbers per m x n weight), which low-precision state does not cover; pass state_dtype=None")
     for g in groups:

@@ -21,7 +21,7 @@ from .callbacks import *
 from .callbacks import _PRODUCERS, _unwrap, _pick, _local, _device_dtype_groups, _group_view, _is_t, _maybe_nonzero, _sqrt, _add_, _added, _lerped, _addcmul_, _addcdiv_, _per_tensor, _full_norms
 from .fused import *
 from .chain import *
-from .chain import _cb_defaults, _check_fused, _check_compiled, _check_compilable
+from .chain import _cb_defaults, _check_fused, _check_compiled, _check_compilable, _hyper_tensors
 from .torch_state import *
 from .keywords import *
 
@@ -256,16 +256,16 @@ class Optimizer(torch.optim.Optimizer):
     def _group_hypers(self, g:dict) -> dict:
         return {k: check_hyper(k, g[k]) for k in self._hyper_names if k in g}
 
-    def _run(self, ps:list[Tensor], fn, whole:bool=False, grads:list[Tensor]|None=None) -> bool:
+    def _run(self, ps:list[Tensor], fn, whole:bool=False, grads:list[Tensor]|None=None, kinds:dict|None=None) -> bool:
         """`fn` on the `ParamGroupView` of `ps` (one device and dtype), through the precision layer; its answer (False: it
         could not run here). A working copy (16-bit params, low-precision state) is made `PRECISION_CHUNK` bytes of params
         at a time, unless the chain needs the `whole` group at once."""
         if not self.precision.applies(ps[0].dtype): return fn(_group_view(ps, [self.state[p] for p in ps], grads))
         for chunk in ([ps] if whole else _chunks(ps, PRECISION_CHUNK)):
             grp = _group_view(chunk, [self.state[p] for p in chunk])
-            work = self.precision.enter(grp)
+            work = self.precision.enter(grp, kinds)
             if not fn(work): return False   # the first chunk answers for all: one device and dtype
-            if work is not grp: self.precision.exit(work, grp)
+            if work is not grp: self.precision.exit(work, grp, kinds)
         return True
 
     def _run_chain(self, chain:Chain, key:tuple, grp, hyper:dict, seg:int=0) -> list:
@@ -294,14 +294,16 @@ class Optimizer(torch.optim.Optimizer):
         for key, sub, sg in self._parts(i, chain, params):
             if chain.fast is not None:
                 fit, rest = kernel_layout(sub, self.state, sg)
-                if fit and self._run(fit, lambda grp: chain.fast(grp, **hyper), grads=None if rest else sg): sub, sg = rest, None
+                if fit and self._run(fit, lambda grp: chain.fast(grp, **hyper), grads=None if rest else sg, kinds=chain.kinds): sub, sg = rest, None
                 if not sub: continue
                 key = (i, sub[0].device, sub[0].dtype)
-            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper) is not None, whole=chain.whole, grads=sg)
+            if chain.compiled and not chain.whole and self.precision.applies(key[2]) and self.precision.fused_step(   # one pass per tensor
+                chain.segments[0], sub, sg, [self.state[p] for p in sub], _hyper_tensors(hyper, key[1]), chain.compiled, chain.kinds): continue
+            self._run(sub, lambda grp: self._run_chain(chain, key, grp, hyper) is not None, whole=chain.whole, grads=sg, kinds=chain.kinds)
 
     def _step_reduced(self, chain:Chain, parts:list[tuple]):
         "A chain with reduce stages on all its groups at once: a segment on every group, then the stage on their answers, then the next."
-        views = [(key, hyper, grp, self.precision.enter(grp)) for i, ps, hyper in parts for key, sub, sg in self._parts(i, chain, ps)
+        views = [(key, hyper, grp, self.precision.enter(grp, chain.kinds)) for i, ps, hyper in parts for key, sub, sg in self._parts(i, chain, ps)
                  for grp in self._views(sub, sg, chain.whole)]
         try:
             for seg, reduce in enumerate(chain.reducers):
@@ -312,7 +314,7 @@ class Optimizer(torch.optim.Optimizer):
             for key, hyper, _, work in views: self._run_chain(chain, key, work, hyper, len(chain.reducers))
         finally:
             for _, _, grp, work in views:
-                if work is not grp: self.precision.exit(work, grp)
+                if work is not grp: self.precision.exit(work, grp, chain.kinds)
 
     def _views(self, ps:list[Tensor], grads:list[Tensor], whole:bool) -> list:
         "The `ParamGroupView`s of `ps` (one device and dtype): one, or one per `PRECISION_CHUNK` where the precision layer copies."

@@ -5,16 +5,18 @@ kept in bfloat16 or in blockwise 8 bits, and checkpoints that keep them bit for 
 
 # %% ../nbs/01c_precision.ipynb #p003
 from __future__ import annotations
-import numbers
+import math, numbers, types
 import torch
 from torch import Tensor
+from .callbacks import ParamGroupView
 
 # %% auto #0
-__all__ = ['QUANT_BLOCK', 'QUANT_MIN_NUMEL', 'ABSMAX', 'STATE_DTYPES', 'dynamic_map', 'quantize_blockwise',
-           'dequantize_blockwise', 'stochastic_round', 'Precision']
+__all__ = ['QUANT_BLOCK', 'QUANT4_BLOCK', 'QUANT_MIN_NUMEL', 'ABSMAX', 'STATE_DTYPES', 'dynamic_map', 'quant_map',
+           'quantize_blockwise', 'dequantize_blockwise', 'random_bits', 'stream_key', 'stochastic_round', 'Precision']
 
 # %% ../nbs/01c_precision.ipynb #p006
-QUANT_BLOCK = 256      # elements per quantisation block (one float32 absmax each)
+QUANT_BLOCK = 256      # elements per quantisation block of 8-bit state (one float32 absmax each)
+QUANT4_BLOCK = 128     # elements per block of 4-bit state (torchao's AdamW4bit)
 QUANT_MIN_NUMEL = 4096     # tensors with fewer elements keep their moments in full precision
 ABSMAX = '.absmax'   # state key suffix of a quantised moment's scales
 
@@ -30,29 +32,39 @@ def dynamic_map(signed:bool=True, max_exponent_bits:int=7, total_bits:int=8) -> 
     data += [0.] * (2 ** total_bits - len(data))
     return torch.tensor(sorted(data), dtype=torch.float32)
 
+def quant_map(bits:int, signed:bool) -> Tensor:
+    "The map of `bits`-bit codes: the dynamic map (8 bits, or 4 bits with 3 exponent bits, signed); 4 bits unsigned: 1/16 .. 1, no zero."
+    if bits == 8: return dynamic_map(signed)
+    return dynamic_map(True, 3, 4) if signed else torch.linspace(0, 1, 17)[1:]   # lpmm's and torchao's 4-bit maps
+
 _MAPS, _KEY_SHIFT = {}, 13
-def _qmap(signed:bool, device) -> tuple[Tensor, Tensor, Tensor]:
-    "The map, its bucket edges (with +inf last) and a lookup table from a float's top bits to the first candidate code, per device."
-    key = (signed, str(device))
+def _qmap(bits:int, signed:bool, device) -> tuple:
+    "The map, its bucket edges (with +inf last) and a lookup table from a float's top bits to the first candidate code (4 bits: the edges as floats)."
+    key = (bits, signed, str(device))
     if key not in _MAPS:
-        m = dynamic_map(signed)
+        m = quant_map(bits, signed)
         edges = (m[1:] + m[:-1]) / 2
-        # every float whose monotone key (the bits, negatives flipped) shifted by _KEY_SHIFT is k lies in one bucket of
-        # relative width 2**-10: narrower than any two edges of the map are apart, so it holds at most one edge
-        off = 1 << (31 - _KEY_SHIFT)
-        b = torch.arange(-off, off, dtype=torch.int32) << _KEY_SHIFT
-        lo = torch.where(b < 0, b ^ 0x7FFFFFFF, b).view(torch.float32).nan_to_num(0.)   # each bucket's first float
-        lut = torch.bucketize(lo, edges).to(torch.int32)
-        _MAPS[key] = m.to(device), torch.cat([edges, edges.new_full((1,), float('inf'))]).to(device), lut.to(device)
+        lut = tuple(edges.tolist())
+        if bits == 8:
+            # every float whose monotone key (the bits, negatives flipped) shifted by _KEY_SHIFT is k lies in one bucket of
+            # relative width 2**-10: narrower than any two edges of the map are apart, so it holds at most one edge
+            off = 1 << (31 - _KEY_SHIFT)
+            b = torch.arange(-off, off, dtype=torch.int32) << _KEY_SHIFT
+            lo = torch.where(b < 0, b ^ 0x7FFFFFFF, b).view(torch.float32).nan_to_num(0.)   # each bucket's first float
+            lut = torch.bucketize(lo, edges).to(torch.int32).to(device)
+        _MAPS[key] = m.to(device), torch.cat([edges, edges.new_full((1,), float('inf'))]).to(device), lut
     return _MAPS[key]
 
-def _nearest_code(v:Tensor, signed:bool) -> Tensor:
-    "Index of the map entry nearest each float32 of `v` (in [-1, 1]), as int32: `torch.bucketize(v, edges)`, twice as fast."
-    _, edges, lut = _qmap(signed, v.device)
+def _nearest_code(v:Tensor, bits:int, signed:bool) -> Tensor:
+    "Index of the map entry nearest each float32 of `v` (in [-1, 1]), as int32 (`torch.bucketize(v, edges)`, the same numbers)."
+    _, edges, lut = _qmap(bits, signed, v.device)
+    if isinstance(lut, tuple):   # 15 edges: count those below, in one elementwise pass
+        return sum((v > e).to(torch.int32) for e in lut)
     b = v.view(torch.int32)
-    k = b >> 31; k &= 0x7FFFFFFF; k ^= b; k >>= _KEY_SHIFT; k += 1 << (31 - _KEY_SHIFT)
-    cand = lut.index_select(0, k.view(-1)).view(v.shape)
-    return cand.add_(edges.index_select(0, cand.view(-1)).view(v.shape) < v)   # past the bucket's one edge, if any
+    k = ((b >> 31) & 0x7FFFFFFF) ^ b
+    k = (k >> _KEY_SHIFT) + (1 << (31 - _KEY_SHIFT))
+    cand = lut[k]
+    return cand + (edges[cand] < v).to(torch.int32)   # past the bucket's one edge, if any
 
 def _blocks(flat:Tensor, block:int) -> Tensor:
     "`flat` padded with zeros to whole blocks, as (blocks, block)."
@@ -60,59 +72,124 @@ def _blocks(flat:Tensor, block:int) -> Tensor:
     if nb * block != n: flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
     return flat.view(nb, block)
 
-def quantize_blockwise(x:Tensor, block:int=QUANT_BLOCK) -> tuple[Tensor, Tensor]:
-    "`x` as 8-bit codes of its shape (`int8`: signed map, `uint8`: unsigned map, for `x >= 0`) and a float32 absmax per block."
-    blocks = _blocks(x.detach().reshape(-1).float(), block)
-    lo, hi = blocks.aminmax(dim=1)
-    absmax = torch.maximum(-lo, hi)
-    signed = bool((lo < 0).any())
-    normed = blocks / torch.where(absmax > 0, absmax, 1.)[:, None]
-    idx = _nearest_code(normed, signed)
-    if not signed: idx += (idx == 0) & (normed > 0)   # a positive value never becomes 0 (a zero second moment makes Adam's step lr*m/eps)
-    idx = idx.view(-1)[:x.numel()]
-    codes = idx.sub_(128).to(torch.int8) if signed else idx.to(torch.uint8)
-    return codes.view(x.shape), absmax
+# %% ../nbs/01c_precision.ipynb #p008b
+def _pack4(idx:Tensor) -> Tensor:
+    "4-bit codes (int32, one per element) two to a byte: element 2i in the low half, 2i+1 in the high half."
+    if idx.numel() % 2: idx = torch.cat([idx, idx.new_zeros(1)])
+    pairs = idx.view(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
 
-def dequantize_blockwise(codes:Tensor, absmax:Tensor, dtype=torch.float32, block:int=QUANT_BLOCK) -> Tensor:
-    "The tensor that `quantize_blockwise` encoded as `codes` and `absmax`, in `dtype`."
-    signed = codes.dtype == torch.int8
-    idx = codes.reshape(-1).to(torch.int32)
-    if signed: idx += 128
-    vals = _blocks(_qmap(signed, codes.device)[0].index_select(0, idx), block).mul_(absmax[:, None])
-    return vals.view(-1)[:codes.numel()].view(codes.shape).to(dtype)
+def _unpack4(packed:Tensor, n:int) -> Tensor:
+    "The first `n` 4-bit codes of `packed`, as int32."
+    b = packed.view(torch.uint8).to(torch.int32)
+    return torch.stack([b & 15, b >> 4], 1).view(-1)[:n]
+
+def _encode(x:Tensor, bits:int, signed:bool) -> tuple[Tensor, Tensor]:
+    "Flat codes (int8 for the signed map, uint8 unsigned; 4 bits: packed two a byte) and the float32 absmax per block of `x`."
+    block = QUANT_BLOCK if bits == 8 else QUANT4_BLOCK
+    blocks = _blocks(x.reshape(-1).float(), block)
+    absmax = blocks.abs().amax(dim=1)
+    normed = blocks / torch.where(absmax > 0, absmax, 1.)[:, None]
+    idx = _nearest_code(normed, bits, signed)
+    if not signed and bits == 8: idx = idx + ((idx == 0) & (normed > 0)).to(torch.int32)   # a positive value never becomes 0
+    idx = idx.view(-1)[:x.numel()]
+    if bits == 4: codes = _pack4(idx)
+    else: codes = (idx - 128).to(torch.int8) if signed else idx.to(torch.uint8)
+    if bits == 4 and signed: codes = codes.view(torch.int8)   # the dtype names the map, as for 8 bits
+    return codes, absmax
+
+def _decode_codes(codes:Tensor, absmax:Tensor, shape, dtype=torch.float32) -> Tensor:
+    "The tensor of `shape` that `_encode` made `codes` and `absmax` from (4 bits when `codes` has fewer elements than `shape`)."
+    n, signed = math.prod(shape), codes.dtype == torch.int8
+    bits = 8 if codes.numel() == n else 4
+    if bits == 4: idx = _unpack4(codes, n)
+    else:
+        idx = codes.reshape(-1).to(torch.int32)
+        if signed: idx = idx + 128
+    vals = _blocks(_qmap(bits, signed, codes.device)[0][idx], QUANT_BLOCK if bits == 8 else QUANT4_BLOCK) * absmax[:, None]
+    return vals.view(-1)[:n].view(shape).to(dtype)
+
+def quantize_blockwise(x:Tensor, block:int=QUANT_BLOCK, bits:int=8, signed:bool|None=None) -> tuple[Tensor, Tensor]:
+    """`x` as codes and a float32 absmax per block: 8 bits, codes of `x`'s shape; 4 bits, two codes a byte. `int8` codes:
+    the signed map; `uint8`: the unsigned one, for `x >= 0` (`signed=None`: chosen from the data)."""
+    if bits not in (4, 8): raise ValueError(f"`bits` must be 4 or 8, got {bits!r}")
+    if block != (QUANT_BLOCK if bits == 8 else QUANT4_BLOCK): raise ValueError(f"`block` of {bits}-bit codes is {QUANT_BLOCK if bits == 8 else QUANT4_BLOCK}, got {block!r}")
+    x = x.detach()
+    if signed is None: signed = bool((x < 0).any())
+    codes, absmax = _encode(x, bits, signed)
+    return (codes.view(x.shape) if bits == 8 else codes), absmax
+
+def dequantize_blockwise(codes:Tensor, absmax:Tensor, dtype=torch.float32, block:int=QUANT_BLOCK, shape=None) -> Tensor:
+    "The tensor that `quantize_blockwise` encoded as `codes` and `absmax`, in `dtype` (4-bit codes need the `shape`)."
+    return _decode_codes(codes, absmax, codes.shape if shape is None else shape, dtype)
 
 # %% ../nbs/01c_precision.ipynb #p012
-def stochastic_round(x:Tensor, dtype=torch.bfloat16, generator:torch.Generator|None=None) -> Tensor:
-    "float32 `x` rounded to `dtype` (bfloat16 or float16) up or down at random, unbiased; non-finite values as they are."
+_M32 = 0xFFFFFFFF
+
+def random_bits(key:Tensor|int, shape, device=None) -> Tensor:
+    """32 random bits per element (int64 in [0, 2**32)) from a counter hash of the element's index and `key`: integer ops
+    only (products below 2**63), so eager torch and compiled code give the same bits on any device."""
+    x = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
+    x = (x * 0x61C88647 + key) & _M32          # odd multipliers and xor-shifts: each round is a bijection of 32 bits
+    x = x ^ (x >> 16); x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15); x = (x * 0x5BD1E995) & _M32
+    x = x ^ (x >> 13); x = (x * 0x27D4EB2D) & _M32
+    return x ^ (x >> 16)
+
+def stream_key(seed:int, n:int) -> int:
+    "The `n`-th 32-bit key of stream `seed` (splitmix64): one key per tensor that is rounded."
+    x = ((seed << 32) + n + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & _M32
+
+def _next_half(r:Tensor, step:Tensor) -> Tensor:
+    """The float16 `step` (+1 or -1) places above `r`, by integer ops on its bits (`torch.nextafter` on float16 is computed
+    in float32 by inductor, which gives float32's neighbour): the bits as an ordinal (negatives mirrored), moved, and back."""
+    b = r.view(torch.int16).to(torch.int32)
+    o = torch.where(b >= 0, b, -(b + 32768)) + step
+    return torch.where(o >= 0, o, -o - 32768).to(torch.int16).view(torch.float16)
+
+def stochastic_round(x:Tensor, dtype=torch.bfloat16, generator:torch.Generator|None=None, key:Tensor|int|None=None) -> Tensor:
+    """float32 `x` rounded to `dtype` (bfloat16 or float16) up or down at random, unbiased; non-finite values as they are.
+    The random bits come from `generator` (torch's), or from `random_bits(key)` when a `key` is given (the same in compiled code)."""
     x = x.float()
+    bits = None if key is None else random_bits(key, x.shape, x.device)
     if dtype == torch.bfloat16:
-        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+        noise = (bits >> 16).to(torch.int32) if bits is not None else torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
         r = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)   # keep the top 16 bits: exact in bf16
         return torch.where(torch.isfinite(x) & torch.isfinite(r), r, x).to(dtype)
     if dtype != torch.float16: raise ValueError(f"stochastic_round rounds to bfloat16 or float16, not {dtype}")
     r = x.to(dtype)
     above = r.float() > x
-    other = torch.nextafter(r, torch.where(above, float('-inf'), float('inf')).to(dtype))   # the neighbour on x's side
+    other = _next_half(r, torch.where(above, -1, 1))   # the neighbour on x's side
     lo, hi = torch.where(above, other, r), torch.where(above, r, other)
     p_hi = (x - lo.float()) / (hi.float() - lo.float())
-    u = torch.rand(x.shape, device=x.device, generator=generator)
+    u = (bits >> 8).to(torch.float32) * 2.**-24 if bits is not None else torch.rand(x.shape, device=x.device, generator=generator)
     out = torch.where(u < p_hi, hi, lo)
     return torch.where((r.float() == x) | ~torch.isfinite(p_hi), r, out)
 
 # %% ../nbs/01c_precision.ipynb #p015
 _LOW = (torch.bfloat16, torch.float16)
-STATE_DTYPES = (None, torch.bfloat16, torch.float16, torch.float32, torch.float64, 'int8')
+STATE_DTYPES = (None, torch.bfloat16, torch.float16, torch.float32, torch.float64, 'int8', 'int4')
+_QUANT = {'int8': 8, 'int4': 4}
 
-def _is_moment(k, v, p) -> bool:
-    return isinstance(v, Tensor) and v.is_floating_point() and k not in ('step', 'kahan_comp') and v.shape == p.shape
+def _is_scale(k) -> bool: return isinstance(k, str) and k.endswith(ABSMAX)
+def _work_dtype(dtype): return torch.float32 if dtype in _LOW else dtype
+def _codes_of(s:dict, k) -> bool:
+    "Whether state `k` of `s` holds quantised codes (with their scales next to them)."
+    v = s.get(k)
+    return isinstance(v, Tensor) and v.dtype in (torch.int8, torch.uint8) and f"{k}{ABSMAX}" in s
+
+_STORED_KINDS = ('moment', 'iterate', 'sum')   # declared kinds of state kept in `state_dtype` (Schedule-Free's z, Prodigy's s and p0 as before kinds were declared)
 
 class Precision:
     "Kahan summation or stochastic rounding of 16-bit params, and moments in `state_dtype`, around any chain."
     def __init__(self,
         kahan_sum:bool|None=None, # None: on for 16-bit float params; True: the same, said out loud; False: off
         stochastic_round:bool=False, # round 16-bit params stochastically (instead of Kahan summation)
-        state_dtype=None, # moments' storage: None (the param's dtype), torch.bfloat16/float16/float32/float64 or "int8"
-        seed:int|None=None, # seeds stochastic rounding's generator (None: torch's global RNG)
+        state_dtype=None, # moments' storage: None (the param's dtype), torch.bfloat16/float16/float32/float64, "int8" or "int4"
+        seed:int|None=None, # seeds stochastic rounding's random stream (None: torch's global RNG)
     ):
         if kahan_sum not in (None, True, False) or isinstance(kahan_sum, numbers.Number) and not isinstance(kahan_sum, bool):
             raise ValueError(f"`kahan_sum` must be None, True or False, got {kahan_sum!r}")
@@ -127,10 +204,12 @@ class Precision:
                 raise ValueError(f"`seed` must be None or a non-negative int, got {seed!r}")
             if not stochastic_round: raise ValueError(f"`seed={seed!r}` seeds stochastic rounding: pass `stochastic_round=True` too")
         self.kahan_sum, self.stochastic_round, self.state_dtype, self.seed = kahan_sum, stochastic_round, state_dtype, seed
-        self._gens = {}
+        self.draws = 0          # tensors rounded stochastically so far: the counter of the random stream
+        self._fused = {}        # compiled one-pass steps, by chain, shape and storage
 
     def __repr__(self):
         return f"Precision(kahan_sum={self.kahan_sum}, stochastic_round={self.stochastic_round}, state_dtype={self.state_dtype!r}, seed={self.seed})"
+    def __getstate__(self): return {**self.__dict__, '_fused': {}}   # compiled code is rebuilt, not pickled
 
     def rounding(self, dtype) -> str|None:
         "How params of `dtype` are written back: 'stochastic', 'kahan' or None (round to nearest, or no copy at all)."
@@ -139,38 +218,124 @@ class Precision:
         return None if self.kahan_sum is False else 'kahan'
 
     def storage(self, p:Tensor):
-        "The dtype (or 'int8') that `p`'s moments are stored in."
+        "The dtype (or 'int8', 'int4') that `p`'s moments are stored in."
         sd = self.state_dtype
         if sd is None: return p.dtype
-        if sd == 'int8': return 'int8' if p.numel() >= QUANT_MIN_NUMEL else torch.promote_types(p.dtype, torch.float32)
+        if sd in _QUANT: return sd if p.numel() >= QUANT_MIN_NUMEL else torch.promote_types(p.dtype, torch.float32)
         return sd
 
-    def _generator(self, device):
-        if self.seed is None: return None
-        key = str(device)
-        if key not in self._gens: self._gens[key] = torch.Generator(device).manual_seed(self.seed)
-        return self._gens[key]
+    def applies(self, dtype) -> bool:
+        "Whether params of `dtype` get a working view (16-bit params rounded by Kahan or stochastically, or moments in another dtype)."
+        return (self.state_dtype is not None and self.state_dtype != dtype) or (dtype in _LOW and self.rounding(dtype) is not None)
+
+    @staticmethod
+    def is_moment(k, v, p:Tensor, kinds:dict|None=None) -> bool:
+        "Whether state `k` (value `v`) of `p` is stored in `state_dtype`: its declared kind is a moment, an iterate or a running sum (each shaped like `p`); undeclared, a float tensor of `p`'s shape."
+        if kinds is not None and k in kinds: return kinds[k] in _STORED_KINDS and isinstance(v, Tensor) and v.is_floating_point() and v.shape == p.shape
+        return isinstance(v, Tensor) and v.is_floating_point() and k not in ('step', 'kahan_comp') and v.shape == p.shape
+
+    def key(self, device) -> Tensor:
+        "The next key of the random stream (`seed`'s, or one drawn from torch's RNG), as an int64 0-d tensor on `device`."
+        if self.seed is None: return torch.randint(0, 1 << 32, (), dtype=torch.int64, device=device)
+        self.draws += 1
+        return torch.tensor(stream_key(self.seed, self.draws), dtype=torch.int64, device=device)
+
+    # -- the eager layer: a working view in, the chain, written back ---------------------------------------
+    def enter(self, grp, kinds:dict|None=None):
+        "The working view of sub-group `grp` (or `grp` itself when nothing applies); `kinds`: the chain's declared state kinds."
+        pdt = grp.params[0].dtype
+        state_applies = self.state_dtype is not None and self.state_dtype != pdt
+        copy = pdt in _LOW and (self.rounding(pdt) is not None or state_applies)
+        if not (copy or state_applies): return grp
+        if getattr(grp, '_orig', None) is not None:
+            raise ValueError(f"kahan_sum/stochastic_round/state_dtype do not support complex params ({grp._orig[0].dtype})")
+        wdt = _work_dtype(pdt) if copy else pdt
+        params = [p.detach().to(wdt) for p in grp.params] if copy else grp.params
+        grads = [g.to(wdt) for g in grp.grads] if copy else grp.grads
+        return type(grp)(params, grads, [_decode(s, p, wdt, kinds) for s, p in zip(grp.states, grp.params)])
+
+    @torch.no_grad()
+    def exit(self, work, grp, kinds:dict|None=None):
+        "Write the working view back into `grp`: params (Kahan, stochastic or nearest rounding) and state (re-encoded)."
+        mode = self.rounding(grp.params[0].dtype)
+        for p, w, s in zip(grp.params, work.params, grp.states):
+            if w is p: continue
+            if mode == 'kahan':
+                if s.get('kahan_comp') is None: s['kahan_comp'] = torch.zeros_like(p)
+                _kahan(p, w, s['kahan_comp'])
+            elif mode == 'stochastic': p.copy_(stochastic_round(w, p.dtype, key=self.key(p.device)))
+            else: p.copy_(w)
+        for p, ws, s in zip(grp.params, work.states, grp.states):
+            target = self.storage(p)
+            for k, v in ws.items():
+                if self.is_moment(k, v, p, kinds): _store(s, k, v, target)
+                elif k not in s or s[k] is not v: s[k] = v
+            for k in [k for k in s if k not in ws and k != 'kahan_comp' and not _is_scale(k)]:
+                del s[k]; s.pop(f"{k}{ABSMAX}", None)
+
+    def moment(self, s:dict, p:Tensor, key:str) -> Tensor:
+        "State `key` of param `p` in `p`'s dtype (decoded from codes or cast from its storage): for code that reads a moment between steps."
+        return _decode({k: v for k, v in s.items() if k in (key, f'{key}{ABSMAX}')}, p, p.dtype)[key]
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def load_value(self, param:Tensor, value, key):
+        "torch's `_process_value_according_to_param_policy` for this layer: codes, scales, moments and `kahan_comp` keep their dtype."
+        if key == 'step' or not isinstance(value, Tensor): return value
+        keep = not value.is_floating_point() or key == 'kahan_comp' or _is_scale(key) or value.shape == param.shape
+        return value.to(device=param.device) if keep else value.to(dtype=param.dtype, device=param.device)
+
+    def restore_loaded(self, opt, state_dict:dict):
+        "After torch's `load_state_dict(state_dict)` on `opt`: put back each state tensor as `load_value` keeps it (torch casts them all)."
+        saved = [i for g in state_dict['param_groups'] for i in g['params']]
+        params = [p for g in opt.param_groups for p in g['params']]
+        for i, p in zip(saved, params):
+            for k, v in state_dict['state'].get(i, {}).items():
+                if isinstance(v, Tensor): opt.state[p][k] = self.load_value(p, v, k).clone() if v.device == p.device else self.load_value(p, v, k)
+
+    # -- the fused layer: one compiled pass per tensor -------------------------------------------------------
+    def fused_step(self, cbs, ps:list[Tensor], grads:list[Tensor], states:list[dict], hyper:dict, compile_kw:dict|None=None,
+                   kinds:dict|None=None) -> bool:
+        """Step `ps` (one device and dtype, each state already made by an eager step) with the chain `cbs` and this layer
+        in one compiled function per tensor: decode, update, Kahan or stochastic write-back, encode. `hyper`: 0-d tensors.
+        False (nothing done) where it does not apply: a state not made yet, complex or sharded params."""
+        plans = [_plan(self, p, s, kinds) for p, s in zip(ps, states)]
+        if any(pl is None for pl in plans): return False
+        for p, g, s, plan in zip(ps, grads, states, plans): _fused_tensor_step(self, tuple(cbs), plan, p, g, s, hyper, compile_kw or {}, kinds)
+        return True
 
 # %% ../nbs/01c_precision.ipynb #p017
-def _work_dtype(dtype): return torch.float32 if dtype in _LOW else dtype
+def _local(t:Tensor) -> Tensor:
+    "A sharded tensor's (FSDP2's DTensor's) local shard; other tensors as they are: codes and scales are kept per shard."
+    return t.to_local() if hasattr(t, 'to_local') else t
 
-def _decode(s:dict, p:Tensor, wdt) -> dict:
+def _like(p:Tensor, local:Tensor) -> Tensor:
+    "`local` as a shard of a tensor sharded like `p` (a DTensor), or itself."
+    if not hasattr(p, 'to_local'): return local
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+def _decode(s:dict, p:Tensor, wdt, kinds=None) -> dict:
     "A per-param state dict with its moments in `wdt` (other values are the same objects)."
     out = {}
     for k, v in s.items():
-        if k == 'kahan_comp' or (isinstance(k, str) and k.endswith(ABSMAX)): continue
-        if isinstance(v, Tensor) and v.dtype in (torch.int8, torch.uint8) and f"{k}{ABSMAX}" in s:
-            out[k] = dequantize_blockwise(v, s[f"{k}{ABSMAX}"], wdt)
-        elif _is_moment(k, v, p) and v.dtype != wdt: out[k] = v.to(wdt)
+        if k == 'kahan_comp' or _is_scale(k): continue
+        if _codes_of(s, k): out[k] = _like(p, _decode_codes(v, s[f"{k}{ABSMAX}"], _local(p).shape, wdt))
+        elif Precision.is_moment(k, v, p, kinds) and v.dtype != wdt: out[k] = v.to(wdt)
         else: out[k] = v
     return out
+
+def _quant_signed(old, v:Tensor) -> bool:
+    "The map for new codes of `v`: a moment keeps the map it was first stored with, but turns signed for good when `v` goes below 0."
+    if isinstance(old, Tensor) and old.dtype == torch.int8: return True
+    return bool((v < 0).any())
 
 def _store(s:dict, k:str, v:Tensor, target):
     "Put moment `v` into state `s[k]` as `target` storage, in place where the stored tensor has that form."
     old, ak = s.get(k), f"{k}{ABSMAX}"
-    if target == 'int8':
-        codes, absmax = quantize_blockwise(v)
-        if isinstance(old, Tensor) and old.dtype == codes.dtype and isinstance(s.get(ak), Tensor) and s[ak].shape == absmax.shape:
+    if target in _QUANT:
+        bits, v = _QUANT[target], _local(v)
+        codes, absmax = quantize_blockwise(v, QUANT_BLOCK if bits == 8 else QUANT4_BLOCK, bits, _quant_signed(old, v))
+        if isinstance(old, Tensor) and old.dtype == codes.dtype and old.shape == codes.shape and isinstance(s.get(ak), Tensor) and s[ak].shape == absmax.shape:
             old.copy_(codes); s[ak].copy_(absmax)
         else: s[k], s[ak] = codes, absmax
         return
@@ -179,65 +344,91 @@ def _store(s:dict, k:str, v:Tensor, target):
     if isinstance(old, Tensor) and old.dtype == target and old.shape == v.shape: old.copy_(v)
     else: s[k] = v.to(target)
 
-@torch.no_grad()
-def _applies(self, dtype) -> bool:
-    "Whether params of `dtype` get a working view (16-bit params rounded by Kahan or stochastically, or moments in another dtype)."
-    return (self.state_dtype is not None and self.state_dtype != dtype) or (dtype in _LOW and self.rounding(dtype) is not None)
+def _kahan(p:Tensor, w:Tensor, comp:Tensor):
+    """Write float32 `w` (= p + update) into 16-bit `p`, what rounding lost into `comp`: p + comp holds the weight, so
+    `t = w + comp` is the new one, rounded into p, the rest into comp (the same as y = update + comp, p' = round(p + y),
+    comp = y - (p' - p): w - p and t - p' are exact in float32)."""
+    t = w.add_(comp)            # w is scratch now
+    p.copy_(t)
+    comp.copy_(t.sub_(p))
 
-def _enter(self, grp):
-    "The working view of sub-group `grp` (or `grp` itself when nothing applies)."
-    p0 = grp.params[0]
-    pdt, copy = p0.dtype, False
-    state_applies = self.state_dtype is not None and self.state_dtype != pdt
-    copy = pdt in _LOW and (self.rounding(pdt) is not None or state_applies)
-    if not (copy or state_applies): return grp
-    if getattr(grp, '_orig', None) is not None:
-        raise ValueError(f"kahan_sum/stochastic_round/state_dtype do not support complex params ({grp._orig[0].dtype})")
-    wdt = _work_dtype(pdt) if copy else pdt
-    params = [p.detach().to(wdt) for p in grp.params] if copy else grp.params
-    grads = [g.to(wdt) for g in grp.grads] if copy else grp.grads
-    return type(grp)(params, grads, [_decode(s, p, wdt) for s, p in zip(grp.states, grp.params)])
+# %% ../nbs/01c_precision.ipynb #p025b
+def _moment_format(s:dict, k, v, p:Tensor, target, kinds):
+    "How moment `k` is stored, when that is `target`'s form: ('q', bits, signed) or ('cast', dtype); None: not a moment; False: another form."
+    if _codes_of(s, k):
+        bits = 8 if v.shape == p.shape else 4
+        return ('q', bits, v.dtype == torch.int8) if _QUANT.get(target) == bits else False
+    if not Precision.is_moment(k, v, p, kinds): return None
+    return ('cast', v.dtype) if v.dtype == target and v.shape == p.shape else False
 
-@torch.no_grad()
-def _exit(self, work, grp):
-    "Write the working view back into `grp`: params (Kahan, stochastic or nearest rounding) and state (re-encoded)."
-    mode = self.rounding(grp.params[0].dtype)
-    for p, w, s in zip(grp.params, work.params, grp.states):
-        if w is p: continue
-        if mode == 'kahan':
-            comp = s.get('kahan_comp')
-            if comp is None: comp = s['kahan_comp'] = torch.zeros_like(p)
-            # p + comp holds the weight; w = p + update: w + comp is the new weight, rounded into p, the rest into comp
-            # (the same as y = update + comp, p' = round(p + y), comp = y - (p' - p): w - p and t - p' are exact in float32)
-            t = w.add_(comp)            # w is scratch now
-            p.copy_(t)
-            comp.copy_(t.sub_(p))
-        elif mode == 'stochastic': p.copy_(stochastic_round(w, p.dtype, self._generator(p.device)))
+def _plan(prec, p:Tensor, s:dict, kinds):
+    "What the fused step of `p` does, as constants (the compiled code's key); None where it does not apply (yet)."
+    if not s or p.is_complex() or type(p) not in (Tensor, torch.nn.Parameter): return None
+    mode, target = prec.rounding(p.dtype), prec.storage(p)
+    copy = p.dtype in _LOW and (mode is not None or (prec.state_dtype is not None and prec.state_dtype != p.dtype))
+    if mode == 'kahan' and copy and not isinstance(s.get('kahan_comp'), Tensor): return None
+    moments, ints = [], []
+    for k, v in s.items():
+        if k == 'kahan_comp' or _is_scale(k): continue
+        if isinstance(v, int) and not isinstance(v, bool): ints.append(k); continue
+        fmt = _moment_format(s, k, v, p, target, kinds)
+        if fmt is False: return None   # stored in another form (a new `state_dtype`): the eager step moves it
+        if fmt: moments.append((k, fmt))
+    return (mode if copy else None, _work_dtype(p.dtype) if copy else p.dtype, copy, tuple(moments), tuple(ints))
+
+def _fused_body(cbs, plan, p, g, st, hyper, key, kinds):
+    "One tensor's step: decode, the chain, write-back, encode; the compiled function. Returns the changed other state and sign flags."
+    mode, wdt, copy, moments, _ = plan
+    fmts = dict(moments)
+    w, gw = (p.to(wdt), g.to(wdt)) if copy else (p, g)
+    ws = {}
+    for k, v in st.items():
+        if k == 'kahan_comp' or _is_scale(k): continue
+        f = fmts.get(k)
+        ws[k] = v if f is None else _decode_codes(v, st[f"{k}{ABSMAX}"], p.shape, wdt) if f[0] == 'q' else v.to(wdt)
+    grp = ParamGroupView([w], [gw], [ws])
+    for cb in cbs: grp.update(cb(grp, **hyper), cb)
+    if copy:
+        if mode == 'kahan': _kahan(p, w, st['kahan_comp'])
+        elif mode == 'stochastic': p.copy_(stochastic_round(w, p.dtype, key=key))
         else: p.copy_(w)
-    for p, ws, s in zip(grp.params, work.states, grp.states):
-        target = self.storage(p)
-        for k, v in ws.items():
-            if _is_moment(k, v, p): _store(s, k, v, target)
-            elif k not in s or s[k] is not v: s[k] = v
-        for k in [k for k in s if k not in ws and k != 'kahan_comp' and not (isinstance(k, str) and k.endswith(ABSMAX))]:
-            del s[k]; s.pop(f"{k}{ABSMAX}", None)
+    flags = {}
+    for k, f in moments:
+        v = ws[k]
+        if f[0] == 'cast':
+            if v is not st[k]: st[k].copy_(v)
+            continue
+        codes, absmax = _encode(v, f[1], f[2])
+        if not f[2]:   # the unsigned map, unless v went below 0: then the signed one from now on (as `_store`)
+            flags[k] = (v < 0).any()
+            codes = torch.where(flags[k], _encode(v, f[1], True)[0].view(torch.uint8), codes)
+        st[k].copy_(codes.view(st[k].shape)); st[f"{k}{ABSMAX}"].copy_(absmax)
+    return {k: v for k, v in ws.items() if k not in fmts and (k not in st or st[k] is not v)}, flags
 
-def _moment(self, s:dict, p:Tensor, key:str) -> Tensor:
-    "State `key` of param `p` in `p`'s dtype (decoded from int8 codes or cast from its storage): for code that reads a moment between steps."
-    return _decode({k: v for k, v in s.items() if k in (key, f'{key}{ABSMAX}')}, p, p.dtype)[key]
+def _compiled_body(prec, key:tuple, compile_kw:dict):
+    "The compiled `_fused_body` for `key` (chain, plan, shape, dtypes, device): one graph each, made once."
+    fn = prec._fused.get(key)
+    if fn is None:
+        kw = {'fullgraph': True, **compile_kw, 'dynamic': False}   # one graph per shape: sizes known, loops unrolled to them
+        if kw.get('backend', 'inductor') == 'inductor' and 'mode' not in kw:
+            # keep each cast to 16 bits (eager's numbers); the map lookups index in range by construction (codes, bits)
+            kw['options'] = {'emulate_precision_casts': True, 'assert_indirect_indexing': False, **kw.get('options', {})}
+        f = _fused_body
+        fn = prec._fused[key] = torch.compile(types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__), **kw)
+    return fn
 
-def _load_value(self, param:Tensor, value, key):
-    "torch's `_process_value_according_to_param_policy` for this layer: codes, scales, moments and `kahan_comp` keep their dtype."
-    if key == 'step' or not isinstance(value, Tensor): return value
-    keep = not value.is_floating_point() or key == 'kahan_comp' or (isinstance(key, str) and key.endswith(ABSMAX)) or value.shape == param.shape
-    return value.to(device=param.device) if keep else value.to(dtype=param.dtype, device=param.device)
-
-def _restore_loaded(self, opt, state_dict:dict):
-    "After torch's `load_state_dict(state_dict)` on `opt`: put back each state tensor as `load_value` keeps it (torch casts them all)."
-    saved = [i for g in state_dict['param_groups'] for i in g['params']]
-    params = [p for g in opt.param_groups for p in g['params']]
-    for i, p in zip(saved, params):
-        for k, v in state_dict['state'].get(i, {}).items():
-            if isinstance(v, Tensor): opt.state[p][k] = self.load_value(p, v, k).clone() if v.device == p.device else self.load_value(p, v, k)
-
-Precision.applies, Precision.enter, Precision.exit, Precision.moment, Precision.load_value, Precision.restore_loaded = _applies, _enter, _exit, _moment, _load_value, _restore_loaded
+def _fused_tensor_step(prec, cbs:tuple, plan, p:Tensor, g:Tensor, s:dict, hyper:dict, compile_kw:dict, kinds):
+    "`_fused_body` on one tensor, compiled: Python ints of the state go in as 0-d tensors (no recompile per step) and come back as ints."
+    ints = plan[4]
+    for _, f in plan[3]:   # the maps are made outside the graph (a constant in it)
+        if f[0] == 'q': _qmap(f[1], True, p.device), _qmap(f[1], False, p.device)
+    st = {k: (torch.tensor(v) if k in ints else v) for k, v in s.items()}
+    key = prec.key(p.device) if plan[0] == 'stochastic' else None
+    fn = _compiled_body(prec, (cbs, plan, tuple(p.shape), p.dtype, g.dtype, str(p.device)), compile_kw)
+    try: others, flags = fn(cbs, plan, p, g, st, hyper, key, kinds)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        raise RuntimeError(f"`compiled`: torch.compile failed on the chain with the precision layer inside: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}. Pass compiled=False to run it eagerly") from e
+    for k, v in others.items(): s[k] = int(v) if k in ints and isinstance(v, Tensor) else v
+    for k, neg in flags.items():
+        if neg: s[k] = s[k].view(torch.int8)   # the codes are the signed map's: say so

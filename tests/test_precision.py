@@ -157,6 +157,31 @@ def test_int8_round_trip_bounded_per_block():
         gap = bnb_dynamic_map(codes.dtype == torch.int8).diff().max()   # the definition's widest step, not our map's
         assert (err <= absmax * gap / 2 * (1 + 1e-4)).all()
 
+# torchao's 4-bit maps (AdamW4bit), written out: the signed dynamic map with 3 exponent bits, and 1/16 .. 1 without zero
+_M4 = [0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875]
+MAP4_SIGNED = torch.tensor(sorted([-m for m in _M4] + [0.] + _M4 + [1.]))
+MAP4_UNSIGNED = torch.arange(1, 17) / 16
+
+def test_int4_round_trip_bounded_per_block():
+    "Two codes a byte, a float32 absmax per 128; each element decodes to the map value nearest it (brute force), so the error per block is bounded."
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 777, generator=g) * torch.logspace(-8, 0, 5)[:, None]
+    for t, m in ((x, MAP4_SIGNED), (x ** 2, MAP4_UNSIGNED)):
+        codes, absmax = quantize_blockwise(t, 128, bits=4)
+        n = -(-t.numel() // 128)
+        assert codes.numel() == -(-t.numel() // 2) and codes.element_size() == 1 and absmax.shape == (n,)
+        assert codes.dtype == (torch.int8 if m is MAP4_SIGNED else torch.uint8)
+        flat = torch.cat([t.reshape(-1), t.new_zeros(n * 128 - t.numel())]).view(n, 128)
+        torch.testing.assert_close(absmax, flat.abs().amax(1), rtol=0, atol=0)
+        y = dequantize_blockwise(codes, absmax, shape=t.shape)
+        normed = (flat / absmax[:, None]).reshape(-1)[:t.numel()]
+        nearest = m[(normed[:, None] - m).abs().argmin(1)].view(-1, 1)
+        want = (torch.cat([nearest.view(-1), nearest.new_zeros(n * 128 - t.numel())]).view(n, 128) * absmax[:, None]).reshape(-1)[:t.numel()]
+        torch.testing.assert_close(y.reshape(-1), want, rtol=1e-6, atol=0)
+        err = torch.cat([(y - t).reshape(-1), t.new_zeros(n * 128 - t.numel())]).view(n, 128).abs().amax(1)
+        assert (err <= absmax * max(m.diff().max() / 2, m[0].clamp(min=0)) * (1 + 1e-5)).all()
+    assert (dequantize_blockwise(*quantize_blockwise(x ** 2 + 1e-30, 128, bits=4), shape=x.shape) > 0).all()   # no positive value becomes 0
+
 def _adam_states(prec, dtype=torch.float32, n=QUANT_MIN_NUMEL * 2, steps=3):
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(n, generator=g).to(dtype), torch.randn(10, generator=g).to(dtype)]
@@ -176,15 +201,20 @@ def test_state_storage_and_bytes():
     assert nbytes / (QUANT_MIN_NUMEL * 2) <= 2.1
     _, st = _adam_states(Precision(state_dtype=torch.bfloat16))
     assert all(s[k].dtype == torch.bfloat16 for s in st for k in ('grad_avg', 'sqr_avg'))
+    (big, small) = _adam_states(Precision(state_dtype='int4'))[1]
+    assert big['grad_avg'].dtype == torch.int8 and big['sqr_avg'].dtype == torch.uint8 and big['grad_avg'].numel() == QUANT_MIN_NUMEL
+    nbytes = sum(v.numel() * v.element_size() for k, v in big.items() if isinstance(v, torch.Tensor))
+    assert nbytes / (QUANT_MIN_NUMEL * 2) <= 1.1 and small['grad_avg'].dtype == torch.float32
 
-@pytest.mark.parametrize('state_dtype', [torch.bfloat16, 'int8'])
+@pytest.mark.parametrize('state_dtype', [torch.bfloat16, 'int8', 'int4'])
 def test_low_state_close_to_fp32_state(state_dtype):
+    "20 steps on pure-noise gradients (the hardest case for quantised moments)."
     ref, _ = _adam_states(None, steps=20)
     got, _ = _adam_states(Precision(state_dtype=state_dtype), steps=20)
     p0 = torch.randn(QUANT_MIN_NUMEL * 2, generator=torch.Generator().manual_seed(0))
     move = (ref[0] - p0).abs().mean()
-    # the moments' rounding changes the path: measured 0.22% (bf16) and 1.58% (int8) of the distance moved; bounds 2x that
-    assert (got[0] - ref[0]).abs().mean() <= {torch.bfloat16: 0.0044, 'int8': 0.032}[state_dtype] * move
+    # the moments' rounding changes the path: measured 0.22% (bf16), 1.58% (int8) and 21% (int4: 16 levels) of the distance moved; bounds 2x that
+    assert (got[0] - ref[0]).abs().mean() <= {torch.bfloat16: 0.0044, 'int8': 0.032, 'int4': 0.42}[state_dtype] * move
 
 def test_fused_kernel_runs_on_the_working_view():
     "The fused kernel is one more chain: on the working view it gives what the callbacks give."
@@ -223,6 +253,7 @@ class TinyOpt(torch.optim.Optimizer):
     def load_state_dict(self, sd): super().load_state_dict(sd); self.prec.restore_loaded(self, sd)
 
 @pytest.mark.parametrize('prec,dtype,torch_casts', [(Precision(state_dtype='int8'), torch.bfloat16, True),
+    (Precision(state_dtype='int4'), torch.bfloat16, True), (Precision(state_dtype='int4'), torch.float32, True),
     (Precision(state_dtype='int8'), torch.float32, True), (Precision(state_dtype=torch.bfloat16), torch.float32, True),
     (Precision(state_dtype=torch.float32), torch.bfloat16, True), (Precision(), torch.bfloat16, False)])
 def test_checkpoint_bit_for_bit(prec, dtype, torch_casts, tmp_path):
@@ -254,7 +285,7 @@ def test_checkpoint_bit_for_bit(prec, dtype, torch_casts, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ps, fresh))
 
 def test_refusals():
-    for kw, msg in [(dict(kahan_sum=True, stochastic_round=True), 'pick one'), (dict(state_dtype='int4'), "'int4'"),
+    for kw, msg in [(dict(kahan_sum=True, stochastic_round=True), 'pick one'), (dict(state_dtype='int2'), "'int2'"),
                     (dict(state_dtype=torch.int8), 'torch.int8'), (dict(kahan_sum='yes'), "`kahan_sum`"),
                     (dict(stochastic_round=None), '`stochastic_round`'), (dict(seed=0), 'stochastic_round=True'),
                     (dict(stochastic_round=True, seed=1.5), '`seed`')]:

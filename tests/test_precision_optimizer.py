@@ -84,7 +84,7 @@ def test_stochastic_rounding_seeded_through_the_optimizer():
     c, _ = _fit(spec, torch.bfloat16, steps=5, stochastic_round=True, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and not all(torch.equal(x, y) for x, y in zip(a, c))
 
-@pytest.mark.parametrize('kw,msg', [(dict(state_dtype='int4'), 'state_dtype'), (dict(kahan_sum=True, stochastic_round=True), 'pick one'),
+@pytest.mark.parametrize('kw,msg', [(dict(state_dtype='int2'), 'state_dtype'), (dict(kahan_sum=True, stochastic_round=True), 'pick one'),
                                     (dict(kahan_sum='on'), 'kahan_sum'), (dict(seed=1), 'stochastic_round=True')])
 def test_factories_refuse(kw, msg):
     with pytest.raises(ValueError, match=msg): Adam(_params(torch.float32), lr=1e-3, **kw)
@@ -110,7 +110,7 @@ def test_working_copies_are_made_a_chunk_at_a_time(monkeypatch):
         ps = [torch.randn(s, generator=g).to(torch.bfloat16).requires_grad_() for s in [(64, 32), (32,), (32, 16), (16,)]]
         opt, seen = AdamW(ps, lr=1e-2, kahan_sum=True, state_dtype='int8'), []
         real = opt.precision.enter
-        monkeypatch.setattr(opt.precision, 'enter', lambda grp: seen.append(len(grp.params)) or real(grp))
+        monkeypatch.setattr(opt.precision, 'enter', lambda grp, *kinds: seen.append(len(grp.params)) or real(grp, *kinds))
         for _ in range(5):
             for p in ps: p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
             opt.step()
@@ -129,7 +129,7 @@ def test_a_chain_that_needs_all_grads_gets_one_working_copy(monkeypatch):
     ps = [torch.ones(8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
     opt, seen = Optimizer(ps, [global_norm, sgd_step], lr=0.1), []
     real = opt.precision.enter
-    monkeypatch.setattr(opt.precision, 'enter', lambda grp: seen.append(len(grp.params)) or real(grp))
+    monkeypatch.setattr(opt.precision, 'enter', lambda grp, *kinds: seen.append(len(grp.params)) or real(grp, *kinds))
     for p in ps: p.grad = torch.ones_like(p)
     opt.step()
     assert seen == [3] and opt.chains['default'].whole
@@ -147,11 +147,20 @@ def test_every_factory_takes_the_precision_options():
             ps[0].grad = torch.randn_like(ps[0]); opt.step()
         assert not torch.equal(ps[0], w0) and ps[0].dtype == torch.bfloat16, f.__name__
         assert any(isinstance(v, torch.Tensor) and v.dtype in (torch.int8, torch.uint8) for v in opt.state[ps[0]].values()), f.__name__
-        with pytest.raises(ValueError, match='state_dtype'): f(ps, state_dtype='int4')
+        with pytest.raises(ValueError, match='state_dtype'): f(ps, state_dtype='int2')
     # Adafactor's matrix state is factored (a row and a column), which 8- and 16-bit state do not cover: refused by name
     ps = [torch.randn(64, 80, dtype=torch.bfloat16, requires_grad=True)]
-    for sd in ('int8', torch.bfloat16, torch.float16):
+    for sd in ('int8', 'int4', torch.bfloat16, torch.float16):
         with pytest.raises(ValueError, match=r'state_dtype=.*Adafactor.*factored'): Adafactor(ps, state_dtype=sd)
     opt = Adafactor(ps, kahan_sum=True, state_dtype=torch.float32)
     ps[0].grad = torch.randn_like(ps[0]); opt.step()
     assert opt.precision.kahan_sum is True and 'kahan_comp' in opt.state[ps[0]]
+
+def test_paired_interval_is_the_one_sample_t_interval():
+    "The parity table's interval: scipy's one-sample t-test's confidence interval of the paired differences (another code path)."
+    from scipy.stats import ttest_1samp
+    from fastopts.bench.memory import paired_interval
+    d = [0.012, -0.004, 0.021, 0.003, 0.009, -0.011, 0.017, 0.006]
+    m, lo, hi = paired_interval(d)
+    ci = ttest_1samp(d, 0.).confidence_interval(0.95)
+    assert m == pytest.approx(sum(d) / 8) and lo == pytest.approx(ci.low) and hi == pytest.approx(ci.high)

@@ -17,10 +17,10 @@ from .step import make_params, check_device, _device_name
 from ..core import check_int
 
 # %% auto #0
-__all__ = ['BF16', 'SETTINGS', 'LR', 'BETAS', 'EPS', 'WD', 'PARITY_SETTINGS', 'contenders', 'tensor_bytes', 'state_bytes',
-           'state_benchmark', 'format_state_rows', 'TinyGPT', 'MemoryMeter', 'peak_step', 'peak_benchmark',
-           'format_peak_rows', 'SeqTransformer', 'fit_loss', 'parity_benchmark', 'format_parity_rows',
-           'add_memory_bench_args', 'memory_bench_main']
+__all__ = ['BF16', 'SETTINGS', 'FUSED_SETTINGS', 'LION', 'LR', 'BETAS', 'EPS', 'WD', 'PARITY_SETTINGS', 'contenders',
+           'tensor_bytes', 'state_bytes', 'state_benchmark', 'format_state_rows', 'TinyGPT', 'MemoryMeter', 'peak_step',
+           'peak_benchmark', 'format_peak_rows', 'SeqTransformer', 'fit_loss', 'paired_interval', 'parity_benchmark',
+           'format_parity_rows', 'add_memory_bench_args', 'memory_bench_main']
 
 # %% ../../nbs/09b_memory_bench.ipynb #m006
 BF16 = torch.bfloat16
@@ -32,7 +32,13 @@ SETTINGS = {
     'bf16 + Kahan': (BF16, dict(kahan_sum=True)),
     'bf16 + stochastic rounding': (BF16, dict(stochastic_round=True, seed=0)),
     'bf16 + Kahan, int8 state': (BF16, dict(kahan_sum=True, state_dtype='int8')),
+    'fp32, int4 state': (torch.float32, dict(state_dtype='int4')),
 }
+# the same settings through the fused pass (`compiled=True`: one compiled function per tensor shape)
+FUSED_SETTINGS = {f'{k}, fused': (dt, {**kw, 'compiled': True}) for k, (dt, kw) in SETTINGS.items() if kw}
+FUSED_SETTINGS['bf16 + Kahan, int4 state, fused'] = (BF16, dict(kahan_sum=True, state_dtype='int4', compiled=True))
+# a chain that is not AdamW, against its own fp32 step
+LION = {'Lion fp32': (torch.float32, {}), 'Lion bf16 + Kahan, int8 state, fused': (BF16, dict(kahan_sum=True, state_dtype='int8', compiled=True))}
 LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
 
 def _fastopts(kw): return lambda ps: fo.AdamW(ps, lr=LR, mom=BETAS[0], sqr_mom=BETAS[1], eps=EPS, wd=WD, **kw)
@@ -55,9 +61,12 @@ def _others() -> dict:
     except Exception: pass
     return out
 
+def _lion(kw): return lambda ps: fo.Lion(ps, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=WD, **kw)
+
 def contenders(names=None) -> dict:
-    "name -> (params dtype, factory(params) -> optimizer): fastopts' settings, then the other libraries'."
-    out = {k: (dt, _fastopts(kw)) for k, (dt, kw) in SETTINGS.items()}
+    "name -> (params dtype, factory(params) -> optimizer): fastopts' settings (eager, then fused), Lion's, then the other libraries'."
+    out = {k: (dt, _fastopts(kw)) for k, (dt, kw) in {**SETTINGS, **FUSED_SETTINGS}.items()}
+    out.update({k: (dt, _lion(kw)) for k, (dt, kw) in LION.items()})
     out.update(_others())
     return out if names is None else {k: v for k, v in out.items() if k in names}
 
@@ -96,8 +105,9 @@ def state_bytes(opt, params) -> int:
 # %% ../../nbs/09b_memory_bench.ipynb #m011
 def _sync(device): return torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
-def state_benchmark(problem:str='gpt2', n:int=3, warmup:int=1, device='cpu', names=None, progress=None) -> list[dict]:
-    "Rows `{contender, dtype, state_bytes_per_param, step_ms}` for each contender on `problem`'s params."
+def state_benchmark(problem:str='gpt2', n:int=3, warmup:int=2, device='cpu', names=None, progress=None) -> list[dict]:
+    """Rows `{contender, dtype, state_bytes_per_param, step_ms, warmup_s}` for each contender on `problem`'s params
+    (`warmup_s`: the first `warmup` steps, which make the state and, fused, compile one graph per shape)."""
     device = check_device(device)
     rows, sync = [], _sync(device)
     for name, (dt, make) in contenders(names).items():
@@ -105,22 +115,28 @@ def state_benchmark(problem:str='gpt2', n:int=3, warmup:int=1, device='cpu', nam
         ps = make_params(problem, device=device)
         for p in ps: p.data, p.grad = p.data.to(dt), p.grad.to(dt)
         opt = make(ps)
+        sync(); t0 = time.perf_counter()
         for _ in range(warmup): opt.step()
+        sync(); warm = time.perf_counter() - t0
         times = []
         for _ in range(n):
             sync(); t0 = time.perf_counter(); opt.step(); sync(); times.append(time.perf_counter() - t0)
         nparams = sum(p.numel() for p in ps)
         rows.append(dict(contender=name, dtype=str(dt).replace('torch.', ''), params=nparams,
-                         state_bytes_per_param=state_bytes(opt, ps) / nparams, step_ms=1000 * statistics.median(times)))
+                         state_bytes_per_param=state_bytes(opt, ps) / nparams, step_ms=1000 * statistics.median(times), warmup_s=warm))
         del opt, ps
     ref = next((r['step_ms'] for r in rows if r['contender'].startswith('torch fused')), None)
-    for r in rows: r['vs_torch_fused'] = r['step_ms'] / ref if ref else math.nan
+    lion = next((r['step_ms'] for r in rows if r['contender'] == 'Lion fp32'), None)
+    for r in rows:
+        r['vs_torch_fused'] = r['step_ms'] / ref if ref else math.nan
+        r['vs_own_fp32'] = r['step_ms'] / lion if lion and r['contender'].startswith('Lion') else math.nan
     return rows
 
 def format_state_rows(rows) -> str:
-    out = ['| contender | params | state B/param | step ms | vs torch fused fp32 |', '|---|---|---:|---:|---:|']
+    out = ['| contender | params | state B/param | step ms | vs torch fused fp32 | vs its own fp32 step | warm-up s |', '|---|---|---:|---:|---:|---:|---:|']
     for r in rows:
-        out.append(f"| {r['contender']} | {r['dtype']} | {r['state_bytes_per_param']:.3f} | {r['step_ms']:.0f} | {r['vs_torch_fused']:.2f} |")
+        own = '' if math.isnan(r.get('vs_own_fp32', math.nan)) else f"{r['vs_own_fp32']:.2f}"
+        out.append(f"| {r['contender']} | {r['dtype']} | {r['state_bytes_per_param']:.3f} | {r['step_ms']:.0f} | {r['vs_torch_fused']:.2f} | {own} | {r.get('warmup_s', math.nan):.1f} |")
     return '\n'.join(out)
 
 # %% ../../nbs/09b_memory_bench.ipynb #m014
@@ -242,34 +258,51 @@ def fit_loss(task:str, setting:str, seed:int=0) -> float:
         learn.fit_one_cycle(epochs, lr)
         return float(learn.validate()[0])
 
-PARITY_SETTINGS = ('fp32', 'bf16 + Kahan', 'bf16 plain', 'bf16 + stochastic rounding', 'fp32, bf16 state', 'fp32, int8 state', 'bf16 + Kahan, int8 state')
+PARITY_SETTINGS = ('fp32', 'bf16 + Kahan', 'bf16 plain', 'bf16 + stochastic rounding', 'fp32, bf16 state', 'fp32, int8 state',
+                   'bf16 + Kahan, int8 state', 'fp32, int4 state')
 
-def parity_benchmark(tasks=('digits_cnn', 'seq_transformer'), settings=PARITY_SETTINGS, seeds=(0, 1), progress=None) -> list[dict]:
-    "Rows `{task, setting, val_loss (mean over seeds), vs_fp32}`."
+def paired_interval(diffs, level:float=0.95) -> tuple[float, float, float]:
+    "Mean of paired differences and its `level` t-interval (Student's t with n-1 degrees of freedom)."
+    from scipy.stats import t as student
+    n, m = len(diffs), statistics.mean(diffs)
+    if n < 2: return m, math.nan, math.nan
+    half = student.ppf((1 + level) / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    return m, m - half, m + half
+
+def parity_benchmark(tasks=('digits_cnn', 'seq_transformer'), settings=PARITY_SETTINGS, seeds=tuple(range(8)), progress=None) -> list[dict]:
+    """Rows `{task, setting, val_loss (mean over seeds), vs_fp32, diff, lo, hi}`: seeds are paired (each seed gives every
+    setting the same init and data), so `diff` is the mean over seeds of `loss/loss_fp32 - 1` of that seed, with its 95%
+    interval `lo`..`hi`; the spread between seeds cancels out of it."""
     rows = []
     for task in tasks:
-        for s in settings:
+        ref = None
+        for s in ('fp32',) + tuple(x for x in settings if x != 'fp32'):
             losses = [fit_loss(task, s, seed) for seed in seeds]
             if progress: progress(f"{task}: {s}: final valid loss {', '.join(f'{l:.4f}' for l in losses)}")
-            rows.append(dict(task=task, setting=s, val_loss=statistics.mean(losses), losses=losses))
-        ref = next(r['val_loss'] for r in rows if r['task'] == task and r['setting'] == 'fp32')
-        for r in rows:
-            if r['task'] == task: r['vs_fp32'] = r['val_loss'] / ref - 1
+            if s == 'fp32': ref = losses
+            d, lo, hi = paired_interval([l / r - 1 for l, r in zip(losses, ref)])
+            rows.append(dict(task=task, setting=s, val_loss=statistics.mean(losses), losses=losses,
+                             vs_fp32=statistics.mean(losses) / statistics.mean(ref) - 1, diff=d, lo=lo, hi=hi))
     return rows
 
 def format_parity_rows(rows) -> str:
-    out = ['| task | setting | final valid loss (mean of seeds) | vs fp32 |', '|---|---|---:|---:|']
-    for r in rows: out.append(f"| {r['task']} | {r['setting']} | {r['val_loss']:.4f} | {r['vs_fp32']:+.1%} |")
+    out = ['| task | setting | final valid loss (mean of seeds) | paired difference to fp32 | 95% interval | within +-2% |', '|---|---|---:|---:|---|---|']
+    for r in rows:
+        ok = '' if r['setting'] == 'fp32' else ('yes' if -0.02 <= r['lo'] and r['hi'] <= 0.02 else 'no')
+        out.append(f"| {r['task']} | {r['setting']} | {r['val_loss']:.4f} | {r['diff']:+.2%} | {r['lo']:+.2%} .. {r['hi']:+.2%} | {ok} |")
     return '\n'.join(out)
+
 
 # %% ../../nbs/09b_memory_bench.ipynb #m020
 def add_memory_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--parts', nargs='+', default=['state', 'peak', 'parity'], choices=['state', 'peak', 'parity'], help='tables to make (default: all)')
     p.add_argument('--n', type=int, default=3, help='timed steps per contender (median; default 3)')
     p.add_argument('--layers', type=int, default=4, help='GPT-2 blocks of the peak-memory model (default 4)')
-    p.add_argument('--seeds', type=int, default=2, help='seeds per loss-parity fit (default 2)')
+    p.add_argument('--seeds', type=int, default=8, help='paired seeds of the loss-parity fits (default 8)')
+    p.add_argument('--tasks', nargs='+', default=['digits_cnn', 'seq_transformer'], choices=['digits_cnn', 'seq_transformer'], help='loss-parity tasks')
     p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    p.add_argument('--only', nargs='+', default=None, help='state table: only the contenders whose name contains one of these')
     return p
 
 def memory_bench_main(args) -> dict:
@@ -280,7 +313,8 @@ def memory_bench_main(args) -> dict:
     say, out = (lambda s: print(f'  {s} ...', file=sys.stderr, flush=True)), {}
     print(f"torch {torch.__version__}, {_device_name(device)}\n")
     if 'state' in args.parts:
-        out['state'] = rows = state_benchmark('gpt2', n=n, device=device, progress=say)
+        names = None if not getattr(args, 'only', None) else [k for k in contenders() if any(o in k for o in args.only)]
+        out['state'] = rows = state_benchmark('gpt2', n=n, device=device, names=names, progress=say)
         print(f"## Optimizer state and step time: AdamW on 4 GPT-2 blocks ({rows[0]['params'] / 1e6:.1f}M params), median of {n} steps\n")
         print(format_state_rows(rows) + '\n')
     if 'peak' in args.parts:
@@ -288,7 +322,7 @@ def memory_bench_main(args) -> dict:
         print(f"## Peak memory of a training step besides activations: TinyGPT, {layers} blocks of d_model 768 ({rows[0]['params'] / 1e6:.1f}M params)\n")
         print(format_peak_rows(rows) + '\n')
     if 'parity' in args.parts:
-        out['parity'] = rows = parity_benchmark(seeds=tuple(range(seeds)), progress=say)
-        print(f"## Loss parity: final validation loss, mean of {seeds} seeds\n")
+        out['parity'] = rows = parity_benchmark(tasks=tuple(args.tasks), seeds=tuple(range(seeds)), progress=say)
+        print(f"## Loss parity: final validation loss over {seeds} paired seeds, and each setting's paired difference to fp32\n")
         print(format_parity_rows(rows) + '\n')
     return out
