@@ -165,8 +165,8 @@ class MemoryMeter:
         self.peak = max(self.peak, tensor_bytes(ts))
     def __enter__(self):
         orig, meter = fp.Precision.exit, self
-        def exit_(prec, work, grp):
-            meter.sample([work.params, work.grads, work.states]); return orig(prec, work, grp)
+        def exit_(prec, work, grp, kinds=None):
+            meter.sample([work.params, work.grads, work.states]); return orig(prec, work, grp, kinds)
         self._orig, fp.Precision.exit = orig, exit_
         return self
     def __exit__(self, *_):
