@@ -47,7 +47,7 @@ MUTATIONS = [
              ['tests/test_lr_free.py::test_learner_bn_recalibration_is_the_average_at_x'],
              "Schedule-Free's BatchNorm recalibration done at y, not at x"),
     Mutation('int8_unsigned_zero', 'precision.py',
-             "    if not signed: idx += (idx == 0) & (normed > 0)", "    pass",
+             "    if not signed and bits == 8: idx = idx + ((idx == 0) & (normed > 0)).to(torch.int32)", "    pass",
              ['tests/test_precision.py::test_int8_codes_are_the_nearest_of_the_dynamic_map'],
              "int8: the unsigned map may round a positive second moment to 0"),
     Mutation('int8_map_bits', 'precision.py',
