@@ -10,7 +10,7 @@ from torch import Tensor
 try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
 except ImportError: DTensor = ()
 from .callbacks import ParamGroupView, check_chain, cb_name, cb_hypers, cb_role, _unwrap, _pick
-from .fused import fast_path
+from .rules import fast_path
 
 # %% auto #0
 __all__ = ['stage', 'stage_of', 'Updated', 'Chain']

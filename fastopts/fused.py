@@ -10,7 +10,7 @@ from torch import Tensor
 from .callbacks import step_stat, weight_decay, _local, _pick
 
 # %% auto #0
-__all__ = ['FUSED_CHAINS', 'kernel_layout', 'fused_adam', 'fused_sgd', 'fused_rmsprop', 'split_wd', 'fast_path']
+__all__ = ['kernel_layout', 'fused_adam', 'fused_sgd', 'fused_rmsprop']
 
 # %% ../nbs/00c_fused.ipynb #c034
 _FUSED_DEVICES = set(torch.utils._foreach_utils._get_fused_kernels_supported_devices())
@@ -97,17 +97,9 @@ def fused_rmsprop(grp, lr, sqr_mom, eps, wd=0., wd_role=None, **_) -> bool:
                        amsgrad=False, maximize=False)   # beta1=0: the first moment is the gradient, written onto itself
     return True
 
-FUSED_CHAINS = {('ema', 'sqr_ema', 'count', 'adam'): fused_adam, ('sgd',): fused_sgd, ('sqr_ema', 'rms'): fused_rmsprop,
-                ('buf', 'momentum'): partial(fused_sgd, momentum='buf'),
-                ('buf', 'nesterov'): partial(fused_sgd, momentum='nesterov'),
-                ('ema', 'momentum'): partial(fused_sgd, momentum='ema')}
-
-def split_wd(roles:tuple) -> tuple:
-    "`(weight decay role or None, the rest)`: a chain's optional leading `wd`/`l2` and the rule it decays."
-    return (roles[0], tuple(roles[1:])) if roles and roles[0] in ('wd', 'l2') else (None, tuple(roles))
-
-def fast_path(roles:tuple):
-    "The fused implementation of a chain with these roles, or None (the callbacks run)."
-    wd_role, core = split_wd(roles)
-    f = FUSED_CHAINS.get(core)
-    return None if f is None else partial(f, wd_role=wd_role)
+def __getattr__(name):
+    "The fused table and its lookups live in `fastopts.rules` now (one record per rule); the old names answer from there."
+    if name in ('FUSED_CHAINS', 'split_wd', 'fast_path'):
+        from fastopts import rules
+        return getattr(rules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

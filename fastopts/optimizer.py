@@ -20,6 +20,7 @@ from .hypers import _NEUTRAL
 from .callbacks import *
 from .callbacks import _PRODUCERS, _unwrap, _pick, _local, _device_dtype_groups, _group_view, _is_t, _maybe_nonzero, _sqrt, _add_, _added, _lerped, _addcmul_, _addcdiv_, _per_tensor, _full_norms
 from .fused import *
+from .rules import *
 from .chain import *
 from .chain import _cb_defaults, _check_fused, _check_compiled, _check_compilable, _hyper_tensors
 from .torch_state import *

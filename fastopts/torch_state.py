@@ -7,24 +7,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from .hypers import TORCH_ALIASES, TORCH_FLAGS, _NEUTRAL, alias_values, check_flag
-from .fused import split_wd
+from .rules import RULES, Rule, rule_of, torch_rule, is_torch_state_dict
 
 # %% auto #0
-__all__ = ['torch_rule', 'from_torch_state_dict', 'to_torch_state_dict']
+__all__ = ['from_torch_state_dict', 'to_torch_state_dict']
 
 # %% ../nbs/00d_torch_state.ipynb #c054
-_TORCH_STATE = {'exp_avg': 'grad_avg', 'exp_avg_sq': 'sqr_avg', 'square_avg': 'sqr_avg'}
 _TORCH_ONLY_STATE = ('max_exp_avg_sq', 'mu_product', 'sum', 'acc_delta', 'square_avg_centered', 'eta', 'mu', 'ax', 'prev', 'step_size')
 _RULE_KEYS = set(TORCH_ALIASES) | set(TORCH_FLAGS) | {'nesterov', 'fused', 'decoupled_weight_decay'}
 
-def torch_rule(roles:tuple) -> tuple[str, str|None]|None:
-    "`(torch.optim class name, weight decay role)` of the rule a chain with `roles` computes, or None if torch has none."
-    wd_role, core = split_wd(roles)
-    rule = {('ema', 'sqr_ema', 'count', 'adam'): 'Adam', ('ema', 'sqr_ema', 'count', 'radam'): 'RAdam',
-            ('sgd',): 'SGD', ('buf', 'momentum'): 'SGD', ('buf', 'nesterov'): 'SGD',
-            ('sqr_ema', 'rms'): 'RMSprop', ('sqr_ema', 'rms_mom'): 'RMSprop'}.get(core)
-    if rule == 'Adam' and wd_role == 'wd': rule = 'AdamW'
-    return None if rule is None else (rule, wd_role)
+def _torch_rule_of(chain) -> tuple[Rule, str|None]:
+    "`(the registered rule, weight decay role)` of `chain`, a ValueError naming the chain if torch has no class for it."
+    rule, wd_role = rule_of(chain.roles)
+    if rule is None or rule.torch is None: raise ValueError(f"no torch.optim optimizer computes the chain {chain.names}")
+    return rule, wd_role
 
 def _torch_family(g:dict) -> str:
     "Which torch.optim class a saved param group comes from, by the keys torch writes."
@@ -33,10 +29,6 @@ def _torch_family(g:dict) -> str:
     if 'alpha' in g: return 'RMSprop'
     if 'nesterov' in g or 'dampening' in g: return 'SGD'
     return 'another torch optimizer'
-
-def _is_torch_format(sd:dict) -> bool:
-    return (any(k in _RULE_KEYS for g in sd.get('param_groups', ()) for k in g)
-            or any(k in _TORCH_STATE or k == 'momentum_buffer' for s in sd.get('state', {}).values() for k in s))
 
 # %% ../nbs/00d_torch_state.ipynb #c055
 def _check_torch_group(i, g, rule, wd_role, roles):
@@ -55,16 +47,17 @@ def _check_torch_group(i, g, rule, wd_role, roles):
     if g.get('centered'): raise ValueError(f"param_groups[{i}] has centered=True, which fastopts' RMSProp does not compute")
 
 def from_torch_state_dict(opt, sd:dict) -> dict:
-    "`sd` in fastopts' format: unchanged if it is, translated if it is a `torch.optim` state dict of `opt`'s rule."
-    if not _is_torch_format(sd): return sd
-    groups, bufs = [], {}
+    "`sd` in fastopts' format: unchanged if it is, translated if it is a `torch.optim` state dict of `opt`'s rule (`RULES`)."
+    if not is_torch_state_dict(sd): return sd
+    named = RULES.get(getattr(opt, 'torch_rule_name', None) or '')
+    if named is not None and named.from_torch is not None: return named.from_torch(opt, sd)   # a rule named on its optimizer
+    groups, rules = [], {}
     for i, (g, cur) in enumerate(zip(sd['param_groups'], opt.param_groups)):
         chain = opt.chain_of(cur)
-        rule = torch_rule(chain.roles)
-        if rule is None: raise ValueError(f"a torch.optim state dict cannot be loaded: no torch.optim optimizer computes the chain {chain.names}")
-        rule, wd_role = rule
-        _check_torch_group(i, g, rule, wd_role, chain.roles)
-        for k in g['params']: bufs[k] = rule
+        try: rule, wd_role = _torch_rule_of(chain)
+        except ValueError as e: raise ValueError(f"a torch.optim state dict cannot be loaded: {e}") from None
+        _check_torch_group(i, g, rule.torch_class(wd_role), wd_role, chain.roles)
+        for k in g['params']: rules[k] = rule
         new = {k: v for k, v in g.items() if k not in _RULE_KEYS or k in TORCH_ALIASES or k in TORCH_FLAGS}
         new.pop('dampening', None); new.pop('centered', None)
         out = {}
@@ -78,26 +71,18 @@ def from_torch_state_dict(opt, sd:dict) -> dict:
             if k not in out and k in cur: out[k] = cur[k]
         if 'chain' in cur: out['chain'] = cur['chain']
         groups.append(out)
-    state = {}
-    for k, s in sd['state'].items():
-        new, rule = {}, bufs.get(k)
-        buf_name = 'grad_avg' if rule == 'SGD' else 'rms_buf'
-        for n, v in s.items():
-            if n in _TORCH_ONLY_STATE: raise ValueError(f"state of param {k} has `{n}`, which fastopts' {rule} does not compute")
-            if n == 'step':
-                if rule in ('Adam', 'AdamW', 'RAdam'): new['step'] = int(v.item() if isinstance(v, Tensor) else v)
-            elif n == 'momentum_buffer':
-                if v is not None: new[buf_name] = v
-            else: new[_TORCH_STATE.get(n, n)] = v
-        state[k] = new
+    state = {k: _state_from_torch(k, s, rules.get(k)) for k, s in sd['state'].items()}
     return {**{k: v for k, v in sd.items() if k not in ('state', 'param_groups')}, 'state': state, 'param_groups': groups}
 
-def _torch_flags(rule:str, wd_role) -> dict:
-    common = dict(foreach=None, maximize=False, differentiable=False)
-    if rule in ('Adam', 'AdamW'): return {**common, 'amsgrad': False, 'capturable': False, 'fused': None, 'decoupled_weight_decay': wd_role == 'wd'}
-    if rule == 'RAdam': return {**common, 'capturable': False, 'decoupled_weight_decay': wd_role == 'wd'}
-    if rule == 'RMSprop': return {**common, 'capturable': False, 'centered': False}
-    return {**common, 'fused': None, 'dampening': 0}
+def _state_from_torch(k, s:dict, rule:Rule|None) -> dict:
+    "Param `k`'s torch state `s` in the names of `rule` (a step as its count where the rule counts steps)."
+    new, names = {}, rule.state if rule is not None else {}
+    for n, v in s.items():
+        if n in _TORCH_ONLY_STATE: raise ValueError(f"state of param {k} has `{n}`, which fastopts' {rule.torch if rule else 'rule'} does not compute")
+        if n == 'step':
+            if rule is not None and rule.counts_steps: new['step'] = int(v.item() if isinstance(v, Tensor) else v)
+        elif v is not None: new[names.get(n, n)] = v   # torch's SGD keeps `momentum_buffer=None` without momentum
+    return new
 
 def to_torch_state_dict(opt) -> dict:
     "`opt`'s state dict in the format of the torch.optim optimizer that computes its rule (`torch_rule` of each group's chain)."
@@ -105,24 +90,18 @@ def to_torch_state_dict(opt) -> dict:
     groups, rules = [], {}
     for g, live in zip(sd['param_groups'], opt.param_groups):
         chain = opt.chain_of(live)
-        rule = torch_rule(chain.roles)
-        if rule is None: raise ValueError(f"no torch.optim optimizer computes the chain {chain.names}")
-        rule, wd_role = rule
+        rule, wd_role = _torch_rule_of(chain)
         for k in g['params']: rules[k] = rule
         out = {k: v for k, v in g.items() if k not in opt._hyper_names and k != 'chain'}
-        out.update(lr=g['lr'], weight_decay=g.get('wd', 0.) if wd_role else 0., **_torch_flags(rule, wd_role))
-        if rule == 'SGD': out.update(momentum=g.get('mom', 0.) if 'sgd' not in chain.roles else 0., nesterov='nesterov' in chain.roles)
-        elif rule == 'RMSprop': out.update(alpha=g['sqr_mom'], eps=g['eps'], momentum=g.get('mom', 0.) if 'rms_mom' in chain.roles else 0.)
-        else: out.update(betas=(g['mom'], g['sqr_mom']), eps=g['eps'])
+        out.update(lr=g['lr'], weight_decay=g.get('wd', 0.) if wd_role else 0., **rule.flags(wd_role), **rule.torch_hypers(g, chain.roles))
         if out['weight_decay'] and any(not opt.state[p].get('do_wd', True) for p in live['params']):
             raise ValueError("params with do_wd=False share a group with weight decay: torch.optim would decay them")
         groups.append(out)
     state = {}
     for k, s in sd['state'].items():
-        rule = rules[k]
-        back = {'grad_avg': 'momentum_buffer' if rule == 'SGD' else 'exp_avg', 'sqr_avg': 'square_avg' if rule == 'RMSprop' else 'exp_avg_sq',
-                'rms_buf': 'momentum_buffer'}
+        back = rules[k].state_to_torch
         new = {back.get(n, n): (torch.tensor(float(v)) if n == 'step' else v) for n, v in s.items() if n not in ('do_wd', 'force_train')}
-        if rule == 'RMSprop': new['step'] = torch.tensor(0.)
+        if rules[k].torch_step: new['step'] = torch.tensor(0.)
         state[k] = new
     return {'state': state, 'param_groups': groups}
+
