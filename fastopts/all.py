@@ -6,7 +6,7 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #c002
-from . import core, hypers, callbacks, fused, rules, chain, keywords, torch_state, optimizer, routes, lookahead, matrix, lr_free, schedule, lr_finder, data, precision, release
+from . import core, hypers, callbacks, fused, rules, chain, caps, keywords, torch_state, optimizer, routes, lookahead, matrix, lr_free, schedule, lr_finder, data, precision, release
 from .lab import surfaces
 from .lab import viz
 from .lab import fit_viz
@@ -17,6 +17,7 @@ from .callbacks import *
 from .fused import *
 from .rules import *
 from .chain import *
+from .caps import *
 from .keywords import *
 from .torch_state import *
 from .optimizer import *
@@ -35,4 +36,4 @@ from .precision import *
 from .release import *
 
 # every module's public names, so that `import *` brings them all
-__all__ = [n for m in (core, hypers, callbacks, fused, rules, chain, keywords, torch_state, optimizer, routes, lookahead, matrix, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release) for n in m.__all__]
+__all__ = [n for m in (core, hypers, callbacks, fused, rules, chain, caps, keywords, torch_state, optimizer, routes, lookahead, matrix, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release) for n in m.__all__]

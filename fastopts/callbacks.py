@@ -13,10 +13,10 @@ try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
 except ImportError: DTensor = ()
 
 # %% auto #0
-__all__ = ['STATE_KINDS', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain', 'average_grad',
-           'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step', 'nesterov_step',
-           'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'update_transform', 'cautious',
-           'negate_grad']
+__all__ = ['STATE_KINDS', 'CAPABILITIES', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain',
+           'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step',
+           'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'update_transform',
+           'cautious', 'negate_grad']
 
 # %% ../nbs/00b_callbacks.ipynb #c005
 class ParamGroupView:
@@ -83,19 +83,25 @@ def _group_view(ps:list[Tensor], states:list[dict], grads:list[Tensor]|None=None
 _PRODUCERS = {}   # state name -> the shipped callback that writes it (for the error message)
 
 STATE_KINDS = ('moment', 'count', 'scalar', 'iterate', 'sum', 'factor', 'basis')   # what a written state is (see `contract`)
+CAPABILITIES = ('compilable', 'complex', 'sharded', 'release', 'low_precision_state')   # what a callback may lack (`contract(lacks=...)`, fastopts.caps)
 
-def contract(reads:str='', writes:str|dict='', hypers='', role=None):
+def contract(reads:str='', writes:str|dict='', hypers='', role=None, lacks:dict|None=None):
     """Declare the state a callback `reads` and `writes`, the `hypers` it uses and its fast-path `role` (`hypers` and `role`
     may be functions of a partial's keywords). `writes` as a dict also says what each state is, one of `STATE_KINDS`:
     `moment` (an average of gradients, the param's shape: the precision layer may store it in low precision), `count`
     (a step counter), `scalar` (a number), `iterate` (a copy of the params, as Schedule-Free's z), `sum` (an accumulated
-    sum of another shape), `factor` (a factored statistic), `basis` (a preconditioner's eigenbasis)."""
+    sum of another shape), `factor` (a factored statistic), `basis` (a preconditioner's eigenbasis). `lacks` names the
+    `CAPABILITIES` the callback does not have, each with why (`{'compilable': 'runs eigendecompositions eagerly'}`): the
+    optimizer's refusals are derived from them (fastopts.caps)."""
     ws = dict(writes) if isinstance(writes, dict) else dict.fromkeys(writes.split())
     bad = {k: v for k, v in ws.items() if v is not None and v not in STATE_KINDS}
     if bad: raise ValueError(f"`writes` gives kinds {bad}: each must be one of {STATE_KINDS}")
+    bad = [k for k in (lacks or {}) if k not in CAPABILITIES]
+    if bad: raise ValueError(f"`lacks` names {bad}: each must be one of {CAPABILITIES}")
     def _declare(f):
         f.reads, f.writes, f.role = tuple(reads.split()), tuple(ws), role
         f.kinds = {k: v for k, v in ws.items() if v is not None}
+        f.lacks = dict(lacks or {})
         f.hypers = hypers if callable(hypers) else tuple(hypers.split())
         for w in f.writes: _PRODUCERS.setdefault(w, f.__name__)
         return f

@@ -5,18 +5,69 @@
 # %% ../nbs/00f_keywords.ipynb #k002
 from __future__ import annotations
 import inspect
+from dataclasses import dataclass, field
 from functools import wraps
 from .hypers import HYPER_RANGES, TORCH_ALIASES, TORCH_FLAGS, check_hyper, check_flag, alias_values
 from .callbacks import negate_grad
 from .callbacks import cautious as _cautious
-from .chain import Updated, stage_of
+from .chain import Updated, stage_of, _check_fused, _check_compiled
+from .precision import Precision
 
 # %% auto #0
-__all__ = ['RUN_OPTIONS', 'UPDATE_OPTIONS', 'with_updates', 'torch_names']
+__all__ = ['RUN_OPTIONS', 'UPDATE_OPTIONS', 'RunOptions', 'with_run_options', 'with_updates', 'torch_names']
 
 # %% ../nbs/00f_keywords.ipynb #k004
-# how a step runs, not what it computes: every optimizer takes them (the last four: `Precision`, in 01c_precision)
+# how a step runs, not what it computes: every optimizer takes them, with these defaults (the last four: `Precision`)
 RUN_OPTIONS = {'fused': None, 'compiled': False, 'kahan_sum': None, 'stochastic_round': False, 'state_dtype': None, 'seed': None}
+
+@dataclass(frozen=True)
+class RunOptions:
+    "The run options (`RUN_OPTIONS`) checked in one place: `Optimizer.__init__`, `configure` and every factory read them from here."
+    fused: bool|None = None   # None: a fused kernel where one computes the chain; False: always the callbacks; True: insist
+    compiled: dict = field(default_factory=dict)   # `torch.compile` keywords of the compiled step ({}: the callbacks run eagerly)
+    precision: Precision = field(default_factory=Precision)   # kahan_sum, stochastic_round, state_dtype, seed
+
+    @classmethod
+    def of(cls, **opts) -> RunOptions:
+        "`opts` checked, each a `ValueError` naming the argument and its value; the options not given at their defaults."
+        bad = [k for k in opts if k not in RUN_OPTIONS]
+        if bad: raise ValueError(f"`{bad[0]}` is not a run option (they are {list(RUN_OPTIONS)})")
+        o = {**RUN_OPTIONS, **opts}
+        fused = _check_fused(o['fused'])
+        return cls(fused, _check_compiled(o['compiled'], fused),
+                   Precision(o['kahan_sum'], o['stochastic_round'], o['state_dtype'], o['seed']))
+
+    def given(self) -> dict:
+        "These options as the keywords that build them again (`RunOptions.of(**o.given())` equals `o`)."
+        p = self.precision
+        return dict(fused=self.fused, compiled=self.compiled or False, kahan_sum=p.kahan_sum, stochastic_round=p.stochastic_round,
+                    state_dtype=p.state_dtype, seed=p.seed)
+
+def _takes(sig, name:str) -> bool:
+    "Whether a function of signature `sig` takes keyword `name` (by name or through `**kwargs`)."
+    return name in sig.parameters or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+
+def with_run_options(f):
+    """Let factory `f` (which passes `**run` on to the optimizer it builds) take every run option of `RUN_OPTIONS`,
+    checked by `RunOptions.of` before anything else is looked at; any other keyword `f` does not name is refused by name."""
+    sig = inspect.signature(f)
+    if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        raise TypeError(f"{f.__name__} must pass `**run` (the run options) on to the optimizer it builds")
+    named = set(sig.parameters)
+    @wraps(f)
+    def _f(*args, **kw):
+        bad = [k for k in kw if k not in named and k not in RUN_OPTIONS]
+        if bad: raise ValueError(f"`{bad[0]}` is not a keyword of {f.__name__} (it takes {[n for n in named if n not in ('params', 'run')]} and the run options {list(RUN_OPTIONS)})")
+        RunOptions.of(**{k: v for k, v in kw.items() if k in RUN_OPTIONS})   # early: before the hypers and params
+        return f(*args, **kw)
+    _f.__signature__ = _public_signature(sig, RUN_OPTIONS)
+    return _f
+
+def _public_signature(sig, extra:dict):
+    "`sig` with the keywords `extra` (name: default) it does not name, in place of its `**run`."
+    ps = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    more = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in extra.items() if k not in sig.parameters]
+    return sig.replace(parameters=ps + more)
 
 def _torch_wd_in_groups(params) -> bool:
     return isinstance(params, (list, tuple)) and any(isinstance(g, dict) and 'weight_decay' in g for g in params)
@@ -40,21 +91,24 @@ def with_updates(opt, cautious:bool=False, maximize:bool=False):
 
 def torch_names(f):
     """Let optimizer factory `f` take torch.optim's keywords (aliases mapped to fastai's names, flags checked, the rest
-    refused by name) every run option of `RUN_OPTIONS` (passed on to the optimizer it builds, unless `f` takes it) and `cautious`, `maximize`
-    (`with_updates`)."""
+    refused by name), every run option of `RUN_OPTIONS` (checked first by `RunOptions.of`, then passed on to `f`, which
+    passes them on to the optimizer it builds) and `cautious`, `maximize` (`with_updates`)."""
     sig = inspect.signature(f)
+    late = [k for k in RUN_OPTIONS if not _takes(sig, k)]   # TRANSITIONAL: factories not yet passing `**run` on get them by `configure`
+    own = {k for k, p in sig.parameters.items() if p.kind != p.VAR_KEYWORD}
     @wraps(f)
     def _f(*args, **kw):
-        run = {k: kw.pop(k) for k in list(kw) if k in RUN_OPTIONS and k not in sig.parameters}
-        upd = {k: kw.pop(k) for k in list(kw) if k in UPDATE_OPTIONS and k not in sig.parameters}
-        given = set(sig.bind_partial(*args).arguments) | (kw.keys() & sig.parameters.keys())
-        out = {k: v for k, v in kw.items() if k in sig.parameters}
+        run = {k: kw.pop(k) for k in list(kw) if k in RUN_OPTIONS}
+        RunOptions.of(**run)   # the run options first: a bad one is named before the hypers and params are looked at
+        upd = {k: kw.pop(k) for k in list(kw) if k in UPDATE_OPTIONS and k not in own}
+        given = set(sig.bind_partial(*args).arguments) | (kw.keys() & own)
+        out = {k: v for k, v in kw.items() if k in own}
         torch_wd = 'weight_decay' in kw or (args and _torch_wd_in_groups(args[0])) or _torch_wd_in_groups(kw.get('params'))
         for k, v in kw.items():
-            if k in sig.parameters: continue
+            if k in own: continue
             if k in TORCH_ALIASES: new = alias_values(k, v)
             elif k == 'decoupled_weight_decay':
-                if 'decouple_wd' not in sig.parameters:
+                if 'decouple_wd' not in own:
                     if not v: raise ValueError(f"`decoupled_weight_decay=False`: {f.__name__}'s weight decay is always decoupled")
                     continue
                 new = {'decouple_wd': bool(v)}
@@ -62,12 +116,12 @@ def torch_names(f):
             elif k == 'nesterov':
                 if v: raise ValueError(f"`nesterov={v!r}`: {f.__name__} has no Nesterov form (SGD has)")
                 continue
-            else: raise ValueError(f"`{k}` is not a keyword of {f.__name__} (it takes {list(sig.parameters)[1:]}, torch's names for them and the run options {list(RUN_OPTIONS)})")
+            else: raise ValueError(f"`{k}` is not a keyword of {f.__name__} (it takes {[n for n in sig.parameters if n in own][1:]}, torch's names for them and the run options {list(RUN_OPTIONS)})")
             for n, x in new.items():
-                if n not in sig.parameters: raise ValueError(f"`{k}`={v!r} sets `{n}`, which {f.__name__} does not have")
+                if n not in own: raise ValueError(f"`{k}`={v!r} sets `{n}`, which {f.__name__} does not have")
                 if n in given: raise ValueError(f"both `{k}` and `{n}` given to {f.__name__}: pass one")
                 out[n] = x; given.add(n)
-        if torch_wd and 'decouple_wd' in sig.parameters and 'decouple_wd' not in given: out['decouple_wd'] = False
+        if torch_wd and 'decouple_wd' in own and 'decouple_wd' not in given: out['decouple_wd'] = False
         for n, v in sig.bind_partial(*args, **out).arguments.items():   # the hypers first: before `params` is looked at
             if n not in HYPER_RANGES: continue
             try: check_hyper(n, v)
@@ -75,9 +129,8 @@ def torch_names(f):
                 torch_k = next((k for k in kw if k in TORCH_ALIASES and n in TORCH_ALIASES[k]), None)
                 if torch_k is None: raise
                 raise ValueError(f"`{torch_k}={kw[torch_k]!r}`: {e}") from None
-        opt = with_updates(f(*args, **out), **upd)
-        return opt.configure(**run) if run else opt
-    extra = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in {**UPDATE_OPTIONS, **RUN_OPTIONS}.items() if k not in sig.parameters]
-    ps = list(sig.parameters.values())
-    _f.__signature__ = sig.replace(parameters=[p for p in ps if p.kind != p.VAR_KEYWORD] + extra + [p for p in ps if p.kind == p.VAR_KEYWORD])
+        rest = {k: run.pop(k) for k in late if k in run}
+        opt = with_updates(f(*args, **out, **run), **upd)
+        return opt.configure(**rest) if rest else opt
+    _f.__signature__ = _public_signature(sig, {**UPDATE_OPTIONS, **RUN_OPTIONS})
     return _f

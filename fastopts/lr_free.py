@@ -104,7 +104,7 @@ class ScheduleFreeOptimizer(Optimizer):
     needs_mode_callback = True   # a Learner adds `ScheduleFreeCallback`
     _sf_keys = dict(k=0, weight_sum=0.0, lr_max=-1.0, scheduled_lr=0.0)
     def __init__(self, params, cbs, **defaults):
-        super().__init__(params, cbs, fused=False, **defaults)
+        super().__init__(params, cbs, **defaults)   # no fused kernel computes it: `fused=None` runs the callbacks
         self.train_mode = False   # as the reference: call `train()` before the first step
         for g in self.param_groups: _set_keys(g, **{k: g.get(k, v) for k, v in self._sf_keys.items()})
 
@@ -166,17 +166,17 @@ def set_schedule_free_mode(opt, train:bool):
 _SF_DOC = "`warmup_steps`: linear lr warmup; `r`, `weight_lr_power`: the average's weights `t^r·lr_max^weight_lr_power`."
 
 @torch_names
-def ScheduleFreeAdamW(params, lr=0.0025, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., warmup_steps=0, r=0., weight_lr_power=2.) -> ScheduleFreeOptimizer:
+def ScheduleFreeAdamW(params, lr=0.0025, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., warmup_steps=0, r=0., weight_lr_power=2., **run) -> ScheduleFreeOptimizer:
     "Schedule-Free AdamW as `schedulefree.AdamWScheduleFree` (`betas=(mom, sqr_mom)`, `weight_decay=wd`); call `train()`/`eval()`."
     return ScheduleFreeOptimizer(params, [schedule_free_weight, average_sqr_grad, step_stat, schedule_free_adam_step], lr=lr,
                                  mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True), sqr_mom=sqr_mom, eps=eps, wd=wd,
-                                 warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
+                                 warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power, **run)
 
 @torch_names
-def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight_lr_power=2.) -> ScheduleFreeOptimizer:
+def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight_lr_power=2., **run) -> ScheduleFreeOptimizer:
     "Schedule-Free SGD as `schedulefree.SGDScheduleFree` (`momentum=mom`, `weight_decay=wd`); call `train()`/`eval()`."
     return ScheduleFreeOptimizer(params, [schedule_free_weight, schedule_free_sgd_step], lr=lr, mom=check_range('mom', mom, 0, 1, lo_open=True, hi_open=True),
-                                 wd=wd, warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power)
+                                 wd=wd, warmup_steps=check_int('warmup_steps', warmup_steps, 0), r=r, weight_lr_power=weight_lr_power, **run)
 ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _SF_DOC
 
 # %% ../nbs/01b_lr_free.ipynb #c016
@@ -256,7 +256,7 @@ class ProdigyOptimizer(Optimizer):
         self.decouple, self.fsdp_in_use = bool(decouple), bool(fsdp_in_use)
         cbs = [prodigy_sizes, *([] if self.decouple else [l2_reg]), prodigy_stats, partial(prodigy_d, fsdp_in_use=self.fsdp_in_use),
                partial(prodigy_step, decouple=self.decouple)]
-        super().__init__(params, cbs, fused=False, **defaults)
+        super().__init__(params, cbs, **defaults)
         if any(isinstance(p, DTensor) for g in self.param_groups for p in g['params']):
             raise ValueError("Prodigy does not take sharded DTensor params (FSDP2) yet: its dot products would need the whole "
                              "tensors; under ZeroRedundancyOptimizer pass fsdp_in_use=True")
@@ -277,17 +277,17 @@ class ProdigyOptimizer(Optimizer):
 # %% ../nbs/01b_lr_free.ipynb #c018
 @torch_names
 def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0., decouple=True, use_bias_correction=False,
-            safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float('inf'), fsdp_in_use=False, slice_p=1) -> ProdigyOptimizer:
+            safeguard_warmup=False, d0=1e-6, d_coef=1.0, growth_rate=float('inf'), fsdp_in_use=False, slice_p=1, **run) -> ProdigyOptimizer:
     "Prodigy as `prodigyopt.Prodigy` 1.1.2 (`betas=(mom, sqr_mom)`, `weight_decay=wd`); `lr` multiplies the estimated step `d`."
-    check_range('lr', lr, 0, lo_open=True); check_range('d0', d0, 0, lo_open=True); check_range('eps', eps, 0, lo_open=True)
+    check_range('lr', lr, 0, lo_open=True); check_range('d0', d0, 0, lo_open=True)   # mom, sqr_mom, eps: the hyper table (`torch_names`)
     if beta3 is not None: check_range('beta3', beta3, 0, 1)
     gr = float(growth_rate)
     if not gr >= 1: raise ValueError(f"`growth_rate` must be >= 1 (inf: no limit), got {growth_rate!r}")
     return ProdigyOptimizer(params, decouple=decouple, fsdp_in_use=fsdp_in_use, lr=lr,
-                            mom=check_range('mom', mom, 0, 1, hi_open=True), sqr_mom=check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True),
+                            mom=mom, sqr_mom=sqr_mom,
                             beta3=beta3, eps=eps, wd=wd, use_bias_correction=bool(use_bias_correction),
                             safeguard_warmup=bool(safeguard_warmup), d0=d0, d_coef=d_coef,
-                            growth_rate=None if math.isinf(gr) else gr, slice_p=check_int('slice_p', slice_p, 1))
+                            growth_rate=None if math.isinf(gr) else gr, slice_p=check_int('slice_p', slice_p, 1), **run)
 
 # %% ../nbs/01b_lr_free.ipynb #c021
 def _default_clip(step): return step**0.25
@@ -317,13 +317,12 @@ def adopt_step(grp, lr, mom, sqr_mom, eps, wd=0., clip_lambda=_default_clip, dec
         torch._foreach_addcmul_(sq, gs, gs, value=1 - sqr_mom)
 
 @torch_names
-def ADOPT(params, lr=1e-3, mom=0.9, sqr_mom=0.9999, eps=1e-6, clip_lambda=_default_clip, wd=0., decouple=False) -> Optimizer:
+def ADOPT(params, lr=1e-3, mom=0.9, sqr_mom=0.9999, eps=1e-6, clip_lambda=_default_clip, wd=0., decouple=False, **run) -> Optimizer:
     "ADOPT as `adopt.ADOPT` (torch-adopt 0.1.0: `betas=(mom, sqr_mom)`, `weight_decay=wd`, `decouple`, `clip_lambda(step)`)."
     if clip_lambda is not None and not callable(clip_lambda): raise ValueError(f"`clip_lambda` must be a function of the step or None, got {clip_lambda!r}")
     cbs = [step_stat, partial(adopt_step, clip_lambda=clip_lambda, decouple=bool(decouple))]
     if not decouple: cbs.insert(0, l2_reg)
-    return Optimizer(params, cbs, lr=lr, mom=check_range('mom', mom, 0, 1, hi_open=True),
-                     sqr_mom=check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True), eps=eps, wd=wd)
+    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, **run)   # ranges: the hyper table (`torch_names`)
 
 # %% ../nbs/01b_lr_free.ipynb #c024
 def _alpha_at(t, alpha, warmup):
@@ -368,7 +367,7 @@ def ademamix_step(grp, lr, mom, sqr_mom, eps, alpha_mix, alpha_warmup=None, caut
 
 @torch_names
 def AdEMAMix(params, lr=1e-3, mom=0.9, sqr_mom=0.999, beta3=0.9999, alpha=2.0, beta3_warmup=None, alpha_warmup=None, eps=1e-8,
-             wd=0., betas=None, cautious=False) -> Optimizer:
+             wd=0., betas=None, cautious=False, **run) -> Optimizer:
     """AdEMAMix as the authors' code (`betas=(mom, sqr_mom, beta3)`, `alpha`, `beta3_warmup`, `alpha_warmup`, `weight_decay=wd`).
     `cautious=True` is `pytorch_optimizer`'s: the fast EMA is masked where its sign disagrees with the gradient's (the slow one is not)."""
     if betas is not None:
@@ -378,9 +377,10 @@ def AdEMAMix(params, lr=1e-3, mom=0.9, sqr_mom=0.999, beta3=0.9999, alpha=2.0, b
     for n, v in (('beta3_warmup', beta3_warmup), ('alpha_warmup', alpha_warmup)):
         if v is not None: check_int(n, v, 1)
     cbs = [weight_decay, partial(average_grad, dampening=True), average_sqr_grad, step_stat, average_slow_grad, partial(ademamix_step, cautious=True) if cautious else ademamix_step]
-    return Optimizer(params, cbs, lr=lr, mom=check_range('mom', mom, 0, 1, hi_open=True),
-                     sqr_mom=check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True), beta3=check_range('beta3', beta3, 0, 1, hi_open=True),
-                     alpha_mix=check_range('alpha', alpha, 0), beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps, wd=wd)
+    if betas is not None:   # `betas` names them: the signature's range checks did not see these
+        check_range('mom', mom, 0, 1, hi_open=True); check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True)
+    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, beta3=check_range('beta3', beta3, 0, 1, hi_open=True),
+                     alpha_mix=check_range('alpha', alpha, 0), beta3_warmup=beta3_warmup, alpha_warmup=alpha_warmup, eps=eps, wd=wd, **run)
 
 # %% ../nbs/01b_lr_free.ipynb #c028
 @torch.no_grad()

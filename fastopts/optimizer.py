@@ -23,6 +23,7 @@ from .fused import *
 from .rules import *
 from .chain import *
 from .chain import _cb_defaults, _check_fused, _check_compiled, _check_compilable, _hyper_tensors
+from .caps import *
 from .torch_state import *
 from .keywords import *
 
@@ -76,8 +77,8 @@ class Optimizer(torch.optim.Optimizer):
         seed:int|None=None, # seed of stochastic rounding's generator (None: torch's global one)
         **defaults # hyper-parameters for every group (overrides the callbacks' `.defaults`); torch's names too
     ):
-        self.precision = Precision(kahan_sum, stochastic_round, state_dtype, seed)
-        self.fused, self.compiled = _check_fused(fused), _check_compiled(compiled, fused)
+        self._use(RunOptions.of(fused=fused, compiled=compiled, kahan_sum=kahan_sum, stochastic_round=stochastic_round,
+                                state_dtype=state_dtype, seed=seed))
         self._multi = isinstance(cbs, dict)
         if self._multi and not cbs: raise ValueError("`cbs` is an empty dict: give at least one chain `{label: callbacks}`")
         self.chains = {str(k): Chain(v, self.fused, self.compiled) for k, v in (cbs.items() if self._multi else [('default', cbs)])}
@@ -95,22 +96,18 @@ class Optimizer(torch.optim.Optimizer):
         self.frozen_idx = 0
         super().__init__(_to_groups(params), merged)
 
+    def _use(self, run:RunOptions):
+        "Take the checked run options `run`: the precision layer, the fused and compiled switches the chains read."
+        self.precision, self.fused, self.compiled = run.precision, run.fused, run.compiled
+
+    @property
+    def run_options(self) -> RunOptions: return RunOptions(self.fused, self.compiled, self.precision)
+
     def configure(self, **opts):
         "Change run options (`RUN_OPTIONS`: how the step runs, not what it computes) after construction; returns `self`."
-        bad = [k for k in opts if k not in RUN_OPTIONS]
-        if bad: raise ValueError(f"`{bad[0]}` is not a run option (they are {list(RUN_OPTIONS)})")
-        prec = [k for k in ('kahan_sum', 'stochastic_round', 'state_dtype', 'seed') if k in opts]
-        if prec:
-            p = self.precision
-            self.precision = Precision(**{'kahan_sum': p.kahan_sum, 'stochastic_round': p.stochastic_round, 'state_dtype': p.state_dtype,
-                                          'seed': p.seed, **{k: opts[k] for k in prec}})
-        fused = _check_fused(opts.get('fused', self.fused))
-        if 'compiled' in opts: self.compiled = _check_compiled(opts['compiled'], fused)
-        elif fused and self.compiled: raise ValueError("`fused=True` and `compiled` ask for two different steps: pick one")
-        self.fused = fused
+        self._use(RunOptions.of(**{**self.run_options.given(), **opts}))
         self.chains = {k: Chain(c.cbs, self.fused, self.compiled) for k, c in self.chains.items()}
-        if self.compiled:
-            for g in self.param_groups: _check_compilable(g['params'])
+        for i in range(len(self.param_groups)): self._refuse_group(i)
         self._relive()
         return self
 
@@ -136,7 +133,20 @@ class Optimizer(torch.optim.Optimizer):
         return HyperDict(d, frozenset().union(*(c.live for c in chains)))
 
     def add_param_group(self, param_group:dict):
-        "torch's `add_param_group`, with torch's names mapped and the group's own hypers checked first."
+        "torch's `add_param_group`, with torch's names mapped, the group's own hypers checked first and what its chain cannot do refused."
+        self._add_group(param_group)
+        self._refuse_group(len(self.param_groups) - 1)
+
+    def _refuse_group(self, i:int):
+        "Refuse by name what group `i`'s chains cannot do with its params and this optimizer's run options (`fastopts.caps.refuse`)."
+        g = self.param_groups[i]
+        for chain, ps in self.routed(i, g, g['params']):
+            refuse(self.rule_name, chain, g, i, ps, self.compiled, self.precision.state_dtype)
+
+    @property
+    def rule_name(self) -> str: return getattr(self, 'torch_rule_name', None) or type(self).__name__   # what refusals call it
+
+    def _add_group(self, param_group:dict):
         label = param_group.get('chain', self._first)
         if label not in self.chains:
             raise ValueError(f"a param group asks for `chain={label!r}`, which is not one of this optimizer's chains {list(self.chains)}")
@@ -147,7 +157,6 @@ class Optimizer(torch.optim.Optimizer):
             dict.__setitem__(g, 'chain', label)
             for k, v in {**chain.defaults, **self._given}.items():   # this chain's own defaults, then the optimizer's keywords
                 if k not in g: dict.__setitem__(g, k, v)
-        if self.compiled: _check_compilable(g['params'])
         for k in list(g):
             if k in self.defaults or k in HYPER_RANGES:
                 dict.__setitem__(g, k, check_hyper(k, g[k]))
@@ -331,10 +340,8 @@ class Optimizer(torch.optim.Optimizer):
             ps = g['params'] if only is None else [p for p in g['params'] if id(p) in only]
             if not ps: continue
             for chain, cps in self.routed(i, g, ps):
-                if only is not None and chain.per_step:
-                    st = chain.per_step[0]
-                    raise ValueError(f"{getattr(_unwrap(st)[0], 'rule', None) or type(self).__name__} cannot step one param at a time "
-                                     f"(gradient release): its chain's stage `{cb_name(st)}` works on a whole step of all params")
+                if only is not None and (msg := refused(chain, 'release', type(self).__name__, 'step one param at a time (gradient release)')):
+                    raise ValueError(msg)
                 hyper = self._group_hypers(g)
                 for st in chain.hyper_stages: hyper.update(st(self, g, hyper) or {})
                 if chain.reducers: reduced.setdefault(id(chain), (chain, []))[1].append((i, cps, hyper))
@@ -424,54 +431,53 @@ def _group_flag(groups:list[dict], name:str, default:bool) -> bool:
 
 # %% ../nbs/01_optimizer.ipynb #c042
 @torch_names
-def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True) -> Optimizer:
+def SGD(params, lr=1e-3, mom=0., wd=0., nesterov=False, decouple_wd=True, **run) -> Optimizer:
     "SGD with torch-style momentum (`V = mom*V + g`), optional Nesterov, decoupled or L2 weight decay."
     groups = _to_groups(params)
-    mom, nesterov = check_range('mom', mom, 0, 1, hi_open=True), _group_flag(groups, 'nesterov', nesterov)
+    nesterov = _group_flag(groups, 'nesterov', nesterov)   # `mom` is checked by `torch_names` (the hyper table)
     if nesterov and not _momentum_wanted(groups, mom): raise ValueError(f"`nesterov=True` needs `mom` > 0, got mom={mom!r}")
     cbs = [_wd_cb(decouple_wd)]
     if _momentum_wanted(groups, mom): cbs += [average_grad, nesterov_step if nesterov else momentum_step]
     else: cbs.append(sgd_step)
-    return Optimizer(groups, cbs, lr=lr, mom=mom, wd=wd)
+    return Optimizer(groups, cbs, lr=lr, mom=mom, wd=wd, **run)
 
 @torch_names
-def Momentum(params, lr=1e-3, mom=0.9, wd=0.) -> Optimizer:
+def Momentum(params, lr=1e-3, mom=0.9, wd=0., **run) -> Optimizer:
     "The lecture's momentum: `V = mom*V + (1-mom)*g` (an EMA from `V=0`), `p -= lr*V`; decoupled weight decay."
-    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], lr=lr, mom=mom, wd=wd)
+    return Optimizer(params, [weight_decay, partial(average_grad, dampening=True), momentum_step], lr=lr, mom=mom, wd=wd, **run)
 
 @torch_names
-def RMSProp(params, lr=1e-2, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
+def RMSProp(params, lr=1e-2, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., decouple_wd=True, **run) -> Optimizer:
     "RMSProp (Hinton 2012): `S = sqr_mom*S + (1-sqr_mom)*g²`, `p -= lr*g/(sqrt(S)+eps)`; torch-style momentum if `mom`>0."
     groups = _to_groups(params)
-    mom = check_range('mom', mom, 0, 1, hi_open=True)
     step = partial(rms_prop_step, with_mom=True) if _momentum_wanted(groups, mom) else rms_prop_step
     return Optimizer(groups, [_wd_cb(decouple_wd), average_sqr_grad, step],
-                     lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+                     lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, **run)
 
 def _adam_cbs(decouple_wd, stepper):
     return [_wd_cb(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad, step_stat, stepper]
 
 @torch_names
-def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
+def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, **run) -> Optimizer:
     "Adam (Kingma & Ba 2015) with bias correction; `wd` is decoupled (AdamW) unless `decouple_wd=False` (L2)."
-    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, adam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, **run)
 
 @torch_names
-def AdamW(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01) -> Optimizer:
+def AdamW(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.01, **run) -> Optimizer:
     "AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay, `wd=0.01` by default."
-    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True)
+    return Adam(params, lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, decouple_wd=True, **run)
 
 @torch_names
-def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True) -> Optimizer:
+def RAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0., decouple_wd=True, **run) -> Optimizer:
     "RAdam (Liu et al. 2019), as torch's `RAdam` (`decoupled_weight_decay=decouple_wd`)."
-    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(decouple_wd, radam_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, **run)
 
 @torch_names
-def Lamb(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0.) -> Optimizer:
+def Lamb(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-6, wd=0., **run) -> Optimizer:
     "LAMB (You et al. 2019): Adam's step with a per-tensor trust ratio; decoupled weight decay, as fastai's `Lamb`."
-    return Optimizer(params, _adam_cbs(True, lamb_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, _adam_cbs(True, lamb_step), lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, **run)
 
 @torch_names
-def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0.) -> Optimizer:
+def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0., **run) -> Optimizer:
     "Lion (Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'): sign of an interpolated momentum; `mom`=beta1, `sqr_mom`=beta2."
-    return Optimizer(params, [weight_decay, lion_step], lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd)
+    return Optimizer(params, [weight_decay, lion_step], lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, **run)

@@ -8,28 +8,26 @@ import torch
 from torch import Tensor
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision, AMPMode
+from .caps import refused
 
 # %% auto #0
 __all__ = ['check_release_optimizer', 'check_release_callbacks', 'ReleaseHandle', 'release_gradients', 'GradientRelease']
 
 # %% ../nbs/01d_release.ipynb #r005
-def _chain_cbs(opt) -> list:
-    "The callbacks of every chain of `opt` (a Lookahead's inner optimizer's too), for the `needs_all_grads` check."
+def _chains(opt) -> list:
+    "Every chain of `opt` (a Lookahead's inner optimizer's too)."
     chains = getattr(opt, 'chains', None)
-    cbs = [cb for c in chains.values() for cb in c.cbs] if isinstance(chains, dict) else []
+    out = list(chains.values()) if isinstance(chains, dict) else []
     inner = getattr(opt, 'opt', None)
-    if inner is not None and inner is not opt: cbs += _chain_cbs(inner)
-    return cbs
+    return out + (_chains(inner) if inner is not None and inner is not opt else [])
 
 def check_release_optimizer(opt) -> None:
-    "Raise a ValueError, naming it, if `opt` cannot step one parameter at a time."
+    "Raise a ValueError, naming it, if `opt` cannot step one parameter at a time (`fastopts.caps`: a chain lacking `release`)."
     if not callable(getattr(opt, 'step_params', None)):
         raise ValueError(f"gradient release needs an optimizer with `step_params` (a fastopts optimizer), got {type(opt).__name__}")
-    for cb in _chain_cbs(opt):
-        f = cb
-        while hasattr(f, 'func'): f = f.func
-        if getattr(f, 'needs_all_grads', False) or getattr(cb, 'needs_all_grads', False):
-            raise ValueError(f"gradient release steps one parameter at a time, but the chain callback `{getattr(f, '__name__', f)}` needs all gradients at once")
+    for chain in _chains(opt):
+        msg = refused(chain, 'release', type(opt).__name__, 'step one param at a time (gradient release)')
+        if msg: raise ValueError(msg)
 
 def _defines(cb, name:str) -> bool:
     "Whether `cb`'s class (not fastai's `GetAttr` delegation to the learner) defines event `name`."
