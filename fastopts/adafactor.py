@@ -12,8 +12,10 @@ try: from torch.distributed.tensor import DTensor, Shard   # FSDP2's sharded par
 except ImportError: DTensor, Shard = (), None
 from .core import check_range
 from .optimizer import contract, weight_decay, _local
-from .matrix_core import (MatrixOptimizer, _build, _named_groups, _refuse_complex, _pop_flag, _per_tensor_list, _summed,
-                          _state_of, _loc, _norms, _is_torch_sd, _chain_option, _common_group)
+from .keywords import with_run_options
+from .rules import Rule, RULES, register
+from .matrix_core import (MatrixOptimizer, _build, _named_groups, _pop_flag, _per_tensor_list, _summed,
+                          _state_of, _loc, _norms, _chain_option, _common_group)
 
 # %% auto #0
 __all__ = ['adafactor_step', 'Adafactor', 'adafactor_from_torch']
@@ -29,7 +31,8 @@ def _row_shards(ps:list) -> object:
                              f"{tuple(p.shape)} with placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
     return ps[0].device_mesh.get_group()
 
-@contract(writes='step row_var col_var sqr_avg', hypers='lr beta2_decay eps1 eps2 d wd', role=lambda maximize=False: 'adafactor')
+@contract(writes={'step': 'count', 'row_var': 'factor', 'col_var': 'factor', 'sqr_avg': 'moment'}, hypers='lr beta2_decay eps1 eps2 d wd',
+          role=lambda maximize=False: 'adafactor', lacks={'complex': 'keeps real second moments of real gradients'})
 def adafactor_step(grp, lr, beta2_decay, eps1, eps2, d, wd, maximize=False, **_):
     "torch.optim.Adafactor's step: factored second moments (row and column means of g²) for 2+ dims, a full one for vectors."
     check_range('beta2_decay', beta2_decay, hi=0); check_range('eps2', eps2, 0); check_range('d', d, 1)
@@ -91,29 +94,24 @@ def adafactor_step(grp, lr, beta2_decay, eps1, eps2, d, wd, maximize=False, **_)
 adafactor_step.defaults = dict(beta2_decay=-0.8, eps1=None, eps2=1e-3, d=1., wd=0.)
 
 # %% ../nbs/01a1_adafactor.ipynb #c007
+@with_run_options
 def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=None, foreach=None, maximize=False,
-              fused=None, compiled=False, weight_decay=None, kahan_sum=None, stochastic_round=False, state_dtype=None,
-              seed=None) -> MatrixOptimizer:
+              weight_decay=None, **run) -> MatrixOptimizer:
     "Adafactor as torch.optim.Adafactor (its keywords and defaults; `eps` is the pair `(eps1, eps2)`, `eps1=None` the dtype's epsilon)."
-    # not `torch_names`: it checks `eps` as fastai's single epsilon, and torch's Adafactor's is a pair
+    # not `torch_names`: it checks `eps` as fastai's single epsilon, and torch's Adafactor's is a pair; the run options' door only
     if wd is not None and weight_decay is not None: raise ValueError("both `weight_decay` and `wd` given to Adafactor: pass one")
     wd = 0.0 if wd is None and weight_decay is None else wd if wd is not None else weight_decay
     groups, names = _named_groups(params)
-    _refuse_complex(groups, names, 'Adafactor')
     check_range('lr', lr, 0); check_range('beta2_decay', beta2_decay, hi=0); check_range('d', d, 1); check_range('wd', wd, 0)
     eps1, eps2 = _eps_pair(eps)
     if foreach not in (None, True, False): raise ValueError(f"`foreach` must be None, True or False, got {foreach!r}")
     if not isinstance(maximize, bool): raise ValueError(f"`maximize` must be True or False, got {maximize!r}")
     _pop_flag(groups, 'maximize', maximize, 'Adafactor')
-    if state_dtype in ('int8', 'int4', torch.bfloat16, torch.float16):   # the precision layer stores moments of a param's shape only
-        raise ValueError(f"`state_dtype={state_dtype!r}`: Adafactor's second moments of a matrix are factored (a row and a column, "
-                         "m + n numbers per m x n weight), which low-precision state does not cover; pass state_dtype=None")
     for g in groups:
         g.pop('foreach', None)   # torch's loop or foreach: the same numbers
         if 'eps' in g: g['eps1'], g['eps2'] = _eps_pair(g.pop('eps'))
     step = partial(adafactor_step, maximize=True) if maximize else adafactor_step
-    return _build('Adafactor', groups, [step], sd_converter=_adafactor_sd, fused=fused, compiled=compiled, kahan_sum=kahan_sum, stochastic_round=stochastic_round,
-                  state_dtype=state_dtype, seed=seed, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, wd=wd)
+    return _build('Adafactor', groups, [step], lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d, wd=wd, **run)
 
 def _eps_pair(eps):
     if isinstance(eps, (str, bytes)) or not hasattr(eps, '__len__') or len(eps) != 2:
@@ -133,14 +131,13 @@ def adafactor_from_torch(opt, sd:dict) -> dict:
         out = _common_group(i, {k: v for k, v in g.items() if k not in ('maximize', 'foreach', 'eps')}, {})
         out['eps1'], out['eps2'] = _eps_pair(g['eps'])
         groups.append(out)
+    names = RULES['Adafactor'].state
     def conv(s):
         new = {}
         for n, v in s.items():
             if n == 'step': new['step'] = int(v.item() if isinstance(v, Tensor) else v)
-            else: new['sqr_avg' if n == 'variance' else n] = v
+            else: new[names.get(n, n)] = v
         return new
     return {**sd, 'state': {k: conv(s) for k, s in sd['state'].items()}, 'param_groups': groups}
 
-def _adafactor_sd(opt, sd:dict) -> dict:
-    "What `Adafactor` loads: a `torch.optim.Adafactor` state dict converted, fastopts' own as it is."
-    return adafactor_from_torch(opt, sd) if _is_torch_sd(sd) else sd
+register(Rule('Adafactor', torch='Adafactor', state={'variance': 'sqr_avg'}, from_torch=adafactor_from_torch))   # named on its optimizer

@@ -6,7 +6,7 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #c002
-from . import core, hypers, callbacks, fused, rules, chain, caps, keywords, torch_state, optimizer, routes, lookahead, matrix, lr_free, schedule, lr_finder, data, precision, release
+from . import core, hypers, callbacks, fused, rules, chain, caps, keywords, fastai_face, torch_state, optimizer, routes, lookahead, matrix, lr_free, schedule, lr_finder, data, precision, release
 from .lab import surfaces
 from .lab import viz
 from .lab import fit_viz
@@ -19,6 +19,7 @@ from .rules import *
 from .chain import *
 from .caps import *
 from .keywords import *
+from .fastai_face import *
 from .torch_state import *
 from .optimizer import *
 from .routes import *
@@ -36,4 +37,4 @@ from .precision import *
 from .release import *
 
 # every module's public names, so that `import *` brings them all
-__all__ = [n for m in (core, hypers, callbacks, fused, rules, chain, caps, keywords, torch_state, optimizer, routes, lookahead, matrix, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release) for n in m.__all__]
+__all__ = [n for m in (core, hypers, callbacks, fused, rules, chain, caps, keywords, fastai_face, torch_state, optimizer, routes, lookahead, matrix, lr_free, schedule, lr_finder, surfaces, viz, data, fit_viz, landscape, precision, release) for n in m.__all__]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import inspect, numbers, types
 import torch
 from torch import Tensor
-try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
-except ImportError: DTensor = ()
 from .callbacks import ParamGroupView, check_chain, cb_name, cb_hypers, cb_role, _unwrap, _pick
 from .rules import fast_path
 
@@ -183,7 +181,3 @@ def _check_compiled(compiled, fused) -> dict:
     try: inspect.signature(torch.compile).bind(None, **kw)
     except TypeError as e: raise ValueError(f"`compiled={compiled!r}` has a keyword torch.compile does not take: {e}") from None
     return {'dynamic': True, **kw}
-
-def _check_compilable(params):
-    if any(isinstance(p, DTensor) for p in params):
-        raise ValueError("`compiled=True` does not take sharded (DTensor, FSDP2) parameters: compile the model, or pass compiled=False")

@@ -94,7 +94,8 @@ def torch_names(f):
     refused by name), every run option of `RUN_OPTIONS` (checked first by `RunOptions.of`, then passed on to `f`, which
     passes them on to the optimizer it builds) and `cautious`, `maximize` (`with_updates`)."""
     sig = inspect.signature(f)
-    late = [k for k in RUN_OPTIONS if not _takes(sig, k)]   # TRANSITIONAL: factories not yet passing `**run` on get them by `configure`
+    missing = [k for k in RUN_OPTIONS if not _takes(sig, k)]
+    if missing: raise TypeError(f"{f.__name__} must take the run options {missing} (`**run`) and pass them on to the optimizer it builds")
     own = {k for k, p in sig.parameters.items() if p.kind != p.VAR_KEYWORD}
     @wraps(f)
     def _f(*args, **kw):
@@ -129,8 +130,6 @@ def torch_names(f):
                 torch_k = next((k for k in kw if k in TORCH_ALIASES and n in TORCH_ALIASES[k]), None)
                 if torch_k is None: raise
                 raise ValueError(f"`{torch_k}={kw[torch_k]!r}`: {e}") from None
-        rest = {k: run.pop(k) for k in late if k in run}
-        opt = with_updates(f(*args, **out, **run), **upd)
-        return opt.configure(**rest) if rest else opt
+        return with_updates(f(*args, **out, **run), **upd)
     _f.__signature__ = _public_signature(sig, {**UPDATE_OPTIONS, **RUN_OPTIONS})
     return _f

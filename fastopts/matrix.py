@@ -16,9 +16,10 @@ except ImportError: DTensor = ()
 from .core import check_range, check_choice
 from .optimizer import (Optimizer, contract, torch_names, weight_decay, average_grad, average_sqr_grad, step_stat,
                         adam_step, _is_named)
+from .rules import Rule, RULES, register
 from .routes import RoutedOptimizer, Renamed, head_and_embedding_names
-from .matrix_core import (MatrixOptimizer, _build, _int_hyper, _named_groups, _tensor, _refuse_complex, _pop_flag, _full,
-                          _own_shard, _is_torch_sd, _chain_option, _common_group)
+from .matrix_core import (MatrixOptimizer, _build, _int_hyper, _named_groups, _tensor, _pop_flag, _full,
+                          _own_shard, _chain_option, _common_group)
 from .adafactor import adafactor_step, Adafactor, adafactor_from_torch
 from .soap import soap_step, SOAP
 _all_ = ['adafactor_step', 'soap_step', 'MatrixOptimizer', 'Adafactor', 'SOAP', 'adafactor_from_torch']   # `from fastopts.matrix import *` as before the split
@@ -68,7 +69,7 @@ def _muon_check(grp, ns_steps, ns_coefficients, eps, adjust_lr_fn):
                                         "build `Muon` on the model's parameters (it sends the others to AdamW)")
     return steps
 
-@contract(reads='grad_avg', hypers='lr mom eps ns_coefficients ns_steps adjust_lr_fn',
+@contract(reads='grad_avg', hypers='lr mom eps ns_coefficients ns_steps adjust_lr_fn', lacks={'complex': 'orthogonalises real matrices'},
           role=lambda nesterov=True, ns_dtype=None, owners=None: 'muon_nesterov' if nesterov else 'muon')
 def muon_step(grp, lr, mom, eps, ns_coefficients, ns_steps, adjust_lr_fn, nesterov=True, ns_dtype=torch.bfloat16, owners=None, **_):
     """Muon's step: the (Nesterov) momentum of each weight, viewed as `out x rest`, orthogonalised; `p -= muon_lr(lr)*O`.
@@ -154,14 +155,12 @@ def muon_routes(params, adamw=None, model=None) -> list[tuple[str|None, tuple, s
 @torch_names
 def Muon(params, lr=1e-3, mom=0.95, wd=0.1, nesterov=True, ns_coefficients=MUON_NS_COEFFICIENTS, eps=1e-7, ns_steps=5,
          adjust_lr_fn=None, ns_dtype=torch.bfloat16, adamw=None, adamw_lr_ratio=None, adamw_mom=0.9, adamw_sqr_mom=0.999,
-         adamw_eps=1e-8, adamw_wd=0.01, model=None, fused=None, compiled=False, owners=None) -> MatrixOptimizer:
+         adamw_eps=1e-8, adamw_wd=0.01, model=None, owners=None, **run) -> MatrixOptimizer:
     """Muon (torch.optim.Muon's rule and keywords) for hidden matrices; AdamW (its own `adamw_*` hypers) for the other
     tensors, routed param by param inside the groups given. `model` (a Learner passes its own) names the params and,
     unless `adamw` says otherwise, sends its embeddings and output layer to AdamW. `owners` (None: auto, True, False): on
     several processes each matrix is orthogonalised on one owner rank (`fastopts.owners`)."""
     groups, names = _named_groups(params)
-    _refuse_complex(groups, names, 'Muon')
-    check_range('mom', mom, 0, 1, hi_open=True); check_range('wd', wd, 0); check_range('eps', eps, 0, lo_open=True)
     if not isinstance(nesterov, bool): raise ValueError(f"`nesterov` must be True or False, got {nesterov!r}")
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral) or not 1 <= ns_steps < 100:
         raise ValueError(f"`ns_steps` must be an integer in [1, 100), got {ns_steps!r}")
@@ -174,11 +173,12 @@ def Muon(params, lr=1e-3, mom=0.95, wd=0.1, nesterov=True, ns_coefficients=MUON_
     route, known = _muon_route(adamw, model)
     hypers = dict(lr=lr, mom=mom, wd=wd, eps=eps, ns_coefficients=ns_coefficients, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
                   **_adamw_hypers(adamw_lr_ratio, adamw_mom, adamw_sqr_mom, adamw_eps, adamw_wd, adjust_lr_fn))
+    compiled = run.get('compiled', False)
     if compiled and owners: raise ValueError(f"`owners={owners!r}` and `compiled={compiled!r}`: the owners' collectives run eagerly; pass one")
     from fastopts.owners import resolve_owners   # here: owners.py builds on this module
     own = None if compiled else resolve_owners(owners, [_tensor(x) for g in groups for x in g['params']])
-    return _build('Muon', groups, {'muon': muon_chain(nesterov, ns_dtype, own), 'adamw': ADAMW_ROUTE}, route=route, names=known, sd_converter=_muon_sd,
-                  fused=fused, compiled=compiled, **hypers)
+    return _build('Muon', groups, {'muon': muon_chain(nesterov, ns_dtype, own), 'adamw': ADAMW_ROUTE}, route=route, names=known, sd_converter=muon_from_split,
+                  **run, **hypers)
 
 def _adamw_hypers(lr_ratio, mom, sqr_mom, eps, wd, adjust_lr_fn) -> dict:
     "The AdamW part's hypers, checked, as group keys; `lr_ratio` None: 1 with `adjust_lr_fn='match_rms_adamw'`, else 0.015."
@@ -206,9 +206,7 @@ def muon_groups(params, adamw=None, adamw_lr_ratio=None, adamw_mom=0.9, adamw_sq
         if ad: out.append({**ad_keys, **keys, 'params': ad, 'layer': layer, 'chain': 'adamw'})
     return out
 
-def _muon_sd(opt, sd:dict) -> dict:
-    "What `Muon` loads (the converters are under *Checkpoints*): a `torch.optim.Muon` state dict converted, an earlier Muon's split groups regrouped."
-    return muon_from_split(opt, muon_from_torch(opt, sd) if _is_torch_sd(sd) else sd)
+
 
 # %% ../nbs/01a_matrix.ipynb #c019
 def muon_from_torch(opt, sd:dict) -> dict:
@@ -223,8 +221,11 @@ def muon_from_torch(opt, sd:dict) -> dict:
         out = _common_group(i, {k: v for k, v in g.items() if k != 'nesterov'}, {})
         out['ns_coefficients'] = tuple(out['ns_coefficients'])
         groups.append({**{k: v for k, v in cur.items() if k not in ('params', 'param_names')}, **out})   # AdamW's keys, which torch has not
-    state = {k: {('grad_avg' if n == 'momentum_buffer' else n): v for n, v in s.items()} for k, s in sd['state'].items()}
+    names = RULES['Muon'].state
+    state = {k: {names.get(n, n): v for n, v in s.items()} for k, s in sd['state'].items()}
     return {**sd, 'state': state, 'param_groups': groups}
+
+register(Rule('Muon', torch='Muon', state={'momentum_buffer': 'grad_avg'}, from_torch=muon_from_torch))   # named on its optimizer: two chains
 
 def _is_split(sd:dict, opt) -> bool:
     groups = sd.get('param_groups', ())

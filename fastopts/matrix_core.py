@@ -30,11 +30,6 @@ def _bool_hyper(name:str, v) -> bool:
     if not isinstance(v, bool): raise ValueError(f"`{name}` must be True or False, got {v!r}")
     return v
 
-def _param_label(p, names:dict|None, i:int, j:int) -> str:
-    "How an error message names a parameter: its name where the optimizer got `named_parameters()`, else its place."
-    n = (names or {}).get(id(p))
-    return f"`{n}` {tuple(p.shape)}" if n else f"param {j} of group {i} {tuple(p.shape)}"
-
 def _named_groups(params) -> tuple[list[dict], dict]:
     "Group dicts (as `Optimizer` takes them) and `{id(param): name}` for the params given as `(name, tensor)` pairs."
     groups, names = _to_groups(params), {}
@@ -44,19 +39,6 @@ def _named_groups(params) -> tuple[list[dict], dict]:
     return groups, names
 
 def _tensor(x): return x[1] if _is_named(x) else x
-
-def _refuse_complex(groups, names, rule):
-    for i, g in enumerate(groups):
-        for j, x in enumerate(g['params']):
-            if _tensor(x).is_complex(): raise ValueError(f"{rule} does not take complex parameters, got {_param_label(_tensor(x), names, i, j)}")
-
-def _refuse_shards(groups, names, why):
-    "A `ValueError` naming the first FSDP2 shard (DTensor) among the params."
-    for i, g in enumerate(groups):
-        for j, x in enumerate(g['params']):
-            if isinstance(_tensor(x), DTensor):
-                raise ValueError(f"{why}, but {_param_label(_tensor(x), names, i, j)} is an FSDP2 shard (DTensor): use DDP or "
-                                 "ZeroRedundancyOptimizer, or Muon (each matrix orthogonalised whole on one owner rank)")
 
 def _pop_flag(groups:list[dict], name:str, value, rule:str):
     "A rule flag that torch allows per group (`nesterov`, `maximize`): every group must agree with the factory's, since it picks the chain."
@@ -106,22 +88,19 @@ class MatrixOptimizer(RoutedOptimizer):
     """fastopts' (routed) `Optimizer`, which also loads the state dicts its factory knows how to convert: `sd_converter(opt, sd)`
     (`torch.optim`'s for the rule named by `torch_rule_name`, Muon or Adafactor, and an earlier Muon's)."""
     torch_rule_name = sd_converter = None
+    def __init__(self, params, cbs, rule:str|None=None, torch_rule_name:str|None=None, sd_converter=None, **kwargs):
+        "`rule`: what refusals call it; `torch_rule_name`: its record in `RULES` (torch's checkpoints); `sd_converter`: earlier formats."
+        self._rule, self.torch_rule_name, self.sd_converter = rule or torch_rule_name, torch_rule_name, sd_converter   # before the groups come
+        super().__init__(params, cbs, **kwargs)
+
     def load_state_dict(self, state_dict:dict):
         if self.sd_converter is not None: state_dict = self.sd_converter(self, state_dict)
         super().load_state_dict(state_dict)
 
-def _build(cls_rule, groups, cbs, sd_converter=None, **kw) -> MatrixOptimizer:
-    opt = MatrixOptimizer(groups, cbs, **kw)
-    opt.torch_rule_name, opt.sd_converter = cls_rule, sd_converter
-    return opt
+def _build(cls_rule, groups, cbs, sd_converter=None, rule=None, **kw) -> MatrixOptimizer:
+    return MatrixOptimizer(groups, cbs, rule=rule, torch_rule_name=cls_rule, sd_converter=sd_converter, **kw)
 
 # %% ../nbs/01a0_matrix_core.ipynb #c012
-_TORCH_KEYS = {'weight_decay', 'momentum', 'nesterov', 'foreach', 'maximize', 'betas'}
-
-def _is_torch_sd(sd:dict) -> bool:
-    return any(k in _TORCH_KEYS for g in sd.get('param_groups', ()) for k in g) or \
-           any(k in ('momentum_buffer', 'variance') for s in sd.get('state', {}).values() for k in s)
-
 def _chain_of(opt, i:int) -> list:
     "The callbacks that run param group `i`."
     return opt.chain_of(opt.param_groups[i]).cbs

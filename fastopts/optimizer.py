@@ -22,10 +22,11 @@ from .callbacks import _PRODUCERS, _unwrap, _pick, _local, _device_dtype_groups,
 from .fused import *
 from .rules import *
 from .chain import *
-from .chain import _cb_defaults, _check_fused, _check_compiled, _check_compilable, _hyper_tensors
+from .chain import _cb_defaults, _check_fused, _hyper_tensors
 from .caps import *
 from .torch_state import *
 from .keywords import *
+from .fastai_face import *
 
 # %% auto #0
 __all__ = ['PRECISION_CHUNK', 'Optimizer', 'SGD', 'Momentum', 'RMSProp', 'Adam', 'AdamW', 'RAdam', 'Lamb', 'Lion']
@@ -63,9 +64,8 @@ def _to_groups(params) -> list[dict]:
 
 
 # %% ../nbs/01_optimizer.ipynb #c021
-class Optimizer(torch.optim.Optimizer):
+class Optimizer(FastaiFace, torch.optim.Optimizer):
     "Optimizer updating `params` with callbacks `cbs`, each run on a whole param group; fastai and torch API."
-    _keep_on_clear = ('force_train', 'do_wd')
     def __init__(self,
         params, # tensors, `(name, tensor)` pairs, fastai's list of lists of tensors, or torch-style group dicts
         cbs, # stat and stepper callbacks `cb(grp, **hypers)`, run in order; or `{label: callbacks}`, a chain per label
@@ -163,11 +163,6 @@ class Optimizer(torch.optim.Optimizer):
                 self._hyper_names.add(k)
         super().add_param_group(g)
 
-    def _hyper_order(self):
-        "fastai's hyper names first, in fastai's order, then the others as the defaults list them."
-        known = [k for k in HYPER_RANGES if k in self._hyper_names]
-        return known + [k for k in self.defaults if k in self._hyper_names and k not in HYPER_RANGES] + sorted(self._hyper_names - set(self.defaults) - set(known))
-
     # -- the chains as one list (one chain) or a dict (several), and what the step derives from them ---------
     @property
     def cbs(self): return {k: c.cbs for k, c in self.chains.items()} if self._multi else self.chains[self._first].cbs
@@ -194,73 +189,6 @@ class Optimizer(torch.optim.Optimizer):
     _roles = property(lambda self: self._main_chain().roles)
     _live = property(lambda self: frozenset().union(*(c.live for c in self.chains.values())))
     _compiled_fns = property(lambda self: {k: f for c in self.chains.values() for k, f in c._compiled_fns.items()})
-
-    # -- fastai's face --------------------------------------------------------------------------------------
-    @property
-    def hypers(self) -> list[HyperView]: return [HyperView(self, i) for i in range(len(self.param_groups))]
-    @hypers.setter
-    def hypers(self, hs):
-        for h, new in zip(self.hypers, hs):
-            for k, v in new.items(): h[k] = v
-
-    def _layers(self) -> tuple[list[int], int]:
-        "Each group's layer (its `'layer'` key, else its index) as a rank among the layers, and the number of layers."
-        ls = [g.get('layer', i) for i, g in enumerate(self.param_groups)]
-        rank = {l: r for r, l in enumerate(sorted(set(ls)))}
-        return [rank[l] for l in ls], len(rank)
-
-    def set_hyper(self, k:str, v):
-        "Set hyper `k` to `v`: a scalar, one value per layer group or per param group (list/array), or a `slice` spread over the layer groups."
-        layers, n = self._layers()
-        if n != len(layers) and not isinstance(v, (str, slice)) and hasattr(v, '__len__') and len(v) == len(layers):
-            n = len(layers); layers = list(range(n))   # one value per param group: fastai's schedules read `hypers` and set it back
-        vs = [check_hyper(k, x) for x in per_group(k, v, n)]
-        self._hyper_names.add(k)
-        for g, l in zip(self.param_groups, layers): g[k] = vs[l]
-
-    def set_hypers(self, **kwargs):
-        "`set_hyper` for each keyword."
-        for k, v in kwargs.items(): self.set_hyper(k, v)
-
-    @property
-    def param_lists(self) -> list[list[Tensor]]: return [g['params'] for g in self.param_groups]
-    @param_lists.setter
-    def param_lists(self, v):
-        for g, ps in zip(self.param_groups, v): g['params'] = list(ps)
-
-    def all_params(self, n=slice(None), with_grad:bool=False) -> list:
-        "fastai's `(param, param_list, state, hypers)` tuples for the groups in `n`, optionally only those with a grad."
-        groups = list(range(len(self.param_groups)))[n] if isinstance(n, slice) else [n]
-        res = [(p, self.param_groups[i]['params'], self.state[p], HyperView(self, i))
-               for i in groups for p in self.param_groups[i]['params']]
-        return [o for o in res if o[0].grad is not None] if with_grad else res
-
-    def freeze_to(self, n:int):
-        "Freeze the layer groups before `n` (their params keep training if their state says `force_train`)."
-        layers, nl = self._layers()
-        self.frozen_idx = n if n >= 0 else nl + n
-        if self.frozen_idx >= nl:
-            warnings.warn(f"Freezing {self.frozen_idx} groups; model has {nl}; whole model is frozen.")
-        for l, g in zip(layers, self.param_groups):
-            for p in g['params']:
-                p.requires_grad_(l >= self.frozen_idx or self.state.get(p, {}).get('force_train', False))
-
-    def freeze(self):
-        "Freeze every layer group but the last."
-        if self._layers()[1] < 2:
-            raise ValueError(f"`freeze` needs at least 2 parameter groups, got {self._layers()[1]}: pass a splitter")
-        self.freeze_to(-1)
-
-    def unfreeze(self): self.freeze_to(0)
-
-    def clear_state(self):
-        "Forget all per-parameter state but the flags set by `Learner` (`do_wd`, `force_train`)."
-        for g in self.param_groups:
-            for p in g['params']:
-                s = self.state.get(p, {})
-                kept = {k: s[k] for k in self._keep_on_clear if k in s}
-                if kept: self.state[p] = kept
-                else: self.state.pop(p, None)
 
     # -- the step -------------------------------------------------------------------------------------------
     def _group_hypers(self, g:dict) -> dict:

@@ -11,7 +11,7 @@ try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
 except ImportError: DTensor = ()
 from .core import check_range, check_choice, check_int
 from .optimizer import contract, torch_names
-from .matrix_core import MatrixOptimizer, _build, _int_hyper, _bool_hyper, _named_groups, _refuse_complex, _refuse_shards
+from .matrix_core import MatrixOptimizer, _build, _int_hyper, _bool_hyper, _named_groups
 
 # %% auto #0
 __all__ = ['soap_step', 'SOAP']
@@ -54,7 +54,9 @@ def _eigenbasis(m:Tensor) -> Tensor:
     return torch.flip(q, [1])
 
 @contract(writes='step grad_avg sqr_avg', hypers='lr mom sqr_mom shampoo_beta eps wd precondition_frequency max_precond_dim '
-          'merge_dims precondition_1d normalize_grads correct_bias', role=lambda data_format='channels_first': 'soap')
+          'merge_dims precondition_1d normalize_grads correct_bias', role=lambda data_format='channels_first': 'soap',
+          lacks={'compilable': 'runs eigendecompositions and QR eagerly', 'complex': 'builds real eigenbases',
+                 'sharded': 'needs whole weights for its eigenbases: use DDP, ZeroRedundancyOptimizer or Muon'})
 def soap_step(grp, lr, mom, sqr_mom, shampoo_beta, eps, wd, precondition_frequency, max_precond_dim, merge_dims,
               precondition_1d, normalize_grads, correct_bias, data_format='channels_first', **_):
     "SOAP: Adam in the eigenbasis of Shampoo's factors, the bases refreshed every `precondition_frequency` steps."
@@ -127,19 +129,15 @@ def _soap_refresh(lay, s, gg, qs) -> list:
 @torch_names
 def SOAP(params, lr=3e-3, mom=0.95, sqr_mom=0.95, shampoo_beta=-1, eps=1e-8, wd=0.01, precondition_frequency=10,
          max_precond_dim=10000, merge_dims=False, precondition_1d=False, normalize_grads=False, data_format='channels_first',
-         correct_bias=True, fused=None, compiled=False) -> MatrixOptimizer:
+         correct_bias=True, **run) -> MatrixOptimizer:
     "SOAP (Vyas et al. 2024) with the keywords and defaults of the authors' `soap.py` (`betas=(mom, sqr_mom)`, `weight_decay=wd`)."
     groups, names = _named_groups(params)
-    _refuse_complex(groups, names, 'SOAP')
-    _refuse_shards(groups, names, 'SOAP needs whole weights for its eigenbases')
-    check_range('lr', lr, 0); check_range('mom', mom, 0, 1, hi_open=True); check_range('sqr_mom', sqr_mom, 0, 1, hi_open=True)
-    check_range('shampoo_beta', shampoo_beta, hi=1); check_range('eps', eps, 0, lo_open=True); check_range('wd', wd, 0)
+    check_range('shampoo_beta', shampoo_beta, hi=1)   # lr, mom, sqr_mom, eps, wd: the hyper table (`torch_names`)
     check_int('precondition_frequency', precondition_frequency, 1); check_int('max_precond_dim', max_precond_dim, 1)
     for k, v in dict(merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias).items():
         _bool_hyper(k, v)
     check_choice('data_format', data_format, ('channels_first', 'channels_last'))
     step = soap_step if data_format == 'channels_first' else partial(soap_step, data_format=data_format)
-    if compiled: raise ValueError(f"`compiled={compiled!r}`: SOAP's eigendecompositions and QR run eagerly; pass compiled=False")
-    return _build(None, groups, [step], fused=fused, compiled=compiled, lr=lr, mom=mom, sqr_mom=sqr_mom, shampoo_beta=shampoo_beta,
+    return _build(None, groups, [step], rule='SOAP', **run, lr=lr, mom=mom, sqr_mom=sqr_mom, shampoo_beta=shampoo_beta,
                   eps=eps, wd=wd, precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                   merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias)
