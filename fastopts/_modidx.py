@@ -769,6 +769,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastopts.matrix._matrix': ('matrix.html#_matrix', 'fastopts/matrix.py'),
                                  'fastopts.matrix._muon_check': ('matrix.html#_muon_check', 'fastopts/matrix.py'),
                                  'fastopts.matrix._muon_route': ('matrix.html#_muon_route', 'fastopts/matrix.py'),
+                                 'fastopts.matrix._muon_sd': ('matrix.html#_muon_sd', 'fastopts/matrix.py'),
                                  'fastopts.matrix.muon_chain': ('matrix.html#muon_chain', 'fastopts/matrix.py'),
                                  'fastopts.matrix.muon_from_split': ('matrix.html#muon_from_split', 'fastopts/matrix.py'),
                                  'fastopts.matrix.muon_from_torch': ('matrix.html#muon_from_torch', 'fastopts/matrix.py'),

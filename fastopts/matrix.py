@@ -177,7 +177,7 @@ def Muon(params, lr=1e-3, mom=0.95, wd=0.1, nesterov=True, ns_coefficients=MUON_
     if compiled and owners: raise ValueError(f"`owners={owners!r}` and `compiled={compiled!r}`: the owners' collectives run eagerly; pass one")
     from fastopts.owners import resolve_owners   # here: owners.py builds on this module
     own = None if compiled else resolve_owners(owners, [_tensor(x) for g in groups for x in g['params']])
-    return _build('Muon', groups, {'muon': muon_chain(nesterov, ns_dtype, own), 'adamw': ADAMW_ROUTE}, route=route, names=known, sd_converter=muon_from_split,
+    return _build('Muon', groups, {'muon': muon_chain(nesterov, ns_dtype, own), 'adamw': ADAMW_ROUTE}, route=route, names=known, sd_converter=_muon_sd,
                   **run, **hypers)
 
 def _adamw_hypers(lr_ratio, mom, sqr_mom, eps, wd, adjust_lr_fn) -> dict:
@@ -206,7 +206,9 @@ def muon_groups(params, adamw=None, adamw_lr_ratio=None, adamw_mom=0.9, adamw_sq
         if ad: out.append({**ad_keys, **keys, 'params': ad, 'layer': layer, 'chain': 'adamw'})
     return out
 
-
+def _muon_sd(opt, sd:dict) -> dict:
+    "What `Muon` loads besides torch's checkpoints (`RULES['Muon']`): an earlier Muon's split groups regrouped (under *Checkpoints*)."
+    return muon_from_split(opt, sd)
 
 # %% ../nbs/01a_matrix.ipynb #c019
 def muon_from_torch(opt, sd:dict) -> dict:

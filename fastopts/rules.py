@@ -48,12 +48,12 @@ RULES: dict[str, Rule] = {}
 FUSED_CHAINS: dict[tuple, object] = {}   # `{roles: kernel}`: the fused table of earlier releases, a view of `RULES` kept by `register`
 
 def register(rule:Rule) -> Rule:
-    "Add `rule` to `RULES`; a `ValueError` if its name or its roles are another rule's."
+    "Add `rule` to `RULES` (a rule of the same name is replaced: a module or notebook cell run again); a `ValueError` if its roles are another rule's."
     if not isinstance(rule, Rule): raise ValueError(f"`rule` must be a Rule, got {rule!r}")
-    old = RULES.get(rule.name)
-    if old is not None and old != rule: raise ValueError(f"a rule named {rule.name!r} is registered already: {old}")
     clash = [r.name for r in RULES.values() if rule.roles is not None and r.roles == rule.roles and r.name != rule.name]
     if clash: raise ValueError(f"rule {rule.name!r} has the roles {rule.roles} of rule {clash[0]!r}: a chain must name one rule")
+    old = RULES.pop(rule.name, None)
+    if old is not None and old.roles is not None: FUSED_CHAINS.pop(old.roles, None)
     RULES[rule.name] = rule
     if rule.kernel is not None and rule.roles is not None: FUSED_CHAINS[rule.roles] = rule.kernel
     return rule
