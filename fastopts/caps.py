@@ -12,7 +12,7 @@ from .chain import Chain, stage_of, _needs_all_grads, _kinds
 from .rules import fast_path
 
 # %% auto #0
-__all__ = ['LOW_PRECISION_STATE', 'cb_lacks', 'capabilities', 'refusal', 'refused', 'refuse']
+__all__ = ['LOW_PRECISION_STATE', 'cb_lacks', 'capabilities', 'refusal', 'refused', 'release_refused', 'refuse']
 
 # %% ../nbs/00ea_caps.ipynb #q005
 LOW_PRECISION_STATE = ('int8', 'int4', torch.bfloat16, torch.float16)   # `state_dtype`s that encode moments
@@ -45,6 +45,13 @@ def refused(chain:Chain, cap:str, who:str, action:str) -> str|None:
     cb, why = r
     who = getattr(_unwrap(cb)[0], 'rule', None) or who
     return f"{who} cannot {action}: its chain's {'stage' if stage_of(cb) else 'callback'} `{cb_name(cb)}` {why}"
+
+def release_refused(chain:Chain, who:str) -> str|None:
+    "`refused` for gradient release, worked out once per chain (it is asked for every released param)."
+    cached = getattr(chain, '_release_refusal', None)
+    if cached is None or cached[0] != (chain._key, who):
+        cached = chain._release_refusal = ((chain._key, who), refused(chain, 'release', who, 'step one param at a time (gradient release)'))
+    return cached[1]
 
 # %% ../nbs/00ea_caps.ipynb #q006
 def _param_label(g:dict, j:int, p, i:int) -> str:

@@ -268,8 +268,7 @@ class Optimizer(FastaiFace, torch.optim.Optimizer):
             ps = g['params'] if only is None else [p for p in g['params'] if id(p) in only]
             if not ps: continue
             for chain, cps in self.routed(i, g, ps):
-                if only is not None and (msg := refused(chain, 'release', type(self).__name__, 'step one param at a time (gradient release)')):
-                    raise ValueError(msg)
+                if only is not None and (msg := release_refused(chain, type(self).__name__)): raise ValueError(msg)
                 hyper = self._group_hypers(g)
                 for st in chain.hyper_stages: hyper.update(st(self, g, hyper) or {})
                 if chain.reducers: reduced.setdefault(id(chain), (chain, []))[1].append((i, cps, hyper))

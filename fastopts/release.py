@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision, AMPMode
-from .caps import refused
+from .caps import release_refused
 
 # %% auto #0
 __all__ = ['check_release_optimizer', 'check_release_callbacks', 'ReleaseHandle', 'release_gradients', 'GradientRelease']
@@ -26,7 +26,7 @@ def check_release_optimizer(opt) -> None:
     if not callable(getattr(opt, 'step_params', None)):
         raise ValueError(f"gradient release needs an optimizer with `step_params` (a fastopts optimizer), got {type(opt).__name__}")
     for chain in _chains(opt):
-        msg = refused(chain, 'release', type(opt).__name__, 'step one param at a time (gradient release)')
+        msg = release_refused(chain, type(opt).__name__)
         if msg: raise ValueError(msg)
 
 def _defines(cb, name:str) -> bool:
