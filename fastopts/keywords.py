@@ -53,7 +53,7 @@ def with_run_options(f):
     sig = inspect.signature(f)
     if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
         raise TypeError(f"{f.__name__} must pass `**run` (the run options) on to the optimizer it builds")
-    named = set(sig.parameters)
+    named = list(sig.parameters)
     @wraps(f)
     def _f(*args, **kw):
         bad = [k for k in kw if k not in named and k not in RUN_OPTIONS]

@@ -144,7 +144,7 @@ class Optimizer(FastaiFace, torch.optim.Optimizer):
             refuse(self.rule_name, chain, g, i, ps, self.compiled, self.precision.state_dtype)
 
     @property
-    def rule_name(self) -> str: return getattr(self, 'torch_rule_name', None) or type(self).__name__   # what refusals call it
+    def rule_name(self) -> str: return getattr(self, '_rule', None) or getattr(self, 'torch_rule_name', None) or type(self).__name__   # what refusals call it
 
     def _add_group(self, param_group:dict):
         label = param_group.get('chain', self._first)
