@@ -58,8 +58,7 @@ def _qmap(bits:int, signed:bool, device) -> tuple:
 
 def _qmap_either(device) -> tuple:
     "The 8-bit unsigned and signed tables end to end (edges, then lookup with the signed half's candidates shifted by 256): one gather serves either map."
-    key = ('either', str(device))
-    if key not in _MAPS:
+    if (key := ('either', str(device))) not in _MAPS:
         (_, eu, lu), (_, es, ls) = _qmap(8, False, device), _qmap(8, True, device)
         _MAPS[key] = torch.cat([eu, es]), torch.cat([lu, ls + eu.numel()])
     return _MAPS[key]
@@ -67,14 +66,12 @@ def _qmap_either(device) -> tuple:
 def _nearest_code(v:Tensor, bits:int, signed:bool|Tensor) -> Tensor:
     """Index of the map entry nearest each float32 of `v` (in [-1, 1]), as int32 (`torch.bucketize(v, edges)`, the same
     numbers). `signed` a 0-d bool tensor: that map, chosen in the kernel (the tables of both maps, one lookup)."""
-    flag = isinstance(signed, Tensor)
     if bits == 4:   # 15 edges: count those below, in one elementwise pass
-        if not flag: return sum((v > e).to(torch.int32) for e in _qmap(4, signed, v.device)[2])
+        if not isinstance(signed, Tensor): return sum((v > e).to(torch.int32) for e in _qmap(4, signed, v.device)[2])
         return sum((v > torch.where(signed, s, u)).to(torch.int32) for s, u in zip(_qmap(4, True, v.device)[2], _qmap(4, False, v.device)[2]))
-    _, edges, lut = _qmap(bits, signed, v.device) if not flag else (None, *_qmap_either(v.device))
+    _, edges, lut = (None, *_qmap_either(v.device)) if (flag := isinstance(signed, Tensor)) else _qmap(bits, signed, v.device)
     b = v.view(torch.int32)
-    k = ((b >> 31) & 0x7FFFFFFF) ^ b
-    k = (k >> _KEY_SHIFT) + (1 << (31 - _KEY_SHIFT))
+    k = ((((b >> 31) & 0x7FFFFFFF) ^ b) >> _KEY_SHIFT) + (1 << (31 - _KEY_SHIFT))
     if flag: k = k + signed.to(torch.int32) * (1 << (32 - _KEY_SHIFT))   # the signed map's half of the table
     cand = lut[k]
     idx = cand + (edges[cand] < v).to(torch.int32)   # past the bucket's one edge, if any
@@ -90,8 +87,7 @@ def _blocks(flat:Tensor, block:int) -> Tensor:
 def _pack4(idx:Tensor) -> Tensor:
     "4-bit codes (int32, one per element) two to a byte: element 2i in the low half, 2i+1 in the high half."
     if idx.numel() % 2: idx = torch.cat([idx, idx.new_zeros(1)])
-    pairs = idx.view(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+    return (idx.view(-1, 2)[:, 0] | (idx.view(-1, 2)[:, 1] << 4)).to(torch.uint8)
 
 def _unpack4(packed:Tensor, n:int) -> Tensor:
     "The first `n` 4-bit codes of `packed`, as int32."
@@ -108,14 +104,11 @@ def _encode(x:Tensor, bits:int, signed:bool|Tensor) -> tuple[Tensor, Tensor]:
     idx = _nearest_code(normed, bits, signed)
     flag = isinstance(signed, Tensor)
     if bits == 8 and (flag or not signed):   # a positive value never becomes 0 (the unsigned map)
-        pos0 = (idx == 0) & (normed > 0)
-        idx = idx + (pos0 & ~signed if flag else pos0).to(torch.int32)
-    idx = idx.view(-1)[:x.numel()]
-    if bits == 4: codes = _pack4(idx)
-    elif flag: codes = (idx ^ (signed.to(torch.int32) << 7)).to(torch.uint8)   # signed: the byte of idx - 128
-    else: codes = (idx - 128).to(torch.int8) if signed else idx.to(torch.uint8)
-    if bits == 4 and signed is True: codes = codes.view(torch.int8)   # the dtype names the map, as for 8 bits
-    return codes, absmax
+        idx = idx + ((idx == 0) & (normed > 0) & (~signed if flag else True)).to(torch.int32)
+    idx, n = idx.view(-1), x.numel()   # the codes made for whole blocks, cut to n last (inductor miscompiled a cast after the cut)
+    if bits == 4: return (_pack4(idx[:n]).view(torch.int8) if signed is True else _pack4(idx[:n])), absmax   # the dtype names the map
+    if flag: return (idx ^ (signed.to(torch.int32) << 7)).to(torch.uint8)[:n], absmax   # signed: the byte of idx - 128
+    return ((idx - 128).to(torch.int8) if signed else idx.to(torch.uint8))[:n], absmax
 
 def _decode_codes(codes:Tensor, absmax:Tensor, shape, dtype=torch.float32) -> Tensor:
     "The tensor of `shape` that `_encode` made `codes` and `absmax` from (4 bits when `codes` has fewer elements than `shape`)."
