@@ -29,7 +29,7 @@ class Mutation:
     why: str = ''
 
 MUTATIONS = [
-    Mutation('soap_shampoo_beta', 'matrix.py',
+    Mutation('soap_shampoo_beta', 'soap.py',
              "sb = sqr_mom if shampoo_beta < 0 else", "sb = mom if shampoo_beta < 0 else",
              ['tests/test_matrix.py::test_soap_equals_reference'],
              "SOAP's default shampoo_beta falls back to the first beta instead of the second"),
