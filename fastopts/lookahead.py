@@ -86,6 +86,7 @@ class Lookahead(torch.optim.Optimizer):
         if self.count == 0 and self.slow_weights is None:
             self.slow_weights = [[p.detach().clone() for p in g['params']] for g in self.param_groups]
 
+    @torch.compiler.disable   # `torch.compile(opt.step)`: runs eagerly, as the inner driver does (dynamo cannot model these groups)
     @torch.no_grad()
     def step(self, closure=None):
         "One step of the inner optimizer; every `k`-th, the lookahead update on all params."
