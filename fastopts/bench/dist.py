@@ -12,7 +12,7 @@ from .. import matrix as fm
 from ..owners import OWNER_STATS, assign_owners, ns_cost
 from ..optimizer import AdamW
 from ..core import check_int, check_choice
-from .step import _gpt2_blocks
+from .step_rules import _gpt2_blocks
 
 # %% auto #0
 __all__ = ['NS_DTYPES', 'PARTS', 'ddp_rows', 'comm_rows', 'fsdp2_rows', 'dist_benchmark', 'format_dist_rows',
