@@ -72,7 +72,7 @@ def _adafactor(ps):
     from fastopts.matrix import Adafactor
     return Adafactor(ps, **ADAFACTOR)
 
-def resume(rank, world, make=_muon_bf16, dtype=torch.float32):
+def resume(rank, world, make=_muon_bf16, dtype=torch.float32, net=None):
     """FSDP2 (`make`: owner-based Muon, or Adafactor): 2 steps, save model and optimizer with torch's distributed-checkpoint helpers, 2 more; a fresh model
     and optimizer loaded from the save take the same 2 steps. (params straight, params resumed)"""
     from torch.distributed.fsdp import fully_shard
@@ -82,7 +82,7 @@ def resume(rank, world, make=_muon_bf16, dtype=torch.float32):
     x, y = data(); per = N_ROWS // world
     x, y = x[rank*per:(rank+1)*per].to(dtype), y[rank*per:(rank+1)*per]
     def build():
-        m = (af_model() if make is _adafactor else model()).to(dtype)
+        m = (net or (af_model if make is _adafactor else model))().to(dtype)
         for layer in m:
             if isinstance(layer, (torch.nn.Linear, Mix3)): fully_shard(layer)
         fully_shard(m)
@@ -134,6 +134,47 @@ def adafactor_fsdp2(rank, world, steps=STEPS):
     for _ in range(steps): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
     return [_full(p) for p in m.parameters()]
 
+PRODIGY = dict(lr=1.0, weight_decay=0.1, d0=1e-2, d_coef=5.0)   # prodigyopt's keywords, which fastopts' Prodigy takes too
+
+def _prodigy(slice_p):
+    def make(ps):
+        from fastopts.lr_free import Prodigy
+        return Prodigy(ps, slice_p=slice_p, **PRODIGY)
+    return make
+
+def prodigy_reference(slice_p, steps=STEPS, world=2):
+    "prodigyopt.Prodigy in one process on the whole batch (`af_model`, float64), its gradient the mean of the `world` slices'."
+    import prodigyopt
+    m = af_model(); opt = prodigyopt.Prodigy(m.parameters(), slice_p=slice_p, **PRODIGY)
+    x, y = data(); x = x.double(); per = N_ROWS // world
+    for _ in range(steps):
+        opt.zero_grad()
+        for r in range(world): (loss_fn(m, x[r*per:(r+1)*per], y[r*per:(r+1)*per])/world).backward()
+        opt.step()
+    return [p.detach().clone() for p in m.parameters()], opt.param_groups[0]['d']
+
+def fsdp2_run(rank, world, make, steps=STEPS):
+    "`make`'s optimizer on FSDP2 shards of rows of `af_model` (float64, uneven shards, a 3-D weight): the whole params, the optimizer."
+    from torch.distributed.fsdp import fully_shard
+    x, y = data(); per = N_ROWS // world
+    x, y = x[rank*per:(rank+1)*per].double(), y[rank*per:(rank+1)*per]
+    m = af_model()
+    for layer in m:
+        if isinstance(layer, (torch.nn.Linear, Mix3)): fully_shard(layer)
+    fully_shard(m)
+    opt = make(list(m.parameters()))
+    for _ in range(steps): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
+    return [_full(p) for p in m.parameters()], opt
+
+def prodigy_fsdp2(rank, world):
+    "Prodigy under FSDP2 at slice_p 1 and 3 (params, d), and a DCP resume at each (params straight, resumed)."
+    out = {}
+    for sp in (1, 3):
+        ps, opt = fsdp2_run(rank, world, _prodigy(sp))
+        out[f'fsdp2_prodigy_{sp}'] = (ps, opt.d)
+        out[f'fsdp2_prodigy_{sp}_resume'] = resume(rank, world, _prodigy(sp), torch.float64, net=af_model)
+    return out
+
 @exits_cleanly
 def adafactor_job(rank, world, init_file, out_file):
     "Adafactor under FSDP2 alone (the module's `job` runs it too)."
@@ -154,7 +195,7 @@ def job(rank, world, init_file, out_file):
            'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
            'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False),
            'fsdp2_resume': resume(rank, world), 'fsdp2_adafactor': adafactor_fsdp2(rank, world),
-           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64)}
+           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64), **prodigy_fsdp2(rank, world)}
     torch.save(res, f'{out_file}.{rank}')
     dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 

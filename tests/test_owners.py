@@ -2,7 +2,8 @@
 the matrices and the result equals one process on the whole batch (bf16: equals the ranks' own bf16 result without owners,
 bit for bit); under FSDP2 the shards travel to their owners by all-to-all, nobody gathers a whole parameter, and a rank holds
 at most its own matrices; a fastai Learner under DDP trains with it. Adafactor under FSDP2 (its sums over rows
-all-reduced) equals torch.optim.Adafactor in one process. Every multi-process run is bounded by a timeout."""
+all-reduced) equals torch.optim.Adafactor in one process, Prodigy under FSDP2 (its sums all-reduced, `slice_p` from each
+shard's offset) equals prodigyopt in one process; both resume from torch's distributed checkpoints bit for bit. Every multi-process run is bounded by a timeout."""
 import pytest, torch
 import torch.multiprocessing as mp
 from torch.testing import assert_close
@@ -71,6 +72,26 @@ def test_fsdp2_owners_checkpoint_resumes_bit_for_bit(ranks):
     "torch's get/set_optimizer_state_dict under FSDP2 with owner-based Muon (bf16): the resumed run equals the straight one."
     straight, resumed = ranks[0]['fsdp2_resume']
     for a, b in zip(straight, resumed): assert torch.equal(a, b)
+
+@pytest.mark.parametrize('slice_p', [1, 3])
+def test_fsdp2_prodigy_equals_prodigyopt_in_one_process(ranks, slice_p):
+    """Prodigy on FSDP2 shards of rows (float64, 3 steps, weight decay; uneven shards whose offsets are not
+    multiples of 3, a 3-D weight) equals prodigyopt.Prodigy in one process on the whole batch, `d` included: the dot
+    products and |s| sums are all-reduced over the shards, and at slice_p=3 each shard takes the entries one process takes."""
+    ref, d = w.prodigy_reference(slice_p)
+    assert d > 2 * w.PRODIGY['d0']   # d grew (to about 3x d0 in 3 steps): the all-reduced sums steer the step
+    assert any(not torch.allclose(a, b, rtol=1e-2) for a, b in zip(ref, w.af_model().parameters()))
+    for res in ranks:
+        params, d_ours = res[f'fsdp2_prodigy_{slice_p}']
+        assert abs(d_ours - d) <= 1e-12 * d, (d_ours, d)
+        for a, b in zip(params, ref): assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+@pytest.mark.parametrize('slice_p', [1, 3])
+def test_fsdp2_prodigy_checkpoint_resumes_bit_for_bit(ranks, slice_p):
+    "Prodigy's state under FSDP2 (DTensors) through get/set_optimizer_state_dict: the resumed run equals the straight one."
+    for res in ranks:
+        straight, resumed = res[f'fsdp2_prodigy_{slice_p}_resume']
+        for a, b in zip(straight, resumed): assert torch.equal(a, b)
 
 @pytest.mark.slow   # about 60 s on the shared 2-core machine (a spawn and two fastai fits): run with --slow
 def test_learner_under_ddp_with_owner_muon(tmp_path):
