@@ -50,14 +50,6 @@ def _refuse_complex(groups, names, rule):
         for j, x in enumerate(g['params']):
             if _tensor(x).is_complex(): raise ValueError(f"{rule} does not take complex parameters, got {_param_label(_tensor(x), names, i, j)}")
 
-def _refuse_shards(groups, names, why):
-    "A `ValueError` naming the first FSDP2 shard (DTensor) among the params."
-    for i, g in enumerate(groups):
-        for j, x in enumerate(g['params']):
-            if isinstance(_tensor(x), DTensor):
-                raise ValueError(f"{why}, but {_param_label(_tensor(x), names, i, j)} is an FSDP2 shard (DTensor): use DDP or "
-                                 "ZeroRedundancyOptimizer, or Muon (each matrix orthogonalised whole on one owner rank)")
-
 def _pop_flag(groups:list[dict], name:str, value, rule:str):
     "A rule flag that torch allows per group (`nesterov`, `maximize`): every group must agree with the factory's, since it picks the chain."
     for i, g in enumerate(groups):

@@ -175,6 +175,35 @@ def prodigy_fsdp2(rank, world):
         out[f'fsdp2_prodigy_{sp}_resume'] = resume(rank, world, _prodigy(sp), torch.float64, net=af_model)
     return out
 
+SOAP_KW = dict(lr=0.02, weight_decay=0.1, precondition_frequency=2)   # the authors' keywords; bases refreshed at steps 2 and 4
+SOAP_STEPS = 5   # the first builds the factors, then 4 that move the weights
+
+def _soap(**kw):
+    def make(ps):
+        from fastopts.soap import SOAP
+        return SOAP(ps, **SOAP_KW, **kw)
+    return make
+
+def soap_reference(steps=SOAP_STEPS, world=2):
+    "fastopts' SOAP (tested against the authors' rule) in one process on the whole batch (`af_model`, float64)."
+    m = af_model(); opt = _soap()(list(m.parameters()))
+    x, y = data(); x = x.double(); per = N_ROWS // world
+    for _ in range(steps):
+        opt.zero_grad()
+        for r in range(world): (loss_fn(m, x[r*per:(r+1)*per], y[r*per:(r+1)*per])/world).backward()
+        opt.step()
+    return [p.detach().clone() for p in m.parameters()]
+
+def soap_fsdp2(rank, world):
+    "SOAP under FSDP2 with owners (params, owner stats, gathers) and without (params, gathers); a DCP resume with owners."
+    from fastopts.owners import OWNER_STATS
+    counter = Counter(); OWNER_STATS.clear()
+    ps, opt = fsdp2_run(rank, world, _soap(), steps=SOAP_STEPS)
+    owned = dict(OWNER_STATS); gathers = counter.read()['gathers']
+    off, _ = fsdp2_run(rank, world, _soap(owners=False), steps=SOAP_STEPS)
+    return {'fsdp2_soap': (ps, owned, gathers, counter.read()['gathers'] - gathers), 'fsdp2_soap_off': off,
+            'fsdp2_soap_resume': resume(rank, world, _soap(), torch.float64, net=af_model)}
+
 @exits_cleanly
 def adafactor_job(rank, world, init_file, out_file):
     "Adafactor under FSDP2 alone (the module's `job` runs it too)."
@@ -195,7 +224,7 @@ def job(rank, world, init_file, out_file):
            'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
            'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False),
            'fsdp2_resume': resume(rank, world), 'fsdp2_adafactor': adafactor_fsdp2(rank, world),
-           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64), **prodigy_fsdp2(rank, world)}
+           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64), **prodigy_fsdp2(rank, world), **soap_fsdp2(rank, world)}
     torch.save(res, f'{out_file}.{rank}')
     dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 
