@@ -121,7 +121,8 @@ def _soap_directions(grp, direction, owners) -> list:
     ps, gs = grp.params, grp.grads
     if not any(isinstance(p, DTensor) for p in ps): return [direction(i, g) for i, g in enumerate(gs)]
     if owners is None:   # every rank gathers every gradient, keeps every weight's state whole and takes its rows of the result
-        return [None if u is None else _own_shard(u, p) for u, p in ((direction(i, _full(g)), p) for i, (p, g) in enumerate(zip(ps, gs)))]
+        us = [direction(i, _full(g)) for i, g in enumerate(gs)]
+        return [u if u is None or not isinstance(p, DTensor) else _own_shard(u, p) for u, p in zip(us, ps)]
     dtypes = {g.dtype for g in gs}
     if len(dtypes) > 1: raise ValueError(f"SOAP's owners send a group's gradients in one dtype, got {sorted(map(str, dtypes))}: put each dtype in a group of its own")
     mine = set()

@@ -113,7 +113,11 @@ def af_model():
 
 def adafactor_reference(steps=STEPS, world=2):
     "torch.optim.Adafactor in one process on the whole batch (float64), its gradient the mean of the `world` slices' as FSDP2's."
-    m = af_model(); opt = torch.optim.Adafactor(m.parameters(), **ADAFACTOR)
+    m = af_model()
+    return whole_batch(m, torch.optim.Adafactor(m.parameters(), **ADAFACTOR), steps, world)
+
+def whole_batch(m, opt, steps, world):
+    "`steps` of `opt` on `m` (float64) with the whole batch, its gradient the mean of the `world` slices' as FSDP2's; the params."
     x, y = data(); x = x.double(); per = N_ROWS // world
     for _ in range(steps):
         opt.zero_grad()
@@ -123,16 +127,7 @@ def adafactor_reference(steps=STEPS, world=2):
 
 def adafactor_fsdp2(rank, world, steps=STEPS):
     "fastopts' Adafactor on FSDP2 shards of rows (`af_model`: float64, uneven shards, a 3-D weight): the whole params."
-    from torch.distributed.fsdp import fully_shard
-    x, y = data(); per = N_ROWS // world
-    x, y = x[rank*per:(rank+1)*per].double(), y[rank*per:(rank+1)*per]
-    m = af_model()
-    for layer in m:
-        if isinstance(layer, (torch.nn.Linear, Mix3)): fully_shard(layer)
-    fully_shard(m)
-    opt = _adafactor(list(m.parameters()))
-    for _ in range(steps): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
-    return [_full(p) for p in m.parameters()]
+    return fsdp2_run(rank, world, _adafactor, steps)[0]
 
 PRODIGY = dict(lr=1.0, weight_decay=0.1, d0=1e-2, d_coef=5.0)   # prodigyopt's keywords, which fastopts' Prodigy takes too
 
@@ -146,12 +141,7 @@ def prodigy_reference(slice_p, steps=STEPS, world=2):
     "prodigyopt.Prodigy in one process on the whole batch (`af_model`, float64), its gradient the mean of the `world` slices'."
     import prodigyopt
     m = af_model(); opt = prodigyopt.Prodigy(m.parameters(), slice_p=slice_p, **PRODIGY)
-    x, y = data(); x = x.double(); per = N_ROWS // world
-    for _ in range(steps):
-        opt.zero_grad()
-        for r in range(world): (loss_fn(m, x[r*per:(r+1)*per], y[r*per:(r+1)*per])/world).backward()
-        opt.step()
-    return [p.detach().clone() for p in m.parameters()], opt.param_groups[0]['d']
+    return whole_batch(m, opt, steps, world), opt.param_groups[0]['d']
 
 def fsdp2_run(rank, world, make, steps=STEPS):
     "`make`'s optimizer on FSDP2 shards of rows of `af_model` (float64, uneven shards, a 3-D weight): the whole params, the optimizer."
@@ -186,13 +176,8 @@ def _soap(**kw):
 
 def soap_reference(steps=SOAP_STEPS, world=2):
     "fastopts' SOAP (tested against the authors' rule) in one process on the whole batch (`af_model`, float64)."
-    m = af_model(); opt = _soap()(list(m.parameters()))
-    x, y = data(); x = x.double(); per = N_ROWS // world
-    for _ in range(steps):
-        opt.zero_grad()
-        for r in range(world): (loss_fn(m, x[r*per:(r+1)*per], y[r*per:(r+1)*per])/world).backward()
-        opt.step()
-    return [p.detach().clone() for p in m.parameters()]
+    m = af_model()
+    return whole_batch(m, _soap()(list(m.parameters())), steps, world)
 
 def soap_fsdp2(rank, world):
     "SOAP under FSDP2 with owners (params, owner stats, gathers) and without (params, gathers); a DCP resume with owners."
