@@ -72,9 +72,10 @@ def _adafactor(ps):
     from fastopts.matrix import Adafactor
     return Adafactor(ps, **ADAFACTOR)
 
-def resume(rank, world, make=_muon_bf16, dtype=torch.float32, net=None):
+def resume(rank, world, make=_muon_bf16, dtype=torch.float32, net=None, to_disk=None):
     """FSDP2 (`make`: owner-based Muon, or Adafactor): 2 steps, save model and optimizer with torch's distributed-checkpoint helpers, 2 more; a fresh model
-    and optimizer loaded from the save take the same 2 steps. (params straight, params resumed)"""
+    and optimizer loaded from the save take the same 2 steps. `to_disk` (a directory): through `dcp.save` and `dcp.load`
+    there, into the fresh optimizer's own state dict, as a job resumes. (params straight, params resumed)"""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -93,6 +94,11 @@ def resume(rank, world, make=_muon_bf16, dtype=torch.float32, net=None):
     msd, osd = _clone(get_model_state_dict(m1)), _clone(get_optimizer_state_dict(m1, o1))
     steps(m1, o1, 2)
     m2, o2 = build()
+    if to_disk:
+        import torch.distributed.checkpoint as dcp
+        dcp.save({'model': msd, 'optim': osd}, checkpoint_id=to_disk)
+        msd, osd = get_model_state_dict(m2), get_optimizer_state_dict(m2, o2)
+        dcp.load({'model': msd, 'optim': osd}, checkpoint_id=to_disk)
     set_model_state_dict(m2, msd); set_optimizer_state_dict(m2, o2, osd)
     steps(m2, o2, 2)
     return [_full(p) for p in m1.parameters()], [_full(p) for p in m2.parameters()]
@@ -179,15 +185,15 @@ def soap_reference(steps=SOAP_STEPS, world=2):
     m = af_model()
     return whole_batch(m, _soap()(list(m.parameters())), steps, world)
 
-def soap_fsdp2(rank, world):
-    "SOAP under FSDP2 with owners (params, owner stats, gathers) and without (params, gathers); a DCP resume with owners."
+def soap_fsdp2(rank, world, ckpt_dir):
+    "SOAP under FSDP2 with owners (params, owner stats, gathers) and without (params, gathers); a DCP resume with owners through `ckpt_dir`."
     from fastopts.owners import OWNER_STATS
     counter = Counter(); OWNER_STATS.clear()
     ps, opt = fsdp2_run(rank, world, _soap(), steps=SOAP_STEPS)
     owned = dict(OWNER_STATS); gathers = counter.read()['gathers']
     off, _ = fsdp2_run(rank, world, _soap(owners=False), steps=SOAP_STEPS)
     return {'fsdp2_soap': (ps, owned, gathers, counter.read()['gathers'] - gathers), 'fsdp2_soap_off': off,
-            'fsdp2_soap_resume': resume(rank, world, _soap(), torch.float64, net=af_model)}
+            'fsdp2_soap_resume': resume(rank, world, _soap(), torch.float64, net=af_model, to_disk=ckpt_dir)}
 
 @exits_cleanly
 def adafactor_job(rank, world, init_file, out_file):
@@ -209,7 +215,7 @@ def job(rank, world, init_file, out_file):
            'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
            'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False),
            'fsdp2_resume': resume(rank, world), 'fsdp2_adafactor': adafactor_fsdp2(rank, world),
-           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64), **prodigy_fsdp2(rank, world), **soap_fsdp2(rank, world)}
+           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64), **prodigy_fsdp2(rank, world), **soap_fsdp2(rank, world, f'{out_file}.soap_ckpt')}
     torch.save(res, f'{out_file}.{rank}')
     dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 

@@ -115,7 +115,9 @@ def test_fsdp2_soap_owners_hold_their_weights_only(ranks):
     assert sum(res['fsdp2_soap'][1]['ns_matrices'] for res in ranks) == len(sizes) * w.SOAP_STEPS
 
 def test_fsdp2_soap_checkpoint_resumes_bit_for_bit(ranks):
-    "SOAP's owner-held state (whole tensors on the owner, a step count on every rank) through get/set_optimizer_state_dict: the resumed run equals the straight one."
+    """SOAP's owner-held state (whole tensors on the owner, a step count on every rank) through get/set_optimizer_state_dict
+    and `dcp.save` / `dcp.load` in a directory (each owner's tensors written once, read back on its rank): the resumed run
+    equals the straight one."""
     for res in ranks:
         straight, resumed = res['fsdp2_soap_resume']
         for a, b in zip(straight, resumed): assert torch.equal(a, b)
