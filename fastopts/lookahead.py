@@ -37,7 +37,9 @@ class TorchGroup(dict):
     def __reduce__(self): return (TorchGroup, (dict(self),))
 
 # %% ../nbs/01e_lookahead.ipynb #c059
-class Lookahead(Optimizer):
+_FACE = ('hypers', 'set_hyper', 'set_hypers', 'param_lists', 'all_params', '_layers', 'freeze_to', 'freeze', 'unfreeze')
+
+class Lookahead(torch.optim.Optimizer):
     "Wrap `opt` (fastopts' or torch's): every `k` steps, slow weights move `alpha` towards the fast ones, which restart from them."
     def __init__(self, opt:torch.optim.Optimizer, k:int=6, alpha:float=0.5):
         if not isinstance(opt, torch.optim.Optimizer):
@@ -46,27 +48,35 @@ class Lookahead(Optimizer):
         self.opt, self.k, self.alpha = opt, check_int('k', k, 1), check_range('alpha', alpha, 0, 1, lo_open=True)
         self.count, self.slow_weights = 0, None
         if not isinstance(opt, Optimizer): self._wrap_torch_groups()
-        for k_ in [k_ for k_ in opt.__dict__ if k_.startswith('_optimizer_')]: setattr(self, k_, type(opt.__dict__[k_])())  # own hooks
+        self._own_hooks()
+
+    def _own_hooks(self):
+        "What torch's constructor makes besides the params (which are the inner optimizer's): empty hook dicts, the hooked `step`."
+        for k in [k for k in vars(self.opt) if k.startswith('_optimizer_')]: setattr(self, k, type(vars(self.opt)[k])())
         self._patch_step_function()
 
     def _wrap_torch_groups(self):
         self.opt.param_groups[:] = [g if isinstance(g, TorchGroup) else TorchGroup(g) for g in self.opt.param_groups]
 
-    # everything an optimizer is, is the inner optimizer's
-    cbs = property(lambda self: getattr(self.opt, 'cbs', []))
+    # the params, their state and the hypers are the inner optimizer's; so is anything else it has (`chains`, `cbs`, ...)
     param_groups = property(lambda self: self.opt.param_groups, lambda self, v: setattr(self.opt, 'param_groups', v))
     state = property(lambda self: self.opt.state, lambda self, v: setattr(self.opt, 'state', v))
     defaults = property(lambda self: self.opt.defaults, lambda self, v: None)
     frozen_idx = property(lambda self: getattr(self.opt, 'frozen_idx', 0), lambda self, v: setattr(self.opt, 'frozen_idx', v))
+    def __getattr__(self, name):
+        opt = self.__dict__.get('opt')   # absent while unpickling: no recursion
+        if opt is None or name.startswith('__'): raise AttributeError(name)
+        return getattr(opt, name)
+
     @property
     def _hyper_names(self):
         if isinstance(self.opt, Optimizer): return self.opt._hyper_names
         return {k for k in ('lr', 'mom', 'sqr_mom', 'eps', 'wd') if k in self.opt.param_groups[0]}
     def _hyper_order(self):
         return self.opt._hyper_order() if isinstance(self.opt, Optimizer) else [k for k in ('lr', 'mom', 'sqr_mom', 'eps', 'wd') if k in self._hyper_names]
-    _live = property(lambda self: getattr(self.opt, '_live', frozenset()))
-    _roles = property(lambda self: getattr(self.opt, '_roles', ()))
-    _fast = property(lambda self: getattr(self.opt, '_fast', None))
+    # fastai's face: fastopts' own methods, which read only `param_groups`, `state` and the hyper names above, so
+    # they serve a torch optimizer inside as they serve fastopts'
+    hypers, set_hyper, set_hypers, param_lists, all_params, _layers, freeze_to, freeze, unfreeze = (vars(Optimizer)[k] for k in _FACE)
 
     def _inner_step(self, closure):
         step = getattr(type(self.opt).step, '__wrapped__', None)   # torch's hook wrapper: run the hooks once, on us
@@ -76,6 +86,7 @@ class Lookahead(Optimizer):
         if self.count == 0 and self.slow_weights is None:
             self.slow_weights = [[p.detach().clone() for p in g['params']] for g in self.param_groups]
 
+    @torch.compiler.disable   # `torch.compile(opt.step)`: runs eagerly, as the inner driver does (dynamo cannot model these groups)
     @torch.no_grad()
     def step(self, closure=None):
         "One step of the inner optimizer; every `k`-th, the lookahead update on all params."
@@ -146,5 +157,9 @@ class Lookahead(Optimizer):
         self.opt.add_param_group(param_group)
         if not isinstance(self.opt, Optimizer): self._wrap_torch_groups()
         if self.slow_weights is not None: self.slow_weights.append([p.detach().clone() for p in self.param_groups[-1]['params']])
+
+    # pickling: our own attributes (torch's `__getstate__` keeps only `defaults`, `state` and `param_groups`, which are the
+    # inner optimizer's); torch's `__setstate__` makes the hooks again
+    def __getstate__(self): return {k: v for k, v in vars(self).items() if not k.startswith('_optimizer_') and k not in ('step', 'zero_grad')}
 
     def __repr__(self): return f"Lookahead({self.opt!r}, k={self.k}, alpha={self.alpha})"

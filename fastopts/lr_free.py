@@ -16,7 +16,7 @@ from fastai.learner import Learner
 from .core import check_range, check_int
 from .callbacks import _sliced, _sliced_state, _view
 from .optimizer import (Optimizer, DTensor, contract, stage, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
-                                l2_reg, _pick, _local)
+                                l2_reg, _pick, _local, _add_, _addcmul_, _sqrt, _maybe_nonzero, _per_tensor)
 
 # %% auto #0
 __all__ = ['schedule_free_weight', 'schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOptimizer',
@@ -31,8 +31,8 @@ def _set_keys(g:dict, **kw):
 
 def _by_step(steps:list[int]):
     "`(t, indices or None)` for each distinct step count (almost always one)."
+    if all(s == steps[0] for s in steps): yield steps[0], None; return   # no set of the values: compiled, they are symbols
     ts = sorted(set(steps))
-    if len(ts) == 1: yield ts[0], None; return
     for t in ts: yield t, [i for i, s in enumerate(steps) if s == t]
 
 
@@ -308,7 +308,7 @@ def adopt_step(grp, lr, mom, sqr_mom, eps, wd=0., clip_lambda=_default_clip, dec
         if t == 1:   # the first step only sets the second moment
             torch._foreach_addcmul_(sq, gs, gs)
             continue
-        if wd and decouple:
+        if decouple and _maybe_nonzero(wd):
             dec = [i for i in (range(len(grp.params)) if idx is None else idx) if decayed is None or i in decayed]
             if dec: torch._foreach_add_(_pick(grp.params, dec), torch._foreach_mul(_pick(grp.params, dec), -lr*wd))
         denom = torch._foreach_sqrt(sq)
@@ -318,9 +318,9 @@ def adopt_step(grp, lr, mom, sqr_mom, eps, wd=0., clip_lambda=_default_clip, dec
             c = clip_lambda(t - 1)
             torch._foreach_clamp_min_(normed, -c); torch._foreach_clamp_max_(normed, c)
         torch._foreach_lerp_(avg, normed, 1 - mom)
-        torch._foreach_add_(ps, avg, alpha=-lr)
+        _add_(ps, avg, -lr)
         torch._foreach_mul_(sq, sqr_mom)
-        torch._foreach_addcmul_(sq, gs, gs, value=1 - sqr_mom)
+        _addcmul_(sq, gs, gs, 1 - sqr_mom)
 
 @torch_names
 def ADOPT(params, lr=1e-3, mom=0.9, sqr_mom=0.9999, eps=1e-6, clip_lambda=_default_clip, wd=0., decouple=False) -> Optimizer:
@@ -351,7 +351,7 @@ def average_slow_grad(grp, mom, beta3, beta3_warmup=None, **_):
         b = _beta3_at(t, beta3, mom, beta3_warmup)
         m_ = _pick(slow, idx)
         torch._foreach_mul_(m_, b)
-        torch._foreach_add_(m_, _pick(grp.grads, idx), alpha=1 - b)
+        _add_(m_, _pick(grp.grads, idx), 1 - b)
 
 def _masked(v:Tensor, g:Tensor) -> Tensor:
     "`v` where it has the gradient's sign, scaled by `numel/(kept+1)` (Liang et al. 2024, as `pytorch_optimizer`'s `apply_cautious`)."
@@ -362,15 +362,16 @@ def _masked(v:Tensor, g:Tensor) -> Tensor:
 def ademamix_step(grp, lr, mom, sqr_mom, eps, alpha_mix, alpha_warmup=None, cautious=False, **_):
     "AdEMAMix's step: `p -= lr·(V/(1-mom^t) + alpha·M)/(sqrt(S)/sqrt(1-sqr_mom^t) + eps)`; `cautious`: V masked as `pytorch_optimizer` does."
     for t, idx in _by_step(grp.steps):
+        bc1, root2 = _per_tensor([1 - mom**t, _sqrt(1 - sqr_mom**t)])   # compiled: worked out once, not inside every loop
         denom = torch._foreach_sqrt(_pick(grp.state('sqr_avg'), idx))
-        torch._foreach_div_(denom, math.sqrt(1 - sqr_mom**t))
+        torch._foreach_div_(denom, root2)
         torch._foreach_add_(denom, eps)
         avg = _pick(grp.state('grad_avg'), idx)
         if cautious: avg = [_masked(v, g) for v, g in zip(avg, _pick(grp.grads, idx))]
-        upd = torch._foreach_div(avg, 1 - mom**t)
-        torch._foreach_add_(upd, _pick(grp.state('slow_avg'), idx), alpha=_alpha_at(t, alpha_mix, alpha_warmup))
+        upd = torch._foreach_div(avg, bc1)
+        _add_(upd, _pick(grp.state('slow_avg'), idx), _alpha_at(t, alpha_mix, alpha_warmup))
         torch._foreach_div_(upd, denom)
-        torch._foreach_add_(_pick(grp.params, idx), upd, alpha=-lr)
+        _add_(_pick(grp.params, idx), upd, -lr)
 
 @torch_names
 def AdEMAMix(params, lr=1e-3, mom=0.9, sqr_mom=0.999, beta3=0.9999, alpha=2.0, beta3_warmup=None, alpha_warmup=None, eps=1e-8,

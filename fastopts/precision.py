@@ -9,6 +9,7 @@ import math, numbers, types
 import torch
 from torch import Tensor
 from .callbacks import ParamGroupView
+from .inductor_tiling import lowp_tiling
 
 # %% auto #0
 __all__ = ['QUANT_BLOCK', 'QUANT4_BLOCK', 'QUANT_MIN_NUMEL', 'ABSMAX', 'STATE_DTYPES', 'dynamic_map', 'quant_map',
@@ -55,16 +56,26 @@ def _qmap(bits:int, signed:bool, device) -> tuple:
         _MAPS[key] = m.to(device), torch.cat([edges, edges.new_full((1,), float('inf'))]).to(device), lut
     return _MAPS[key]
 
-def _nearest_code(v:Tensor, bits:int, signed:bool) -> Tensor:
-    "Index of the map entry nearest each float32 of `v` (in [-1, 1]), as int32 (`torch.bucketize(v, edges)`, the same numbers)."
-    _, edges, lut = _qmap(bits, signed, v.device)
-    if isinstance(lut, tuple):   # 15 edges: count those below, in one elementwise pass
-        return sum((v > e).to(torch.int32) for e in lut)
+def _qmap_either(device) -> tuple:
+    "The 8-bit unsigned and signed tables end to end (edges, then lookup with the signed half's candidates shifted by 256): one gather serves either map."
+    if (key := ('either', str(device))) not in _MAPS:
+        (_, eu, lu), (_, es, ls) = _qmap(8, False, device), _qmap(8, True, device)
+        _MAPS[key] = torch.cat([eu, es]), torch.cat([lu, ls + eu.numel()])
+    return _MAPS[key]
+
+def _nearest_code(v:Tensor, bits:int, signed:bool|Tensor) -> Tensor:
+    """Index of the map entry nearest each float32 of `v` (in [-1, 1]), as int32 (`torch.bucketize(v, edges)`, the same
+    numbers). `signed` a 0-d bool tensor: that map, chosen in the kernel (the tables of both maps, one lookup)."""
+    if bits == 4:   # 15 edges: count those below, in one elementwise pass
+        if not isinstance(signed, Tensor): return sum((v > e).to(torch.int32) for e in _qmap(4, signed, v.device)[2])
+        return sum((v > torch.where(signed, s, u)).to(torch.int32) for s, u in zip(_qmap(4, True, v.device)[2], _qmap(4, False, v.device)[2]))
+    _, edges, lut = (None, *_qmap_either(v.device)) if (flag := isinstance(signed, Tensor)) else _qmap(bits, signed, v.device)
     b = v.view(torch.int32)
-    k = ((b >> 31) & 0x7FFFFFFF) ^ b
-    k = (k >> _KEY_SHIFT) + (1 << (31 - _KEY_SHIFT))
+    k = ((((b >> 31) & 0x7FFFFFFF) ^ b) >> _KEY_SHIFT) + (1 << (31 - _KEY_SHIFT))
+    if flag: k = k + signed.to(torch.int32) * (1 << (32 - _KEY_SHIFT))   # the signed map's half of the table
     cand = lut[k]
-    return cand + (edges[cand] < v).to(torch.int32)   # past the bucket's one edge, if any
+    idx = cand + (edges[cand] < v).to(torch.int32)   # past the bucket's one edge, if any
+    return idx - signed.to(torch.int32) * 256 if flag else idx
 
 def _blocks(flat:Tensor, block:int) -> Tensor:
     "`flat` padded with zeros to whole blocks, as (blocks, block)."
@@ -76,27 +87,28 @@ def _blocks(flat:Tensor, block:int) -> Tensor:
 def _pack4(idx:Tensor) -> Tensor:
     "4-bit codes (int32, one per element) two to a byte: element 2i in the low half, 2i+1 in the high half."
     if idx.numel() % 2: idx = torch.cat([idx, idx.new_zeros(1)])
-    pairs = idx.view(-1, 2)
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+    return (idx.view(-1, 2)[:, 0] | (idx.view(-1, 2)[:, 1] << 4)).to(torch.uint8)
 
 def _unpack4(packed:Tensor, n:int) -> Tensor:
     "The first `n` 4-bit codes of `packed`, as int32."
     b = packed.view(torch.uint8).to(torch.int32)
     return torch.stack([b & 15, b >> 4], 1).view(-1)[:n]
 
-def _encode(x:Tensor, bits:int, signed:bool) -> tuple[Tensor, Tensor]:
-    "Flat codes (int8 for the signed map, uint8 unsigned; 4 bits: packed two a byte) and the float32 absmax per block of `x`."
+def _encode(x:Tensor, bits:int, signed:bool|Tensor) -> tuple[Tensor, Tensor]:
+    """Flat codes (int8 for the signed map, uint8 unsigned; 4 bits: packed two a byte) and the float32 absmax per block
+    of `x`. `signed` a 0-d bool tensor: the map it names, the codes' bytes as uint8 (the caller names the dtype)."""
     block = QUANT_BLOCK if bits == 8 else QUANT4_BLOCK
     blocks = _blocks(x.reshape(-1).float(), block)
     absmax = blocks.abs().amax(dim=1)
     normed = blocks / torch.where(absmax > 0, absmax, 1.)[:, None]
     idx = _nearest_code(normed, bits, signed)
-    if not signed and bits == 8: idx = idx + ((idx == 0) & (normed > 0)).to(torch.int32)   # a positive value never becomes 0
-    idx = idx.view(-1)[:x.numel()]
-    if bits == 4: codes = _pack4(idx)
-    else: codes = (idx - 128).to(torch.int8) if signed else idx.to(torch.uint8)
-    if bits == 4 and signed: codes = codes.view(torch.int8)   # the dtype names the map, as for 8 bits
-    return codes, absmax
+    flag = isinstance(signed, Tensor)
+    if bits == 8 and (flag or not signed):   # a positive value never becomes 0 (the unsigned map)
+        idx = idx + ((idx == 0) & (normed > 0) & (~signed if flag else True)).to(torch.int32)
+    idx, n = idx.view(-1), x.numel()   # the codes made for whole blocks, cut to n last (inductor miscompiled a cast after the cut)
+    if bits == 4: return (_pack4(idx[:n]).view(torch.int8) if signed is True else _pack4(idx[:n])), absmax   # the dtype names the map
+    if flag: return (idx ^ (signed.to(torch.int32) << 7)).to(torch.uint8)[:n], absmax   # signed: the byte of idx - 128
+    return ((idx - 128).to(torch.int8) if signed else idx.to(torch.uint8))[:n], absmax
 
 def _decode_codes(codes:Tensor, absmax:Tensor, shape, dtype=torch.float32) -> Tensor:
     "The tensor of `shape` that `_encode` made `codes` and `absmax` from (4 bits when `codes` has fewer elements than `shape`)."
@@ -126,15 +138,19 @@ def dequantize_blockwise(codes:Tensor, absmax:Tensor, dtype=torch.float32, block
 # %% ../nbs/01c_precision.ipynb #p012
 _M32 = 0xFFFFFFFF
 
+def _bits32(key:Tensor|int, shape, device=None) -> Tensor:
+    """`random_bits` as int32 (the same 32 bits, two's complement): products wrap modulo 2**32 and shifts are masked to
+    logical ones, so the hash runs in 32-bit vector lanes (64-bit products are slow to vectorise on CPU)."""
+    key = key.to(torch.int32) if isinstance(key, Tensor) else (key + 2**31) % 2**32 - 2**31
+    x = torch.arange(math.prod(shape), dtype=torch.int32, device=device).view(shape)
+    x = x * 0x61C88647 + key          # odd multipliers and xor-shifts: each round is a bijection of 32 bits
+    for s, m in ((16, 0x7FEB352D), (15, 0x5BD1E995), (13, 0x27D4EB2D)): x = (x ^ ((x >> s) & ((1 << (32 - s)) - 1))) * m
+    return x ^ ((x >> 16) & 0xFFFF)
+
 def random_bits(key:Tensor|int, shape, device=None) -> Tensor:
     """32 random bits per element (int64 in [0, 2**32)) from a counter hash of the element's index and `key`: integer ops
-    only (products below 2**63), so eager torch and compiled code give the same bits on any device."""
-    x = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
-    x = (x * 0x61C88647 + key) & _M32          # odd multipliers and xor-shifts: each round is a bijection of 32 bits
-    x = x ^ (x >> 16); x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15); x = (x * 0x5BD1E995) & _M32
-    x = x ^ (x >> 13); x = (x * 0x27D4EB2D) & _M32
-    return x ^ (x >> 16)
+    only, so eager torch and compiled code give the same bits on any device."""
+    return _bits32(key, shape, device).to(torch.int64) & _M32
 
 def stream_key(seed:int, n:int) -> int:
     "The `n`-th 32-bit key of stream `seed` (splitmix64): one key per tensor that is rounded."
@@ -154,9 +170,9 @@ def stochastic_round(x:Tensor, dtype=torch.bfloat16, generator:torch.Generator|N
     """float32 `x` rounded to `dtype` (bfloat16 or float16) up or down at random, unbiased; non-finite values as they are.
     The random bits come from `generator` (torch's), or from `random_bits(key)` when a `key` is given (the same in compiled code)."""
     x = x.float()
-    bits = None if key is None else random_bits(key, x.shape, x.device)
+    bits = None if key is None else _bits32(key, x.shape, x.device)
     if dtype == torch.bfloat16:
-        noise = (bits >> 16).to(torch.int32) if bits is not None else torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+        noise = (bits >> 16) & 0xFFFF if bits is not None else torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
         r = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)   # keep the top 16 bits: exact in bf16
         return torch.where(torch.isfinite(x) & torch.isfinite(r), r, x).to(dtype)
     if dtype != torch.float16: raise ValueError(f"stochastic_round rounds to bfloat16 or float16, not {dtype}")
@@ -165,7 +181,7 @@ def stochastic_round(x:Tensor, dtype=torch.bfloat16, generator:torch.Generator|N
     other = _next_half(r, torch.where(above, -1, 1))   # the neighbour on x's side
     lo, hi = torch.where(above, other, r), torch.where(above, r, other)
     p_hi = (x - lo.float()) / (hi.float() - lo.float())
-    u = (bits >> 8).to(torch.float32) * 2.**-24 if bits is not None else torch.rand(x.shape, device=x.device, generator=generator)
+    u = ((bits >> 8) & 0xFFFFFF).to(torch.float32) * 2.**-24 if bits is not None else torch.rand(x.shape, device=x.device, generator=generator)
     out = torch.where(u < p_hi, hi, lo)
     return torch.where((r.float() == x) | ~torch.isfinite(p_hi), r, out)
 
@@ -398,10 +414,8 @@ def _fused_body(cbs, plan, p, g, st, hyper, key, kinds):
         if f[0] == 'cast':
             if v is not st[k]: st[k].copy_(v)
             continue
-        codes, absmax = _encode(v, f[1], f[2])
-        if not f[2]:   # the unsigned map, unless v went below 0: then the signed one from now on (as `_store`)
-            flags[k] = (v < 0).any()
-            codes = torch.where(flags[k], _encode(v, f[1], True)[0].view(torch.uint8), codes)
+        if not f[2]: flags[k] = (v < 0).any()   # the unsigned map, unless v went below 0: then the signed one from now on (as `_store`)
+        codes, absmax = _encode(v, f[1], flags[k] if not f[2] else True)
         st[k].copy_(codes.view(st[k].shape)); st[f"{k}{ABSMAX}"].copy_(absmax)
     return {k: v for k, v in ws.items() if k not in fmts and (k not in st or st[k] is not v)}, flags
 
@@ -421,11 +435,12 @@ def _fused_tensor_step(prec, cbs:tuple, plan, p:Tensor, g:Tensor, s:dict, hyper:
     "`_fused_body` on one tensor, compiled: Python ints of the state go in as 0-d tensors (no recompile per step) and come back as ints."
     ints = plan[4]
     for _, f in plan[3]:   # the maps are made outside the graph (a constant in it)
-        if f[0] == 'q': _qmap(f[1], True, p.device), _qmap(f[1], False, p.device)
+        if f[0] == 'q': _qmap(f[1], True, p.device), _qmap(f[1], False, p.device), _qmap_either(p.device)
     st = {k: (torch.tensor(v) if k in ints else v) for k, v in s.items()}
     key = prec.key(p.device) if plan[0] == 'stochastic' else None
     fn = _compiled_body(prec, (cbs, plan, tuple(p.shape), p.dtype, g.dtype, str(p.device)), compile_kw)
-    try: others, flags = fn(cbs, plan, p, g, st, hyper, key, kinds)
+    try:
+        with lowp_tiling(): others, flags = fn(cbs, plan, p, g, st, hyper, key, kinds)
     except torch._dynamo.exc.TorchDynamoException as e:
         raise RuntimeError(f"`compiled`: torch.compile failed on the chain with the precision layer inside: {type(e).__name__}: "
                            f"{str(e).splitlines()[0]}. Pass compiled=False to run it eagerly") from e

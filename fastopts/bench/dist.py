@@ -14,7 +14,7 @@ from ..owners import OWNER_STATS, assign_owners, ns_cost
 from ..matrix_core import _own_shard
 from ..optimizer import AdamW
 from ..core import check_int, check_choice
-from .step import _gpt2_blocks
+from .step_rules import _gpt2_blocks
 
 # %% auto #0
 __all__ = ['NS_DTYPES', 'PARTS', 'ddp_rows', 'comm_rows', 'fsdp2_rows', 'soap_rows', 'adafactor_rows', 'dist_benchmark',
