@@ -9,8 +9,8 @@ import inspect, math, reprlib
 from functools import partial
 import torch
 from torch import Tensor
-try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
-except ImportError: DTensor = ()
+try: from torch.distributed.tensor import DTensor, Shard   # FSDP2's sharded parameters
+except ImportError: DTensor, Shard = (), None
 
 # %% auto #0
 __all__ = ['STATE_KINDS', 'CAPABILITIES', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain',
@@ -78,6 +78,37 @@ def _group_view(ps:list[Tensor], states:list[dict], grads:list[Tensor]|None=None
     if not ps[0].is_complex(): return ParamGroupView(ps, grads, states)
     real = torch.view_as_real
     return ParamGroupView([real(p) for p in ps], [real(g) for g in grads], states, orig=ps)
+
+# %% ../nbs/00b_callbacks.ipynb #c901
+def _flat_ends(p) -> list[int]:
+    "Where each rank's FSDP2 shard of rows of `p` starts in the flattened whole, and the end (rows cut as torch.chunk cuts them)."
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"Prodigy takes FSDP2 shards of rows (placements (Shard(0),) on a 1-D mesh), got a parameter of shape "
+                         f"{tuple(p.shape)} with placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
+    rows, world = p.shape[0], p.device_mesh.size()
+    cols, c = p.numel() // max(1, rows), -(-rows // world)
+    return [min(r*c, rows)*cols for r in range(world + 1)]
+
+def _sliced(x, slice_p:int) -> Tensor:
+    "This rank's entries of `x.flatten()[::slice_p]`: a shard's (an FSDP2 DTensor) picked from its offset in the flattened whole."
+    if not isinstance(x, DTensor): return x.flatten()[::slice_p]
+    off = _flat_ends(x)[x.device_mesh.get_local_rank()]
+    return x.to_local().reshape(-1)[(-off) % slice_p::slice_p]
+
+def _sliced_state(local:Tensor, p, slice_p:int):
+    """`local` (this rank's entries of `p.flatten()[::slice_p]`) as state of `p`; for an FSDP2 shard a DTensor that torch's
+    distributed checkpoints save and load: laid out as `p` when `slice_p` is 1, else one row per rank padded to the longest."""
+    if not isinstance(p, DTensor): return local
+    mesh = p.device_mesh
+    if slice_p == 1: return DTensor.from_local(local.view(p.to_local().shape), mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    ends = _flat_ends(p)
+    n = max(-(-b // slice_p) - -(-a // slice_p) for a, b in zip(ends, ends[1:]))
+    row = torch.cat([local, local.new_zeros(n - local.numel())])[None]
+    return DTensor.from_local(row, mesh, [Shard(0)], run_check=False, shape=torch.Size((mesh.size(), n)), stride=(n, 1))
+
+def _view(state, n:int) -> Tensor:
+    "The first `n` local entries of a state made by `_sliced_state` (its shard's, without the padding)."
+    return state.to_local().reshape(-1)[:n] if isinstance(state, DTensor) else state
 
 # %% ../nbs/00b_callbacks.ipynb #c007
 _PRODUCERS = {}   # state name -> the shipped callback that writes it (for the error message)

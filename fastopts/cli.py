@@ -135,7 +135,7 @@ def _bench_parsers(sub):
     p = bsub.add_parser('race', help='time to a validation target on six small workloads: self-tuning vs external tuning, AlgoPerf-style scores')
     race_bench.add_race_args(p); p.set_defaults(run=race_bench.race_main)
     from fastopts.bench import dist as dist_bench
-    p = bsub.add_parser('dist', help='owner-based vs replicated Muon on gloo ranks: step time, bytes per step, Newton-Schulz work, FSDP2')
+    p = bsub.add_parser('dist', help='owner-based vs replicated Muon on gloo ranks (step time, bytes per step, Newton-Schulz work, FSDP2); SOAP and Adafactor under FSDP2 vs gathering')
     dist_bench.add_dist_bench_args(p); p.set_defaults(run=dist_bench.dist_bench_main)
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,9 @@ from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import check_range, check_int
+from .callbacks import _sliced, _sliced_state, _view
 from .optimizer import (Optimizer, DTensor, contract, stage, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
-                                l2_reg, _pick, _add_, _addcmul_, _sqrt, _maybe_nonzero, _per_tensor)
+                                l2_reg, _pick, _local, _add_, _addcmul_, _sqrt, _maybe_nonzero, _per_tensor)
 
 # %% auto #0
 __all__ = ['schedule_free_weight', 'schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOptimizer',
@@ -181,24 +182,30 @@ ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _
 
 # %% ../nbs/01b_lr_free.ipynb #c016
 def _p0(p, slice_p, memory_format=None):
-    return p.flatten()[::slice_p].detach().clone() if p.any() else torch.tensor(0, device=p.device, dtype=p.dtype)
+    "The params where Prodigy starts (sliced), or a 0 where they are all zero (as the reference: then `x0 = 0`); a shard asks every rank."
+    nz = p.any() if not isinstance(p, DTensor) else p.to_local().any().double()
+    if isinstance(p, DTensor): dist.all_reduce(nz, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
+    if not nz: return torch.tensor(0, device=p.device, dtype=p.dtype)
+    return _sliced_state(_sliced(p, slice_p).detach().clone(), p, slice_p)
 
 @contract(writes={'grad_avg': 'moment', 'sqr_avg': 'moment', 's': 'sum', 'p0': 'iterate'}, hypers='lr mom sqr_mom slice_p safeguard_warmup')
 def prodigy_stats(grp, lr, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_warmup=False, **_):
     "Prodigy's first pass on a group: the EMAs (scaled by `d`), the sum `s` and this group's part of d's numerator and denominator."
     if lr <= 0: return   # a group at lr 0 adds nothing to d, as in the reference
     slice_p = int(slice_p)   # hypers are stored as floats
-    zeros = lambda p, memory_format=None: torch.zeros_like(p.flatten()[::slice_p])
-    s, p0, sq = grp.state('s', zeros), grp.state('p0', partial(_p0, slice_p=slice_p)), grp.state('sqr_avg')
-    gs = [g.flatten()[::slice_p] for g in grp.grads]
-    diffs = [a - p.flatten()[::slice_p] for a, p in zip(p0, grp.params)]
+    zeros = lambda p, memory_format=None: _sliced_state(torch.zeros_like(_sliced(p, slice_p)), p, slice_p)
+    gs = [_sliced(g, slice_p) for g in grp.grads]   # FSDP2: this rank's entries; the sums are added over the ranks in `prodigy_d`
+    s = [_view(x, g.numel()) for x, g in zip(grp.state('s', zeros), gs)]
+    p0 = [_view(x, g.numel()) for x, g in zip(grp.state('p0', partial(_p0, slice_p=slice_p)), gs)]
+    sq, grads = _local(grp.state('sqr_avg')), _local(grp.grads)
+    diffs = [a - _sliced(p, slice_p) for a, p in zip(p0, grp.params)]
     num = (d/d0) * dlr * torch.stack([torch.dot(g, x) for g, x in zip(gs, diffs)]).double().sum()
     if mom > 0:
-        avg = grp.state('grad_avg')
+        avg = _local(grp.state('grad_avg'))
         torch._foreach_mul_(avg, mom)
-        torch._foreach_add_(avg, grp.grads, alpha=d*(1 - mom))
+        torch._foreach_add_(avg, grads, alpha=d*(1 - mom))
     torch._foreach_mul_(sq, sqr_mom)
-    torch._foreach_addcmul_(sq, grp.grads, grp.grads, value=d*d*(1 - sqr_mom))
+    torch._foreach_addcmul_(sq, grads, grads, value=d*d*(1 - sqr_mom))
     torch._foreach_mul_(s, beta3)
     torch._foreach_add_(s, gs, alpha=(d/d0) * (d if safeguard_warmup else dlr))
     den = torch.stack([x.abs().sum() for x in s]).double().sum()
@@ -215,13 +222,14 @@ def prodigy_sizes(opt, g:dict, hyper:dict) -> dict:
 
 @stage('reduce', rule='Prodigy')
 def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list[dict]|None:
-    "Prodigy's reduce stage: the new `d` from the groups' (and, `fsdp_in_use`, the ranks') sums; each group's step size."
+    "Prodigy's reduce stage: the new `d` from the groups' (and, `fsdp_in_use` or FSDP2's shards, the ranks') sums; each group's step size."
     num, den = 0., 0.
     for n, m in outs: num, den = num + n, den + m
     num, den = float(num), float(den)   # one sync per step
-    if fsdp_in_use:
-        t = torch.tensor([num, den], dtype=torch.float64, device=opt.param_groups[0]['params'][0].device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    p = opt.param_groups[0]['params'][0]
+    if fsdp_in_use or isinstance(p, DTensor):   # FSDP2's shards: always over the mesh's ranks, nothing for the user to pass
+        t = torch.tensor([num, den], dtype=torch.float64, device=p.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=p.device_mesh.get_group() if isinstance(p, DTensor) else None)
         num, den = t.tolist()
     elif den == 0: return None   # no gradient yet: nothing learnt about d (as the reference)
     g0, lr = opt.param_groups[0], max(g['lr'] for g in opt.param_groups)
@@ -239,13 +247,14 @@ def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list
 def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, **_):
     "Prodigy's step: `p -= dlr·V/(sqrt(S) + d·eps)` (V the gradient times `d` when `mom`=0), decoupled decay `p -= wd·dlr·p`."
     for s in grp.states: s['step'] = s.get('step', 0) + 1
-    denom = torch._foreach_sqrt(grp.state('sqr_avg'))
+    params = _local(grp.params)   # FSDP2: the local shards (all elementwise)
+    denom = torch._foreach_sqrt(_local(grp.state('sqr_avg')))
     torch._foreach_add_(denom, d*eps)
     if wd and decouple:
-        ps = _pick(grp.params, grp.decayed())
+        ps = _pick(params, grp.decayed())
         if ps: torch._foreach_add_(ps, torch._foreach_mul(ps, -wd*dlr))
-    if mom > 0: torch._foreach_addcdiv_(grp.params, grp.state('grad_avg'), denom, value=-dlr)
-    else: torch._foreach_addcdiv_(grp.params, grp.grads, denom, value=-dlr*d)
+    if mom > 0: torch._foreach_addcdiv_(params, _local(grp.state('grad_avg')), denom, value=-dlr)
+    else: torch._foreach_addcdiv_(params, _local(grp.grads), denom, value=-dlr*d)
 
 # %% ../nbs/01b_lr_free.ipynb #c017
 class ProdigyOptimizer(Optimizer):
@@ -257,9 +266,6 @@ class ProdigyOptimizer(Optimizer):
         cbs = [prodigy_sizes, *([] if self.decouple else [l2_reg]), prodigy_stats, partial(prodigy_d, fsdp_in_use=self.fsdp_in_use),
                partial(prodigy_step, decouple=self.decouple)]
         super().__init__(params, cbs, **defaults)
-        if any(isinstance(p, DTensor) for g in self.param_groups for p in g['params']):
-            raise ValueError("Prodigy does not take sharded DTensor params (FSDP2) yet: its dot products would need the whole "
-                             "tensors; under ZeroRedundancyOptimizer pass fsdp_in_use=True")
         for g in self.param_groups: self._init_keys(g)
 
     def _init_keys(self, g):

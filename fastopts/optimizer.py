@@ -315,7 +315,8 @@ class Optimizer(FastaiFace, torch.optim.Optimizer):
                 s = self.state.get(p)
                 if not s: continue
                 for k, v in s.items():
-                    if isinstance(v, Tensor) and v.is_floating_point() and v.shape == p.shape and v.stride() != p.stride():
+                    if isinstance(v, Tensor) and v.is_floating_point() and v.shape == p.shape and v.stride() != p.stride() \
+                       and isinstance(v, DTensor) == isinstance(p, DTensor):   # not a shard's whole state, which its owner rank keeps (SOAP)
                         s[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
     def torch_state_dict(self) -> dict:

@@ -4,6 +4,7 @@
 
 # %% ../nbs/01a2_soap.ipynb #c002
 from __future__ import annotations
+import math
 from functools import partial
 import torch
 from torch import Tensor
@@ -11,10 +12,10 @@ try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
 except ImportError: DTensor = ()
 from .core import check_range, check_choice, check_int
 from .optimizer import contract, torch_names
-from .matrix_core import MatrixOptimizer, _build, _int_hyper, _bool_hyper, _named_groups
+from .matrix_core import MatrixOptimizer, _build, _int_hyper, _bool_hyper, _named_groups, _tensor, _full, _own_shard, _loc
 
 # %% auto #0
-__all__ = ['soap_step', 'SOAP']
+__all__ = ['soap_step', 'soap_cost', 'SOAP']
 
 # %% ../nbs/01a2_soap.ipynb #c005
 def _merged_shape(shape, max_dim:int) -> list[int]:
@@ -54,53 +55,87 @@ def _eigenbasis(m:Tensor) -> Tensor:
     return torch.flip(q, [1])
 
 @contract(writes='step grad_avg sqr_avg', hypers='lr mom sqr_mom shampoo_beta eps wd precondition_frequency max_precond_dim '
-          'merge_dims precondition_1d normalize_grads correct_bias', role=lambda data_format='channels_first': 'soap',
-          lacks={'compilable': 'runs eigendecompositions and QR eagerly', 'complex': 'builds real eigenbases',
-                 'sharded': 'needs whole weights for its eigenbases: use DDP, ZeroRedundancyOptimizer or Muon'})
+          'merge_dims precondition_1d normalize_grads correct_bias', role=lambda data_format='channels_first', owners=None: 'soap',
+          lacks={'compilable': 'runs eigendecompositions and QR eagerly', 'complex': 'builds real eigenbases'})
 def soap_step(grp, lr, mom, sqr_mom, shampoo_beta, eps, wd, precondition_frequency, max_precond_dim, merge_dims,
-              precondition_1d, normalize_grads, correct_bias, data_format='channels_first', **_):
-    "SOAP: Adam in the eigenbasis of Shampoo's factors, the bases refreshed every `precondition_frequency` steps."
+              precondition_1d, normalize_grads, correct_bias, data_format='channels_first', owners=None, **_):
+    """SOAP: Adam in the eigenbasis of Shampoo's factors, the bases refreshed every `precondition_frequency` steps. FSDP2
+    shards: with `owners` each weight's SOAP runs whole on one owner rank, without them every rank gathers every gradient."""
     freq, max_dim = _int_hyper('precondition_frequency', precondition_frequency), _int_hyper('max_precond_dim', max_precond_dim)
     merge, p1d = _bool_hyper('merge_dims', merge_dims), _bool_hyper('precondition_1d', precondition_1d)
     normalize, correct = _bool_hyper('normalize_grads', normalize_grads), _bool_hyper('correct_bias', correct_bias)
     sb = sqr_mom if shampoo_beta < 0 else check_range('shampoo_beta', shampoo_beta, 0, 1)
+    first = ['step' not in s for s in grp.states]   # the first step builds the factors and bases, and does not move `p`
+    def direction(i, g):   # one weight's SOAP on its whole gradient
+        lay = _SoapLayout(grp.params[i], merge, max_dim, p1d, data_format == 'channels_last')
+        return _soap_direction(lay, g, grp.states[i], grp.params[i].dtype, mom, sqr_mom, sb, eps, freq, normalize)
+    us = _soap_directions(grp, direction, owners)
     decayed = grp.decayed()
     decayed = None if decayed is None else set(decayed)
-    for i, (p, g, s) in enumerate(zip(grp.params, grp.grads, grp.states)):
-        if isinstance(p, DTensor): raise ValueError(f"SOAP needs whole weights: a parameter of shape {tuple(p.shape)} is an FSDP2 shard (DTensor)")
-        lay = _SoapLayout(p, merge, max_dim, p1d, data_format == 'channels_last')
-        fdt = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-        gg = [s.get(f'soap_gg{k}') if pre else None for k, pre in enumerate(lay.precond)]
-        if 'step' not in s:   # the first step builds the factors and bases, and does not move `p`
-            s['step'] = 0
-            s['grad_avg'], s['sqr_avg'] = torch.zeros_like(g), torch.zeros_like(g)
-            gg = [torch.zeros(n, n, dtype=fdt, device=p.device) if pre else None for n, pre in zip(lay.work, lay.precond)]
-            _soap_factors(lay, g.to(fdt), gg, sb)
-            for k, m in enumerate(gg):
-                if m is not None: s[f'soap_gg{k}'], s[f'soap_q{k}'] = m, _eigenbasis(m)
-            continue
-        qs = [s.get(f'soap_q{k}') if pre else None for k, pre in enumerate(lay.precond)]
-        gp = lay.from_work(_rotate(lay.to_work(g.to(fdt)), qs)).to(g.dtype)
-        m_, v_ = s['grad_avg'], s['sqr_avg']
-        s['step'] += 1
-        t = s['step']
-        m_.mul_(mom).add_(gp, alpha=1 - mom)
-        v_.mul_(sqr_mom).add_(gp.square(), alpha=1 - sqr_mom)
-        step = lr*(1 - sqr_mom**t)**0.5/(1 - mom**t) if correct else lr
-        u = lay.from_work(_rotate(lay.to_work((m_/(v_.sqrt() + eps)).to(fdt)), qs, back=True)).to(p.dtype)
-        if normalize: u = u/(1e-30 + torch.mean(u**2)**0.5)
-        p.add_(u, alpha=-step)
+    for i, (p, u, s) in enumerate(zip(grp.params, us, grp.states)):
+        if first[i]: continue
+        t, p = s['step'], _loc(p)
+        p.add_(u, alpha=-(lr*(1 - sqr_mom**t)**0.5/(1 - mom**t) if correct else lr))
         if wd > 0 and (decayed is None or i in decayed): p.add_(p, alpha=-lr*wd)
-        # the factors and bases after the step: the current gradient is never used in its own projection
-        m_.copy_(lay.from_work(_rotate(lay.to_work(m_.to(fdt)), qs, back=True)))
-        _soap_factors(lay, g.to(fdt), gg, sb)
-        if t % freq == 0:
-            qs = _soap_refresh(lay, s, gg, qs)
-            for k, q in enumerate(qs):
-                if q is not None: s[f'soap_q{k}'] = q
-        m_.copy_(lay.from_work(_rotate(lay.to_work(m_.to(fdt)), qs)))
 soap_step.defaults = dict(shampoo_beta=-1., precondition_frequency=10, max_precond_dim=10000, merge_dims=False,
                           precondition_1d=False, normalize_grads=False, correct_bias=True)
+
+def _soap_direction(lay, g, s, dtype, mom, sqr_mom, sb, eps, freq, normalize) -> Tensor|None:
+    "One weight's SOAP on its whole gradient `g`, its state `s` updated: the direction (in `dtype`) to step along; None on the first step."
+    fdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    gg = [s.get(f'soap_gg{k}') if pre else None for k, pre in enumerate(lay.precond)]
+    if 'step' not in s:
+        s['step'] = 0
+        s['grad_avg'], s['sqr_avg'] = torch.zeros_like(g), torch.zeros_like(g)
+        gg = [torch.zeros(n, n, dtype=fdt, device=g.device) if pre else None for n, pre in zip(lay.work, lay.precond)]
+        _soap_factors(lay, g.to(fdt), gg, sb)
+        for k, m in enumerate(gg):
+            if m is not None: s[f'soap_gg{k}'], s[f'soap_q{k}'] = m, _eigenbasis(m)
+        return None
+    qs = [s.get(f'soap_q{k}') if pre else None for k, pre in enumerate(lay.precond)]
+    gp = lay.from_work(_rotate(lay.to_work(g.to(fdt)), qs)).to(g.dtype)
+    m_, v_ = s['grad_avg'], s['sqr_avg']
+    s['step'] += 1
+    m_.mul_(mom).add_(gp, alpha=1 - mom)
+    v_.mul_(sqr_mom).add_(gp.square(), alpha=1 - sqr_mom)
+    u = lay.from_work(_rotate(lay.to_work((m_/(v_.sqrt() + eps)).to(fdt)), qs, back=True)).to(dtype)
+    if normalize: u = u/(1e-30 + torch.mean(u**2)**0.5)
+    # the factors and bases after the step: the current gradient is never used in its own projection
+    m_.copy_(lay.from_work(_rotate(lay.to_work(m_.to(fdt)), qs, back=True)))
+    _soap_factors(lay, g.to(fdt), gg, sb)
+    if s['step'] % freq == 0:
+        qs = _soap_refresh(lay, s, gg, qs)
+        for k, q in enumerate(qs):
+            if q is not None: s[f'soap_q{k}'] = q
+    m_.copy_(lay.from_work(_rotate(lay.to_work(m_.to(fdt)), qs)))
+    return u
+
+def soap_cost(shape) -> int:
+    "SOAP's work on a weight viewed `rows x rest`, up to a constant: its factors, rotations and eigenbases (m n (m + n) + m³ + n³)."
+    m = shape[0] if len(shape) else 1
+    n = math.prod(shape[1:])
+    return m*n*(m + n) + m**3 + n**3
+
+def _soap_directions(grp, direction, owners) -> list:
+    """Each weight's direction (`direction(i, whole gradient)`), laid out as the param (a shard's: its rows; zeros or None
+    on a first step). FSDP2 shards: on each weight's owner rank (`owners.whole`), else on every rank from the gathered gradients."""
+    ps, gs = grp.params, grp.grads
+    if not any(isinstance(p, DTensor) for p in ps): return [direction(i, g) for i, g in enumerate(gs)]
+    if owners is None:   # every rank gathers every gradient, keeps every weight's state whole and takes its rows of the result
+        us = [direction(i, _full(g)) for i, g in enumerate(gs)]
+        return [u if u is None or not isinstance(p, DTensor) else _own_shard(u, p) for u, p in zip(us, ps)]
+    dtypes = {g.dtype for g in gs}
+    if len(dtypes) > 1: raise ValueError(f"SOAP's owners send a group's gradients in one dtype, got {sorted(map(str, dtypes))}: put each dtype in a group of its own")
+    mine = set()
+    def on_owner(whole:dict) -> dict:
+        mine.update(whole)
+        out = {i: direction(i, g.view(ps[i].shape)) for i, g in whole.items()}
+        return {i: torch.zeros_like(whole[i]) if u is None else u.reshape(whole[i].shape) for i, u in out.items()}
+    local = [g.to_local().reshape(-1, p.numel() // max(1, p.shape[0])) for g, p in zip(gs, ps)]
+    us = owners.whole(ps, local, on_owner, gs[0].dtype, soap_cost)
+    for i, s in enumerate(grp.states):   # every rank counts every weight's steps: it knows when a weight moves, and by how much
+        if i not in mine: s['step'] = s['step'] + 1 if 'step' in s else 0
+    return us
 
 def _soap_factors(lay, g, gg, beta):
     "GG_i = lerp(GG_i, g's outer product over all dims but i, 1 - beta)."
@@ -129,15 +164,30 @@ def _soap_refresh(lay, s, gg, qs) -> list:
 @torch_names
 def SOAP(params, lr=3e-3, mom=0.95, sqr_mom=0.95, shampoo_beta=-1, eps=1e-8, wd=0.01, precondition_frequency=10,
          max_precond_dim=10000, merge_dims=False, precondition_1d=False, normalize_grads=False, data_format='channels_first',
-         correct_bias=True, **run) -> MatrixOptimizer:
-    "SOAP (Vyas et al. 2024) with the keywords and defaults of the authors' `soap.py` (`betas=(mom, sqr_mom)`, `weight_decay=wd`)."
+         correct_bias=True, owners=None, **run) -> MatrixOptimizer:
+    """SOAP (Vyas et al. 2024) with the keywords and defaults of the authors' `soap.py` (`betas=(mom, sqr_mom)`, `weight_decay=wd`).
+    `owners` (None: auto, True, False): under FSDP2 each weight's SOAP runs whole on one owner rank (False: every rank
+    gathers every gradient and keeps every weight's state)."""
     groups, names = _named_groups(params)
+    own = _soap_owners(owners, [_tensor(x) for g in groups for x in g['params']])
     check_range('shampoo_beta', shampoo_beta, hi=1)   # lr, mom, sqr_mom, eps, wd: the hyper table (`torch_names`)
     check_int('precondition_frequency', precondition_frequency, 1); check_int('max_precond_dim', max_precond_dim, 1)
     for k, v in dict(merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias).items():
         _bool_hyper(k, v)
     check_choice('data_format', data_format, ('channels_first', 'channels_last'))
-    step = soap_step if data_format == 'channels_first' else partial(soap_step, data_format=data_format)
+    kw = {k: v for k, v, default in (('data_format', data_format, 'channels_first'), ('owners', own, None)) if v != default}
+    step = partial(soap_step, **kw) if kw else soap_step
     return _build(None, groups, [step], rule='SOAP', **run, lr=lr, mom=mom, sqr_mom=sqr_mom, shampoo_beta=shampoo_beta,
                   eps=eps, wd=wd, precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
                   merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads, correct_bias=correct_bias)
+
+def _soap_owners(owners, params):
+    "SOAP's owners: FSDP2 shards of rows (`owners` None or True), else none (False, or whole params: every rank runs SOAP, as under DDP)."
+    if owners not in (None, True, False): raise ValueError(f"`owners` must be None (auto), True or False, got {owners!r}")
+    if owners is False or not any(isinstance(p, DTensor) for p in params):
+        if owners: raise ValueError("`owners=True`: SOAP's owner ranks are for FSDP2 shards (DTensor params), got none")
+        return None
+    from fastopts.owners import Owners, fsdp_sharded   # here: owners.py builds on `matrix`, which re-exports this module
+    if fsdp_sharded(params): return Owners()
+    if owners: raise ValueError("`owners=True`: SOAP's owners take FSDP2 shards of rows (placements (Shard(0),) on a 1-D mesh), got another layout")
+    return None

@@ -72,9 +72,10 @@ def _adafactor(ps):
     from fastopts.matrix import Adafactor
     return Adafactor(ps, **ADAFACTOR)
 
-def resume(rank, world, make=_muon_bf16, dtype=torch.float32):
+def resume(rank, world, make=_muon_bf16, dtype=torch.float32, net=None, to_disk=None):
     """FSDP2 (`make`: owner-based Muon, or Adafactor): 2 steps, save model and optimizer with torch's distributed-checkpoint helpers, 2 more; a fresh model
-    and optimizer loaded from the save take the same 2 steps. (params straight, params resumed)"""
+    and optimizer loaded from the save take the same 2 steps. `to_disk` (a directory): through `dcp.save` and `dcp.load`
+    there, into the fresh optimizer's own state dict, as a job resumes. (params straight, params resumed)"""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -82,7 +83,7 @@ def resume(rank, world, make=_muon_bf16, dtype=torch.float32):
     x, y = data(); per = N_ROWS // world
     x, y = x[rank*per:(rank+1)*per].to(dtype), y[rank*per:(rank+1)*per]
     def build():
-        m = (af_model() if make is _adafactor else model()).to(dtype)
+        m = (net or (af_model if make is _adafactor else model))().to(dtype)
         for layer in m:
             if isinstance(layer, (torch.nn.Linear, Mix3)): fully_shard(layer)
         fully_shard(m)
@@ -93,6 +94,11 @@ def resume(rank, world, make=_muon_bf16, dtype=torch.float32):
     msd, osd = _clone(get_model_state_dict(m1)), _clone(get_optimizer_state_dict(m1, o1))
     steps(m1, o1, 2)
     m2, o2 = build()
+    if to_disk:
+        import torch.distributed.checkpoint as dcp
+        dcp.save({'model': msd, 'optim': osd}, checkpoint_id=to_disk)
+        msd, osd = get_model_state_dict(m2), get_optimizer_state_dict(m2, o2)
+        dcp.load({'model': msd, 'optim': osd}, checkpoint_id=to_disk)
     set_model_state_dict(m2, msd); set_optimizer_state_dict(m2, o2, osd)
     steps(m2, o2, 2)
     return [_full(p) for p in m1.parameters()], [_full(p) for p in m2.parameters()]
@@ -113,7 +119,11 @@ def af_model():
 
 def adafactor_reference(steps=STEPS, world=2):
     "torch.optim.Adafactor in one process on the whole batch (float64), its gradient the mean of the `world` slices' as FSDP2's."
-    m = af_model(); opt = torch.optim.Adafactor(m.parameters(), **ADAFACTOR)
+    m = af_model()
+    return whole_batch(m, torch.optim.Adafactor(m.parameters(), **ADAFACTOR), steps, world)
+
+def whole_batch(m, opt, steps, world):
+    "`steps` of `opt` on `m` (float64) with the whole batch, its gradient the mean of the `world` slices' as FSDP2's; the params."
     x, y = data(); x = x.double(); per = N_ROWS // world
     for _ in range(steps):
         opt.zero_grad()
@@ -123,6 +133,24 @@ def adafactor_reference(steps=STEPS, world=2):
 
 def adafactor_fsdp2(rank, world, steps=STEPS):
     "fastopts' Adafactor on FSDP2 shards of rows (`af_model`: float64, uneven shards, a 3-D weight): the whole params."
+    return fsdp2_run(rank, world, _adafactor, steps)[0]
+
+PRODIGY = dict(lr=1.0, weight_decay=0.1, d0=1e-2, d_coef=5.0)   # prodigyopt's keywords, which fastopts' Prodigy takes too
+
+def _prodigy(slice_p):
+    def make(ps):
+        from fastopts.lr_free import Prodigy
+        return Prodigy(ps, slice_p=slice_p, **PRODIGY)
+    return make
+
+def prodigy_reference(slice_p, steps=STEPS, world=2):
+    "prodigyopt.Prodigy in one process on the whole batch (`af_model`, float64), its gradient the mean of the `world` slices'."
+    import prodigyopt
+    m = af_model(); opt = prodigyopt.Prodigy(m.parameters(), slice_p=slice_p, **PRODIGY)
+    return whole_batch(m, opt, steps, world), opt.param_groups[0]['d']
+
+def fsdp2_run(rank, world, make, steps=STEPS):
+    "`make`'s optimizer on FSDP2 shards of rows of `af_model` (float64, uneven shards, a 3-D weight): the whole params, the optimizer."
     from torch.distributed.fsdp import fully_shard
     x, y = data(); per = N_ROWS // world
     x, y = x[rank*per:(rank+1)*per].double(), y[rank*per:(rank+1)*per]
@@ -130,9 +158,42 @@ def adafactor_fsdp2(rank, world, steps=STEPS):
     for layer in m:
         if isinstance(layer, (torch.nn.Linear, Mix3)): fully_shard(layer)
     fully_shard(m)
-    opt = _adafactor(list(m.parameters()))
+    opt = make(list(m.parameters()))
     for _ in range(steps): opt.zero_grad(); loss_fn(m, x, y).backward(); opt.step()
-    return [_full(p) for p in m.parameters()]
+    return [_full(p) for p in m.parameters()], opt
+
+def prodigy_fsdp2(rank, world):
+    "Prodigy under FSDP2 at slice_p 1 and 3 (params, d), and a DCP resume at each (params straight, resumed)."
+    out = {}
+    for sp in (1, 3):
+        ps, opt = fsdp2_run(rank, world, _prodigy(sp))
+        out[f'fsdp2_prodigy_{sp}'] = (ps, opt.d)
+        out[f'fsdp2_prodigy_{sp}_resume'] = resume(rank, world, _prodigy(sp), torch.float64, net=af_model)
+    return out
+
+SOAP_KW = dict(lr=0.02, weight_decay=0.1, precondition_frequency=2)   # the authors' keywords; bases refreshed at steps 2 and 4
+SOAP_STEPS = 5   # the first builds the factors, then 4 that move the weights
+
+def _soap(**kw):
+    def make(ps):
+        from fastopts.soap import SOAP
+        return SOAP(ps, **SOAP_KW, **kw)
+    return make
+
+def soap_reference(steps=SOAP_STEPS, world=2):
+    "fastopts' SOAP (tested against the authors' rule) in one process on the whole batch (`af_model`, float64)."
+    m = af_model()
+    return whole_batch(m, _soap()(list(m.parameters())), steps, world)
+
+def soap_fsdp2(rank, world, ckpt_dir):
+    "SOAP under FSDP2 with owners (params, owner stats, gathers) and without (params, gathers); a DCP resume with owners through `ckpt_dir`."
+    from fastopts.owners import OWNER_STATS
+    counter = Counter(); OWNER_STATS.clear()
+    ps, opt = fsdp2_run(rank, world, _soap(), steps=SOAP_STEPS)
+    owned = dict(OWNER_STATS); gathers = counter.read()['gathers']
+    off, _ = fsdp2_run(rank, world, _soap(owners=False), steps=SOAP_STEPS)
+    return {'fsdp2_soap': (ps, owned, gathers, counter.read()['gathers'] - gathers), 'fsdp2_soap_off': off,
+            'fsdp2_soap_resume': resume(rank, world, _soap(), torch.float64, net=af_model, to_disk=ckpt_dir)}
 
 @exits_cleanly
 def adafactor_job(rank, world, init_file, out_file):
@@ -154,7 +215,7 @@ def job(rank, world, init_file, out_file):
            'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
            'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False),
            'fsdp2_resume': resume(rank, world), 'fsdp2_adafactor': adafactor_fsdp2(rank, world),
-           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64)}
+           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64), **prodigy_fsdp2(rank, world), **soap_fsdp2(rank, world, f'{out_file}.soap_ckpt')}
     torch.save(res, f'{out_file}.{rank}')
     dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 

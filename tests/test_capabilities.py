@@ -14,7 +14,7 @@ EXPECTED = {
     'Adam': {'default': ({}, True)}, 'AdamW': {'default': ({}, True)}, 'RAdam': {'default': ({}, False)},
     'Lamb': {'default': ({}, False)}, 'Lion': {'default': ({}, False)}, 'Lookahead(RAdam)': {'default': ({}, False)},
     'Muon': {'muon': ({'complex': 'muon_step'}, False), 'adamw': ({}, False)},
-    'SOAP': {'default': ({'compilable': 'soap_step', 'complex': 'soap_step', 'sharded': 'soap_step'}, False)},
+    'SOAP': {'default': ({'compilable': 'soap_step', 'complex': 'soap_step'}, False)},
     'Adafactor': {'default': ({'complex': 'adafactor_step', 'low_precision_state': 'adafactor_step'}, False)},
     'ScheduleFreeAdamW': {'default': ({'release': 'schedule_free_weight'}, False)},
     'Prodigy': {'default': ({'release': 'prodigy_sizes'}, False)},

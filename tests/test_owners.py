@@ -2,7 +2,9 @@
 the matrices and the result equals one process on the whole batch (bf16: equals the ranks' own bf16 result without owners,
 bit for bit); under FSDP2 the shards travel to their owners by all-to-all, nobody gathers a whole parameter, and a rank holds
 at most its own matrices; a fastai Learner under DDP trains with it. Adafactor under FSDP2 (its sums over rows
-all-reduced) equals torch.optim.Adafactor in one process. Every multi-process run is bounded by a timeout."""
+all-reduced) equals torch.optim.Adafactor in one process, Prodigy under FSDP2 (its sums all-reduced, `slice_p` from each
+shard's offset) equals prodigyopt in one process, SOAP under FSDP2 (each weight whole on one owner rank) equals one
+process; all three resume from torch's distributed checkpoints bit for bit. Every multi-process run is bounded by a timeout."""
 import pytest, torch
 import torch.multiprocessing as mp
 from torch.testing import assert_close
@@ -71,6 +73,54 @@ def test_fsdp2_owners_checkpoint_resumes_bit_for_bit(ranks):
     "torch's get/set_optimizer_state_dict under FSDP2 with owner-based Muon (bf16): the resumed run equals the straight one."
     straight, resumed = ranks[0]['fsdp2_resume']
     for a, b in zip(straight, resumed): assert torch.equal(a, b)
+
+@pytest.mark.parametrize('slice_p', [1, 3])
+def test_fsdp2_prodigy_equals_prodigyopt_in_one_process(ranks, slice_p):
+    """Prodigy on FSDP2 shards of rows (float64, 3 steps, weight decay; uneven shards whose offsets are not
+    multiples of 3, a 3-D weight) equals prodigyopt.Prodigy in one process on the whole batch, `d` included: the dot
+    products and |s| sums are all-reduced over the shards, and at slice_p=3 each shard takes the entries one process takes."""
+    ref, d = w.prodigy_reference(slice_p)
+    assert d > 2 * w.PRODIGY['d0']   # d grew (to about 3x d0 in 3 steps): the all-reduced sums steer the step
+    assert any(not torch.allclose(a, b, rtol=1e-2) for a, b in zip(ref, w.af_model().parameters()))
+    for res in ranks:
+        params, d_ours = res[f'fsdp2_prodigy_{slice_p}']
+        assert abs(d_ours - d) <= 1e-12 * d, (d_ours, d)
+        for a, b in zip(params, ref): assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+@pytest.mark.parametrize('slice_p', [1, 3])
+def test_fsdp2_prodigy_checkpoint_resumes_bit_for_bit(ranks, slice_p):
+    "Prodigy's state under FSDP2 (DTensors) through get/set_optimizer_state_dict: the resumed run equals the straight one."
+    for res in ranks:
+        straight, resumed = res[f'fsdp2_prodigy_{slice_p}_resume']
+        for a, b in zip(straight, resumed): assert torch.equal(a, b)
+
+def test_fsdp2_soap_owners_equal_one_process(ranks):
+    """SOAP on FSDP2 shards of rows (float64, 5 steps: the factors built, 4 moves with the bases refreshed at steps 2 and 4;
+    weight decay; uneven shards, a 3-D weight with 3 factors) equals fastopts' one-process SOAP (tested against the
+    authors' rule in tests/test_matrix.py) on the whole batch, with owners and without (every rank gathering)."""
+    ref = w.soap_reference()
+    assert any(not torch.allclose(a, b, rtol=1e-2) for a, b in zip(ref, w.af_model().parameters()))
+    for res in ranks:
+        for a, b in zip(res['fsdp2_soap'][0], ref): assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for a, b in zip(res['fsdp2_soap_off'], ref): assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+def test_fsdp2_soap_owners_hold_their_weights_only(ranks):
+    "Each weight's SOAP runs on one rank per step; a rank gathers nothing and holds whole at most 1/world of the weights plus one."
+    sizes = [p.numel() for p in w.af_model().parameters()]
+    for res in ranks:
+        _, stats, gathers, gathers_off = res['fsdp2_soap']
+        # `full_tensor` calls: the run's final gather of the params only; without owners one more per weight per step
+        assert gathers == len(sizes) and gathers_off == len(sizes) * (w.SOAP_STEPS + 1), (gathers, gathers_off)
+        assert stats['full_elems'] <= sum(sizes) / 2 + max(sizes), (stats, sizes)
+    assert sum(res['fsdp2_soap'][1]['ns_matrices'] for res in ranks) == len(sizes) * w.SOAP_STEPS
+
+def test_fsdp2_soap_checkpoint_resumes_bit_for_bit(ranks):
+    """SOAP's owner-held state (whole tensors on the owner, a step count on every rank) through get/set_optimizer_state_dict
+    and `dcp.save` / `dcp.load` in a directory (each owner's tensors written once, read back on its rank): the resumed run
+    equals the straight one."""
+    for res in ranks:
+        straight, resumed = res['fsdp2_soap_resume']
+        for a, b in zip(straight, resumed): assert torch.equal(a, b)
 
 @pytest.mark.slow   # about 60 s on the shared 2-core machine (a spawn and two fastai fits): run with --slow
 def test_learner_under_ddp_with_owner_muon(tmp_path):

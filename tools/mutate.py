@@ -83,6 +83,14 @@ MUTATIONS = [
              "    return 1 - counts.max() / len(a) >= min_ink and len(colours) > 8", "    return len(colours) > 8",
              ['tests/test_docs.py::test_not_blank'],
              "the blank-screenshot check accepts a screenshot with almost no ink"),
+    Mutation('prodigy_fsdp2_local_d', 'lr_free.py',
+             "    if fsdp_in_use or isinstance(p, DTensor):", "    if fsdp_in_use:",
+             ['tests/test_owners.py::test_fsdp2_prodigy_equals_prodigyopt_in_one_process'],
+             "Prodigy under FSDP2 estimates d from each rank's own shards (no all-reduce unless fsdp_in_use): 0.024 off"),
+    Mutation('prodigy_fsdp2_slice_offset', 'callbacks.py',
+             "    return x.to_local().reshape(-1)[(-off) % slice_p::slice_p]", "    return x.to_local().reshape(-1)[::slice_p]",
+             ['tests/test_owners.py::test_fsdp2_prodigy_equals_prodigyopt_in_one_process'],
+             "a shard slices from its own first entry, not from its offset in the whole (slice_p=3: 0.012 off)"),
 ]
 
 def apply(pkg:Path, m:Mutation):
