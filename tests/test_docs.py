@@ -39,9 +39,9 @@ def test_no_directive_is_shown(site):
 def test_notebook_pages_read_as_the_notebook(site):
     "Prose, code and stored figures: the viz notebook's page has its headings, its code, and its stored PNGs as files."
     from fastopts.docs import page_text
-    text = page_text(site/'05_viz.html')
+    text = page_text(site/'05a_viz.html')
     assert 'Exponential moving averages' in text and 'def plot_ema' in text
-    imgs = re.findall(r'<img class="output" src="([^"]+)"', (site/'05_viz.html').read_text())
+    imgs = re.findall(r'<img class="output" src="([^"]+)"', (site/'05a_viz.html').read_text())
     assert imgs and all((site/i).stat().st_size > 1000 for i in imgs), imgs
 
 def test_every_public_name_has_an_api_entry(site):
@@ -75,7 +75,7 @@ def test_broken_links_fails_on_a_broken_link(site, tmp_path):
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser') or shutil.which('google-chrome')
 
 @pytest.mark.skipif(CHROMIUM is None, reason='no chromium on PATH (apt-get install chromium): the screenshots of the docs site are not checked')
-@pytest.mark.parametrize('page', ['index.html', '05_viz.html', 'api_optimizer.html'])
+@pytest.mark.parametrize('page', ['index.html', '05a_viz.html', 'api_optimizer.html'])
 def test_page_renders_in_chromium(site, page, tmp_path):
     "Headless Chromium renders the page, and its screenshot is not blank."
     from fastopts.lab.gallery import screenshot

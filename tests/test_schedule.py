@@ -75,7 +75,7 @@ def test_one_cycle_vs_torch(N, pct, anneal, three):
     assert abs(int(ol.argmax()) - int(tl.argmax())) <= 1                      # peak within one step
     # the curves are torch's shifted by one step (fastai puts the peak at step pct·N, torch at pct·N - 1), and with
     # three phases torch's second phase also ends two steps early: so the gap is at most one (two) of torch's own
-    # largest step-to-step changes (nbs/02_schedule.ipynb, "Versus torch's OneCycleLR", prints the gaps)
+    # largest step-to-step changes (nbs/03_schedule.ipynb, "Versus torch's OneCycleLR", prints the gaps)
     shift = 2 if three else 1
     assert np.abs(ol - tl).max() <= shift * np.abs(np.diff(tl)).max() * (1 + 1e-9)
     assert np.abs(om - tm).max() <= shift * np.abs(np.diff(tm)).max() * (1 + 1e-9)
