@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import check_range, check_int
-from .callbacks import _sliced, _sliced_state, _view
+from .callbacks import _sliced, _sliced_state, _view, _p0, _made_sliced, _tiles, _axpy_
 from .optimizer import (Optimizer, DTensor, contract, stage, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
                                 l2_reg, _pick, _local, _add_, _addcmul_, _sqrt, _maybe_nonzero, _per_tensor)
 
@@ -181,44 +181,42 @@ def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight
 ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _SF_DOC
 
 # %% ../nbs/02e_lr_free.ipynb #c016
-def _p0(p, slice_p, memory_format=None):
-    "The params where Prodigy starts (sliced), or a 0 where they are all zero (as the reference: then `x0 = 0`); a shard asks every rank."
-    nz = p.any() if not isinstance(p, DTensor) else p.to_local().any().double()
-    if isinstance(p, DTensor): dist.all_reduce(nz, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
-    if not nz: return torch.tensor(0, device=p.device, dtype=p.dtype)
-    return _sliced_state(_sliced(p, slice_p).detach().clone(), p, slice_p)
-
 @contract(writes={'grad_avg': 'moment', 'sqr_avg': 'moment', 's': 'sum', 'p0': 'iterate'}, hypers='lr mom sqr_mom slice_p safeguard_warmup')
-def prodigy_stats(grp, lr, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_warmup=False, **_):
-    "Prodigy's first pass on a group: the EMAs (scaled by `d`), the sum `s` and this group's part of d's numerator and denominator."
-    if lr <= 0: return   # a group at lr 0 adds nothing to d, as in the reference
-    slice_p = int(slice_p)   # hypers are stored as floats
+def prodigy_stats(grp, lr, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_warmup=False, has_lr=True, has_mom=True, **_):
+    """Prodigy's first pass on a group: the EMAs (scaled by `d`), the sum `s` and this group's part of d's numerator and denominator,
+    one param (one tile of it) at a time; `has_lr`, `has_mom` (`lr > 0`, `mom > 0`) from the hyper stage, Python bools when compiled."""
+    if not has_lr: return   # a group at lr 0 adds nothing to d, as in the reference
+    slice_p = int(slice_p)   # structural: a Python int (a float from an old checkpoint)
     zeros = lambda p, memory_format=None: _sliced_state(torch.zeros_like(_sliced(p, slice_p)), p, slice_p)
     gs = [_sliced(g, slice_p) for g in grp.grads]   # FSDP2: this rank's entries; the sums are added over the ranks in `prodigy_d`
-    s = [_view(x, g.numel()) for x, g in zip(grp.state('s', zeros), gs)]
+    s = grp.state('s', zeros)
+    _made_sliced(s, gs, slice_p)
+    s = [_view(x, g.numel()) for x, g in zip(s, gs)]
     p0 = [_view(x, g.numel()) for x, g in zip(grp.state('p0', partial(_p0, slice_p=slice_p)), gs)]
     sq, grads = _local(grp.state('sqr_avg')), _local(grp.grads)
-    diffs = [a - _sliced(p, slice_p) for a, p in zip(p0, grp.params)]
-    num = (d/d0) * dlr * torch.stack([torch.dot(g, x) for g, x in zip(gs, diffs)]).double().sum()
-    if mom > 0:
-        avg = _local(grp.state('grad_avg'))
-        torch._foreach_mul_(avg, mom)
-        torch._foreach_add_(avg, grads, alpha=d*(1 - mom))
-    torch._foreach_mul_(sq, sqr_mom)
-    torch._foreach_addcmul_(sq, grads, grads, value=d*d*(1 - sqr_mom))
-    torch._foreach_mul_(s, beta3)
-    torch._foreach_add_(s, gs, alpha=(d/d0) * (d if safeguard_warmup else dlr))
-    den = torch.stack([x.abs().sum() for x in s]).double().sum()
-    return num, den
+    avgs = _local(grp.state('grad_avg')) if has_mom else [None] * len(gs)
+    a1, a2, a3 = d*(1 - mom), d*d*(1 - sqr_mom), (d/d0) * (d if safeguard_warmup else dlr)
+    dots, dens = [], []
+    for i, p in enumerate(grp.params):
+        sp, n = _sliced(p, slice_p), grads[i].numel()
+        for g, gl, x0, x, sl, v, q in _tiles([gs[i], grads[i], p0[i], s[i], sp, avgs[i], sq[i]], n) if slice_p == 1 else \
+                                      [(gs[i], grads[i], p0[i], s[i], sp, avgs[i], sq[i])]:
+            dots.append(torch.dot(g, x0 - sl))
+            if v is not None: _axpy_(v.mul_(mom), gl, a1)
+            _axpy_(q.mul_(sqr_mom), gl, a2, gl)
+            _axpy_(x.mul_(beta3), g, a3)
+            dens.append(x.abs().sum())
+    return (d/d0) * dlr * torch.stack(dots).double().sum(), torch.stack(dens).double().sum()
 
 @stage('hyper', rule='Prodigy')
 def prodigy_sizes(opt, g:dict, hyper:dict) -> dict:
-    "Prodigy's hyper stage: the step sizes from the one `d` (kept in every group; group 0's read) and the largest lr."
+    "Prodigy's hyper stage: the step sizes from the one `d` (kept in every group; group 0's read), the largest lr, and which terms are on."
     g0 = opt.param_groups[0]
     mom, sqr_mom, k, d = g0['mom'], g0['sqr_mom'], g0['k'], g0['d']
     bc = ((1 - sqr_mom**(k+1))**0.5) / (1 - mom**(k+1)) if g0['use_bias_correction'] else 1
     beta3 = g0['beta3'] if g0.get('beta3') is not None else math.sqrt(sqr_mom)
-    return dict(d=d, d0=g['d0'], dlr=d*max(x['lr'] for x in opt.param_groups)*bc, beta3=beta3, bc=bc)
+    return dict(d=d, d0=g['d0'], dlr=d*max(x['lr'] for x in opt.param_groups)*bc, beta3=beta3, bc=bc,
+                has_lr=hyper['lr'] > 0, has_mom=hyper['mom'] > 0, has_wd=hyper['wd'] != 0)   # bools: compiled, they pick the graph
 
 @stage('reduce', rule='Prodigy')
 def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list[dict]|None:
@@ -244,17 +242,18 @@ def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list
     return [dict(d=d, dlr=d_old*h['lr']*h['bc']) for h in hypers]   # the step size is the one d had before this update
 
 @contract(reads='sqr_avg', writes={'step': 'count'}, hypers='mom eps wd')
-def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, **_):
-    "Prodigy's step: `p -= dlr·V/(sqrt(S) + d·eps)` (V the gradient times `d` when `mom`=0), decoupled decay `p -= wd·dlr·p`."
+def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, has_mom=True, has_wd=True, **_):
+    "Prodigy's step: `p -= dlr·V/(sqrt(S) + d·eps)` (V the gradient times `d` when `mom`=0), decoupled decay `p -= wd·dlr·p`; a tile at a time."
     for s in grp.states: s['step'] = s.get('step', 0) + 1
     params = _local(grp.params)   # FSDP2: the local shards (all elementwise)
-    denom = torch._foreach_sqrt(_local(grp.state('sqr_avg')))
-    torch._foreach_add_(denom, d*eps)
-    if wd and decouple:
-        ps = _pick(params, grp.decayed())
-        if ps: torch._foreach_add_(ps, torch._foreach_mul(ps, -wd*dlr))
-    if mom > 0: torch._foreach_addcdiv_(params, _local(grp.state('grad_avg')), denom, value=-dlr)
-    else: torch._foreach_addcdiv_(params, _local(grp.grads), denom, value=-dlr*d)
+    decayed = set(range(len(params)) if grp.decayed() is None else grp.decayed()) if has_wd and decouple else ()
+    vs, c = (_local(grp.state('grad_avg')), -dlr) if has_mom else (_local(grp.grads), -dlr*d)
+    for i, (p, q, v) in enumerate(zip(params, _local(grp.state('sqr_avg')), vs)):
+        for p, q, v in _tiles([p, q, v], p.numel()):
+            if i in decayed: _axpy_(p, p, -wd*dlr)
+            denom = q.sqrt().add_(d*eps)
+            if isinstance(c, Tensor): p.add_(v / denom * c)
+            else: p.addcdiv_(v, denom, value=c)
 
 # %% ../nbs/02e_lr_free.ipynb #c017
 class ProdigyOptimizer(Optimizer):
