@@ -16,7 +16,7 @@ from fastai.learner import Learner
 from .core import check_range, check_int
 from .callbacks import _sliced, _sliced_state, _view, _p0, _made_sliced, _tiles, _axpy_
 from .optimizer import (Optimizer, DTensor, contract, stage, torch_names, average_grad, average_sqr_grad, step_stat, weight_decay,
-                                l2_reg, _pick, _local, _add_, _addcmul_, _sqrt, _maybe_nonzero, _per_tensor)
+                                l2_reg, _pick, _local, _is_t, _add_, _addcmul_, _sqrt, _maybe_nonzero, _per_tensor)
 
 # %% auto #0
 __all__ = ['schedule_free_weight', 'schedule_free_adam_step', 'schedule_free_sgd_step', 'ScheduleFreeOptimizer',
@@ -57,25 +57,51 @@ def schedule_free_weight(opt, g:dict, hyper:dict) -> dict:
                            "`opt.train()` before training steps and `opt.eval()` before evaluating or saving (in a fastai "
                            "Learner, `ScheduleFreeCallback` does both)")
     lr, ckp1 = _sf_weight(g)
-    return dict(lr=lr, ckp1=ckp1)
+    return dict(lr=lr, ckp1=ckp1, y_from=_moved_mom(opt, g))
+
+def _moved_mom(opt, g:dict) -> float|None:
+    """The `mom` b that `y = (1-b)z + b·x` was formed with, where a schedule moved `mom` since (None: it did not): the step
+    re-forms `y` with this step's mom after reading it for weight decay. A param without a gradient, which the step skips,
+    is re-formed here; so are params formed with yet another mom (a loaded state), to the one returned."""
+    mom, by_b = g['mom'], {}
+    for p in g['params']:
+        s = opt.state.get(p)
+        if not s or 'z' not in s: continue
+        b = s.get('y_mom', mom)
+        if p.grad is None and b != mom: _reform(p, _z(opt, s, p), b, mom)
+        elif p.grad is not None: by_b.setdefault(b, []).append((p, s))
+        s['y_mom'] = mom
+    moved = [b for b in by_b if b != mom]
+    if not moved: return None
+    for b, pss in by_b.items():
+        if b != moved[0]:
+            for p, s in pss: _reform(p, _z(opt, s, p), b, moved[0])
+    return moved[0]
+
+def _z(opt, s:dict, p:Tensor) -> Tensor: return opt.precision.moment(s, p, 'z').to(p.device)   # int8 codes or bf16 storage decoded
+
+def _reform(p:Tensor, z:Tensor, b, mom):
+    "`y = (1-b)z + b·x` -> `(1-mom)z + mom·x` in place (`x` implied)."
+    p.lerp_(z, 1 - 1/b).lerp_(z, 1 - mom)
 
 def _clone(p, memory_format=torch.preserve_format): return torch.clone(p, memory_format=memory_format).detach()
 
-def _sf_update(grp, upd:list[Tensor], lr, mom, ckp1):
-    "Schedule-Free's move of `y` (the params) and `z` along `upd`, `x` implied; `y` re-formed first where `mom` moved."
+def _sf_update(grp, upd:list[Tensor], lr, mom, ckp1, y_from=None):
+    "Schedule-Free's move of `y` (the params) and `z` along `upd`, `x` implied; `y` re-formed first where `mom` moved (`y_from`)."
     ys, zs = grp.params, grp.state('z', _clone)
-    for p, z, s in zip(ys, zs, grp.states):
-        b = s.setdefault('y_mom', mom)
-        if b != mom:   # y = (1-b)z + b·x  ->  (1-mom)z + mom·x
-            p.lerp_(z, 1 - 1/b).lerp_(z, 1 - mom)
-            s['y_mom'] = mom
-    torch._foreach_lerp_(ys, zs, weight=ckp1)
-    torch._foreach_add_(ys, upd, alpha=lr*(mom*(1 - ckp1) - 1))
-    torch._foreach_sub_(zs, upd, alpha=lr)
+    for s in grp.states:
+        if 'y_mom' not in s: s['y_mom'] = mom   # the first step (never compiled): y is formed with this mom from now on
+    if y_from is not None:
+        for p, z in zip(ys, zs): _reform(p, z, y_from, mom)
+    if _is_t(ckp1):   # compiled (hypers are 0-d tensors): torch's lerp with a tensor weight, which foreach has not
+        for y, z in zip(ys, zs): y.lerp_(z, ckp1)
+    else: torch._foreach_lerp_(ys, zs, weight=ckp1)
+    _add_(ys, upd, lr*(mom*(1 - ckp1) - 1))
+    _add_(zs, upd, -lr)
 
 def _plus_wd(grp, upd:list[Tensor], wd) -> list[Tensor]:
     "`upd + wd·y` for the params that take weight decay (`do_wd`), as new tensors (`upd` itself when `wd` is 0)."
-    if not wd: return upd
+    if not _maybe_nonzero(wd): return upd
     idx = grp.decayed()
     if idx is None: return torch._foreach_add(upd, grp.params, alpha=wd)
     out = list(upd)
@@ -84,19 +110,19 @@ def _plus_wd(grp, upd:list[Tensor], wd) -> list[Tensor]:
 
 # %% ../nbs/02e_lr_free.ipynb #c008
 @contract(reads='sqr_avg step', writes={'z': 'iterate', 'y_mom': 'scalar'}, hypers='lr mom sqr_mom eps wd')
-def schedule_free_adam_step(grp, lr, mom, sqr_mom, eps, wd, ckp1, **_):
+def schedule_free_adam_step(grp, lr, mom, sqr_mom, eps, wd, ckp1, y_from=None, **_):
     "Schedule-Free AdamW's step: the gradient over `sqrt(S/(1-sqr_mom^t)) + eps`, plus `wd·y`, moves `z` and `y`."
-    denom = torch._foreach_div(grp.state('sqr_avg'), [1 - sqr_mom**t for t in grp.steps])
+    denom = torch._foreach_div(grp.state('sqr_avg'), _per_tensor([1 - sqr_mom**t for t in grp.steps]))
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
-    _sf_update(grp, _plus_wd(grp, torch._foreach_div(grp.grads, denom), wd), lr, mom, ckp1)
+    _sf_update(grp, _plus_wd(grp, torch._foreach_div(grp.grads, denom), wd), lr, mom, ckp1, y_from)
 schedule_free_adam_step.defaults = dict(eps=1e-8)
 schedule_free_adam_step.makes_update = False   # it moves y and z: no one update for a transformer (`cautious`)
 
 @contract(writes={'z': 'iterate', 'y_mom': 'scalar'}, hypers='lr mom wd')
-def schedule_free_sgd_step(grp, lr, mom, wd, ckp1, **_):
+def schedule_free_sgd_step(grp, lr, mom, wd, ckp1, y_from=None, **_):
     "Schedule-Free SGD's step: the gradient plus `wd·y` moves `z` and `y`."
-    _sf_update(grp, _plus_wd(grp, grp.grads, wd), lr, mom, ckp1)   # the grads are read, not written
+    _sf_update(grp, _plus_wd(grp, grp.grads, wd), lr, mom, ckp1, y_from)   # the grads are read, not written
 schedule_free_sgd_step.makes_update = False
 
 # %% ../nbs/02e_lr_free.ipynb #c009
@@ -297,6 +323,12 @@ def Prodigy(params, lr=1.0, mom=0.9, sqr_mom=0.999, beta3=None, eps=1e-8, wd=0.,
 # %% ../nbs/02e_lr_free.ipynb #c021
 def _default_clip(step): return step**0.25
 
+def _clip_(xs:list[Tensor], c):
+    "`xs` clamped to `[-c, c]` in place; `c` a number, or a 0-d tensor (compiled), which foreach's clamps do not take."
+    if not isinstance(c, Tensor): torch._foreach_clamp_min_(xs, -c); torch._foreach_clamp_max_(xs, c)
+    else:
+        for x in xs: x.clamp_(-c, c)
+
 @contract(reads='step', writes={'grad_avg': 'moment', 'sqr_avg': 'moment'}, hypers='lr mom sqr_mom eps wd')
 def adopt_step(grp, lr, mom, sqr_mom, eps, wd=0., clip_lambda=_default_clip, decouple=False, **_):
     "ADOPT's step: `m = lerp(m, clip(g/max(sqrt(S), eps)), 1-mom)`, `p -= lr·m`, then `S = sqr_mom·S + (1-sqr_mom)·g²`."
@@ -313,9 +345,7 @@ def adopt_step(grp, lr, mom, sqr_mom, eps, wd=0., clip_lambda=_default_clip, dec
         denom = torch._foreach_sqrt(sq)
         torch._foreach_clamp_min_(denom, eps)
         normed = torch._foreach_div(gs, denom)
-        if clip_lambda is not None:
-            c = clip_lambda(t - 1)
-            torch._foreach_clamp_min_(normed, -c); torch._foreach_clamp_max_(normed, c)
+        if clip_lambda is not None: _clip_(normed, _per_tensor([clip_lambda(t - 1)], gs[0].device)[0])
         torch._foreach_lerp_(avg, normed, 1 - mom)
         _add_(ps, avg, -lr)
         torch._foreach_mul_(sq, sqr_mom)

@@ -67,6 +67,16 @@ def test_lr_free_traced_equals_callbacks(spec):
     assert_same(traced, eager, torch.float64)
     assert opt._compiled_fns, 'nothing was compiled'
 
+def breaks() -> int: return sum(counters['graph_break'].values())
+
+@pytest.mark.parametrize('spec', [s for s in LR_FREE if s.name != 'prodigy'], ids=ids)
+def test_lr_free_compiles_to_one_graph_per_group(spec):
+    """Schedule-Free, ADOPT and AdEMAMix under a schedule that moves `lr` and `mom` at every step: one graph per group,
+    no graph break (a break per tensor, on `mom` as a 0-d tensor, made compiled Schedule-Free 4x slower), no recompile."""
+    before, broken = graphs(), breaks()
+    drive(lambda gs: _modal(spec.make(gs, compiled=dict(backend='aot_eager'))), dtype=torch.float64)
+    assert (graphs() - before, breaks() - broken) == (2, 0), f"{graphs() - before} graphs, {breaks() - broken} graph breaks"
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['sf_adamw', 'prodigy', 'adopt', 'ademamix'])
 def test_lr_free_compiled_equals_callbacks(name):
