@@ -245,9 +245,13 @@ def _addcdiv_(xs, ys, zs, v):
     if _is_t(v): torch._foreach_add_(xs, torch._foreach_mul(torch._foreach_div(ys, zs), v))
     else: torch._foreach_addcdiv_(xs, ys, zs, v)
 
-def _per_tensor(xs:list) -> list:
-    "One scalar per tensor (bias corrections, step sizes), worked out once: floats as they are; 0-d tensors through a scan."
-    if not _is_t(xs): return xs
+def _per_tensor(xs:list, device=None) -> list:
+    """One scalar per tensor (bias corrections, step sizes, clipping bounds), worked out once: floats as they are; 0-d
+    tensors, and numbers while compiling (symbols of the step counts: `t**0.25`) as tensors on `device`, through a scan."""
+    if not _is_t(xs) and not torch.compiler.is_compiling(): return xs
+    if not _is_t(xs):   # dynamo shows a symbolic float as a float: while compiling, every number is taken for one
+        dt = torch.float64 if torch.device(device).type in ('cpu', 'cuda') else torch.float32
+        xs = [torch.scalar_tensor(x, dtype=dt, device=device) for x in xs]
     # The compiler inlines small scalar expressions into the loops that use them, so `1 - mom**t` would be
     # recomputed (a `pow`) for every 16 elements of every tensor: Adam ran 2.5x slower than torch's fused kernel.
     # A scan is a kernel of its own: the loops then load each tensor's scalar. `cumsum([0, x])[1]` is `x` exactly.
