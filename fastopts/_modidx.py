@@ -1008,6 +1008,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'fastopts.precision._quant_signed': ('precision.html#_quant_signed', 'fastopts/precision.py'),
                                     'fastopts.precision._quantize_state': ('precision.html#_quantize_state', 'fastopts/precision.py'),
                                     'fastopts.precision._rank1_expand': ('precision.html#_rank1_expand', 'fastopts/precision.py'),
+                                    'fastopts.precision._rank1_layout': ('precision.html#_rank1_layout', 'fastopts/precision.py'),
                                     'fastopts.precision._rank1_scales': ('precision.html#_rank1_scales', 'fastopts/precision.py'),
                                     'fastopts.precision._store': ('precision.html#_store', 'fastopts/precision.py'),
                                     'fastopts.precision._unpack4': ('precision.html#_unpack4', 'fastopts/precision.py'),

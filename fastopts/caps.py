@@ -77,3 +77,6 @@ def refuse(who:str, chain:Chain, g:dict, i:int, params=None, compiled=None, stat
         if isinstance(p, DTensor):
             fail('sharded', f"{_param_label(g, j, p, i)} is an FSDP2 shard (DTensor)", 'take FSDP2 shards: use DDP or ZeroRedundancyOptimizer')
             if compiled: raise ValueError("`compiled=True` does not take sharded (DTensor, FSDP2) parameters: compile the model, or pass compiled=False")
+            if state_dtype == 'int4' and p.dim() >= 2:
+                raise ValueError(f"`state_dtype='int4'`: {_param_label(g, j, p, i)} is an FSDP2 shard (DTensor), and a matrix's 4-bit "
+                                 "state has rank-1 scales over whole rows and columns, which a shard does not hold: pass state_dtype='int8'")

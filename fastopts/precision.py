@@ -117,7 +117,7 @@ def _decode_codes(codes:Tensor, absmax:Tensor, shape, dtype=torch.float32) -> Te
     "The tensor of `shape` that `_encode` made `codes` and `absmax` from (4 bits when `codes` has fewer elements than `shape`)."
     n, signed = math.prod(shape), codes.dtype == torch.int8
     bits = 8 if codes.numel() == n else 4
-    if bits == 4 and len(shape) >= 2: return _decode_rank1(codes, absmax, shape, dtype)
+    if bits == 4 and codes.dim() == 2: return _decode_rank1(codes, absmax, shape, dtype)   # rank-1 codes are a row; blocks' are flat
     if bits == 4: idx = _unpack4(codes, n)
     else:
         idx = codes.reshape(-1).to(torch.int32)
@@ -159,14 +159,13 @@ def _encode_rank1(x:Tensor, signed:bool|Tensor) -> tuple[Tensor, Tensor]:
     scales = _rank1_scales(x)
     s = _rank1_expand(scales, x.shape)
     packed = _pack4(_nearest_code(x.float() / torch.where(s > 0, s, 1.), 4, signed).reshape(-1))
-    return (packed.view(torch.int8) if signed is True else packed), scales
+    return (packed.view(torch.int8) if signed is True else packed).view(1, -1), scales   # one row: the layout's mark (blocks' codes are flat)
 
 def _decode_rank1(codes:Tensor, scales:Tensor, shape, dtype=torch.float32) -> Tensor:
     "The tensor of `shape` that `_encode_rank1` made `codes` and `scales` from."
     if scales.numel() != sum(shape):
-        raise ValueError(f"4-bit state of shape {tuple(shape)} needs {sum(shape)} rank-1 scales, got {scales.numel()} "
-                         "(blockwise scales of a checkpoint from before rank-1 normalisation?)")
-    vals = _qmap(4, codes.dtype == torch.int8, codes.device)[0][_unpack4(codes, math.prod(shape))].view(shape)
+        raise ValueError(f"4-bit state of shape {tuple(shape)} needs {sum(shape)} rank-1 scales, got {scales.numel()}")
+    vals = _qmap(4, codes.dtype == torch.int8, codes.device)[0][_unpack4(codes.reshape(-1), math.prod(shape))].view(shape)
     return (vals * _rank1_expand(scales, shape)).to(dtype)
 
 def quantize_rank1(x:Tensor, signed:bool|None=None) -> tuple[Tensor, Tensor]:
@@ -183,6 +182,15 @@ def _quantize_state(v:Tensor, bits:int, signed:bool) -> tuple[Tensor, Tensor]:
     "A moment's codes and scales as the state keeps them: 4 bits over rank-1 scales from 2 dims up, else blockwise."
     if bits == 4 and v.dim() >= 2: return quantize_rank1(v, signed)   # as `_encode` and `_decode_codes` choose
     return quantize_blockwise(v, QUANT_BLOCK if bits == 8 else QUANT4_BLOCK, bits, signed)
+
+def _rank1_layout(s:dict, p:Tensor):
+    """A loaded state `s` of param `p` with 4-bit moments in rank-1 layout: a checkpoint from before rank-1 normalisation
+    keeps a matrix's codes flat over blocks of 128; they are decoded as such and encoded over rank-1 scales, in place."""
+    if p.dim() < 2 or hasattr(p, 'to_local'): return
+    for k in [k for k in s if _codes_of(s, k)]:
+        codes, ak = s[k], f"{k}{ABSMAX}"
+        if codes.dim() != 1 or codes.numel() == p.numel(): continue   # rank-1 already, or 8-bit codes
+        s[k], s[ak] = quantize_rank1(_decode_codes(codes, s[ak], tuple(p.shape)), signed=codes.dtype == torch.int8)
 
 # %% ../nbs/00i_precision.ipynb #p012
 _M32 = 0xFFFFFFFF
@@ -356,6 +364,7 @@ class Precision:
         for i, p in zip(saved, params):
             for k, v in state_dict['state'].get(i, {}).items():
                 if isinstance(v, Tensor): opt.state[p][k] = self.load_value(p, v, k).clone() if v.device == p.device else self.load_value(p, v, k)
+            if self.state_dtype == 'int4' and p in opt.state: _rank1_layout(opt.state[p], p)   # an older checkpoint's blocks
 
     # -- the fused layer: one compiled pass per tensor -------------------------------------------------------
     def fused_step(self, cbs, ps:list[Tensor], grads:list[Tensor], states:list[dict], hyper:dict, compile_kw:dict|None=None,

@@ -73,3 +73,25 @@ def test_capable_optimizers_take_every_run_option(name):
     _make(name, compiled=True); _make(name, state_dtype='int8')
     _make(name, [torch.randn(3, 4, dtype=torch.complex64, requires_grad=True)])
     release_gradients(_make(name)).remove()
+
+def test_int4_state_of_a_sharded_matrix_is_refused_by_name():
+    """FSDP2 shards (DTensor) of a matrix with `state_dtype='int4'`: rank-1 scales span whole rows and columns, which a
+    shard does not hold, so the optimizer refuses at construction (a 1-rank gloo world in a subprocess, bounded)."""
+    import subprocess, sys, textwrap
+    code = textwrap.dedent('''
+        import torch, torch.distributed as dist
+        from datetime import timedelta
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import distribute_tensor, Shard
+        from fastopts.optimizer import AdamW
+        dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
+        mesh = init_device_mesh('cpu', (1,))
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [Shard(0)]))
+        b = torch.nn.Parameter(distribute_tensor(torch.randn(8), mesh, [Shard(0)]))
+        AdamW([b], lr=1e-3, state_dtype='int4')   # a 1-d shard keeps its blocks
+        try: AdamW([w], lr=1e-3, state_dtype='int4')
+        except ValueError as e: print(e)
+        dist.destroy_process_group()''')
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "`state_dtype='int4'`: param 0 of group 0 (8, 8) is an FSDP2 shard (DTensor)" in r.stdout, r.stdout

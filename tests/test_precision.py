@@ -210,7 +210,7 @@ def test_int4_rank1_round_trip_per_element():
     with pytest.raises(ValueError, match='2 dims'): quantize_rank1(torch.ones(300))
 
 def test_int4_state_of_matrices_is_rank1_and_checkpoints_bit_for_bit(tmp_path):
-    "4-bit moments of a matrix keep rank-1 scales (rows + columns floats), a 1-d one its blocks; saved and loaded bit for bit; a blockwise-scaled matrix state is refused by name."
+    "4-bit moments of a matrix keep rank-1 scales (rows + columns floats), a 1-d one its blocks; saved and loaded bit for bit; rank-1 codes with the wrong number of scales are refused by name."
     g = torch.Generator().manual_seed(0)
     prec = Precision(state_dtype='int4')
     ps = [torch.randn(64, 96, generator=g), torch.randn(QUANT_MIN_NUMEL + 100, generator=g)]
@@ -239,6 +239,35 @@ def test_int4_state_of_matrices_is_rank1_and_checkpoints_bit_for_bit(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(ps, fresh))
     old = dict(mat, **{'sqr_avg.absmax': torch.ones(64 * 96 // 128)})   # blockwise scales, as 4-bit state was kept before
     with pytest.raises(ValueError, match='160 rank-1 scales, got 48'): run_chain([ps[0]], [old], prec)
+
+def test_int4_checkpoint_of_blockwise_matrices_loads_as_rank1():
+    """A checkpoint from before rank-1 normalisation keeps a matrix's 4-bit codes flat over blocks of 128: loaded, its
+    moments are what those blocks decode to, re-encoded over rank-1 scales. A 256x256 matrix has 512 blocks and
+    256 + 256 rank-1 scales, so only the codes' layout (flat blocks, one row for rank-1) tells the two apart."""
+    from fastopts.optimizer import AdamW
+    from fastopts.precision import quantize_blockwise, dequantize_blockwise, quantize_rank1, dequantize_rank1
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(256, 256, generator=g))
+    opt = AdamW([w], lr=1e-3, state_dtype='int4')
+    w.grad = torch.randn(w.shape, generator=g); opt.step()
+    sd = opt.state_dict()
+    m = torch.randn(256, 256, generator=g) * torch.logspace(-4, -1, 256)[:, None]
+    v = torch.rand(256, 256, generator=g) * torch.logspace(-8, -2, 256)
+    st, old = sd['state'][0], {}
+    for k, x, signed in (('grad_avg', m, True), ('sqr_avg', v, False)):
+        st[k], st[f'{k}.absmax'] = quantize_blockwise(x, 128, bits=4, signed=signed)   # the old layout, written by hand
+        assert st[k].dim() == 1 and st[f'{k}.absmax'].numel() == 512
+        old[k] = dequantize_blockwise(st[k], st[f'{k}.absmax'], block=128, shape=(256, 256))
+    w2 = torch.nn.Parameter(w.detach().clone())
+    opt2 = AdamW([w2], lr=1e-3, state_dtype='int4')
+    opt2.load_state_dict(sd)
+    s = opt2.state[w2]
+    for k, signed in (('grad_avg', True), ('sqr_avg', False)):
+        assert s[k].shape == (1, 256 * 128) and s[f'{k}.absmax'].shape == (512,)
+        want = dequantize_rank1(*quantize_rank1(old[k], signed=signed), (256, 256))
+        torch.testing.assert_close(dequantize_rank1(s[k], s[f'{k}.absmax'], (256, 256)), want, rtol=0, atol=0)
+    w2.grad = torch.randn(w.shape, generator=g); opt2.step()
+    assert torch.isfinite(w2).all()
 
 def _adam_states(prec, dtype=torch.float32, n=QUANT_MIN_NUMEL * 2, steps=3):
     g = torch.Generator().manual_seed(0)
