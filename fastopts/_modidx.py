@@ -498,6 +498,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'fastopts.hypers.check_hyper': ('hypers.html#check_hyper', 'fastopts/hypers.py')},
             'fastopts.inductor_tiling': { 'fastopts.inductor_tiling._install': ( 'inductor_tiling.html#_install',
                                                                                  'fastopts/inductor_tiling.py'),
+                                          'fastopts.inductor_tiling._install_bitcast': ( 'inductor_tiling.html#_install_bitcast',
+                                                                                         'fastopts/inductor_tiling.py'),
                                           'fastopts.inductor_tiling._tagged': ( 'inductor_tiling.html#_tagged',
                                                                                 'fastopts/inductor_tiling.py'),
                                           'fastopts.inductor_tiling.lowp_tiling': ( 'inductor_tiling.html#lowp_tiling',
