@@ -320,8 +320,8 @@ class Precision:
         batches = {}   # same plan, shape, dtypes and device: one call of one graph (the chain's foreach ops over them)
         for i, (p, g, pl) in enumerate(zip(ps, grads, plans)): batches.setdefault((pl, tuple(p.shape), p.dtype, g.dtype, str(p.device)), []).append(i)
         for idx in batches.values():
-            for b in range(0, len(idx), FUSED_BATCH):
-                at = idx[b:b + FUSED_BATCH]
+            nb = -(-len(idx) // FUSED_BATCH)   # calls of near-equal size: one graph (two at most) per shape
+            for at in (idx[len(idx) * b // nb:len(idx) * (b + 1) // nb] for b in range(nb)):
                 _fused_batch_step(self, tuple(cbs), plans[at[0]], *([xs[i] for i in at] for xs in (ps, grads, states, keys)), hyper, compile_kw or {}, kinds)
         return True
 
@@ -398,7 +398,7 @@ def _plan(prec, p:Tensor, s:dict, kinds):
         if fmt: moments.append((k, fmt))
     return (mode if copy else None, _work_dtype(p.dtype) if copy else p.dtype, copy, tuple(moments), tuple(ints))
 
-FUSED_BATCH = 32   # same-shape tensors per call of the fused pass at most: a call costs ~0.3 ms of Python (dynamo's guards, the wrapper)
+FUSED_BATCH = 16   # same-shape tensors per call of the fused pass at most: a call costs ~0.3 ms of Python (dynamo's guards, the wrapper); a graph's compile time grows with it
 
 def _write_back(plan, p, w, st, ws, key):
     "One tensor's write-back inside the fused pass: the param (Kahan, stochastic or nearest) and its moments (cast or encoded)."
