@@ -312,7 +312,7 @@ class Precision:
     def fused_step(self, cbs, ps:list[Tensor], grads:list[Tensor], states:list[dict], hyper:dict, compile_kw:dict|None=None,
                    kinds:dict|None=None) -> bool:
         """Step `ps` (one device and dtype, each state already made by an eager step) with the chain `cbs` and this layer
-        in one compiled function per tensor: decode, update, Kahan or stochastic write-back, encode. `hyper`: 0-d tensors.
+        in one compiled function per same-shape batch: decode, update, Kahan or stochastic write-back, encode. `hyper`: 0-d tensors.
         False (nothing done) where it does not apply: a state not made yet, complex or sharded params."""
         plans = [_plan(self, p, s, kinds) for p, s in zip(ps, states)]
         if any(pl is None for pl in plans): return False
