@@ -12,8 +12,9 @@ from .callbacks import ParamGroupView
 from .inductor_tiling import lowp_tiling
 
 # %% auto #0
-__all__ = ['QUANT_BLOCK', 'QUANT4_BLOCK', 'QUANT_MIN_NUMEL', 'ABSMAX', 'STATE_DTYPES', 'FUSED_BATCH', 'dynamic_map', 'quant_map',
-           'quantize_blockwise', 'dequantize_blockwise', 'random_bits', 'stream_key', 'stochastic_round', 'Precision']
+__all__ = ['QUANT_BLOCK', 'QUANT4_BLOCK', 'QUANT_MIN_NUMEL', 'ABSMAX', 'STATE_DTYPES', 'FUSED_BATCH', 'FUSED_BATCH_NUMEL',
+           'dynamic_map', 'quant_map', 'quantize_blockwise', 'dequantize_blockwise', 'random_bits', 'stream_key',
+           'stochastic_round', 'Precision']
 
 # %% ../nbs/00i_precision.ipynb #p006
 QUANT_BLOCK = 256      # elements per quantisation block of 8-bit state (one float32 absmax each)
@@ -320,7 +321,7 @@ class Precision:
         batches = {}   # same plan, shape, dtypes and device: one call of one graph (the chain's foreach ops over them)
         for i, (p, g, pl) in enumerate(zip(ps, grads, plans)): batches.setdefault((pl, tuple(p.shape), p.dtype, g.dtype, str(p.device)), []).append(i)
         for idx in batches.values():
-            nb = -(-len(idx) // FUSED_BATCH)   # calls of near-equal size: one graph (two at most) per shape
+            nb = -(-len(idx) // FUSED_BATCH) if ps[idx[0]].numel() <= FUSED_BATCH_NUMEL else len(idx)   # calls of near-equal size: one graph (two at most) per shape
             for at in (idx[len(idx) * b // nb:len(idx) * (b + 1) // nb] for b in range(nb)):
                 _fused_batch_step(self, tuple(cbs), plans[at[0]], *([xs[i] for i in at] for xs in (ps, grads, states, keys)), hyper, compile_kw or {}, kinds)
         return True
@@ -399,6 +400,7 @@ def _plan(prec, p:Tensor, s:dict, kinds):
     return (mode if copy else None, _work_dtype(p.dtype) if copy else p.dtype, copy, tuple(moments), tuple(ints))
 
 FUSED_BATCH = 16   # same-shape tensors per call of the fused pass at most: a call costs ~0.3 ms of Python (dynamo's guards, the wrapper); a graph's compile time grows with it
+FUSED_BATCH_NUMEL = 2**16   # larger tensors take a call each: the call costs little next to their loop, and inductor fuses same-size loops of a batch into one, at 8 lanes
 
 def _write_back(plan, p, w, st, ws, key):
     "One tensor's write-back inside the fused pass: the param (Kahan, stochastic or nearest) and its moments (cast or encoded)."
