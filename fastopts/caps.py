@@ -69,7 +69,11 @@ def refuse(who:str, chain:Chain, g:dict, i:int, params=None, compiled=None, stat
     if any(state_dtype is d or (isinstance(state_dtype, str) and state_dtype == d) for d in LOW_PRECISION_STATE):
         fail('low_precision_state', f"`state_dtype={state_dtype!r}`", 'keep its state in low precision')
     for j, p in enumerate(g['params'] if params is None else params):
-        if p.is_complex(): fail('complex', f"{_param_label(g, j, p, i)} is complex", 'take complex parameters')
+        if p.is_complex():
+            fail('complex', f"{_param_label(g, j, p, i)} is complex", 'take complex parameters')
+            if state_dtype is not None and state_dtype != p.real.dtype:   # the precision layer works on real views it cannot encode
+                raise ValueError(f"`state_dtype={state_dtype!r}`: {_param_label(g, j, p, i)} is complex, and low-precision or "
+                                 f"converted state does not take complex parameters (pass state_dtype=None)")
         if isinstance(p, DTensor):
             fail('sharded', f"{_param_label(g, j, p, i)} is an FSDP2 shard (DTensor)", 'take FSDP2 shards: use DDP or ZeroRedundancyOptimizer')
             if compiled: raise ValueError("`compiled=True` does not take sharded (DTensor, FSDP2) parameters: compile the model, or pass compiled=False")
