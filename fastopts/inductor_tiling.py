@@ -47,7 +47,7 @@ def _tagged():
     "torch's compile caches keyed apart for code made with the patch (a cached graph of either kind keeps its width)."
     cfg = getattr(torch.compiler, 'config', None)
     if cfg is None or not hasattr(cfg, 'cache_key_tag'): return contextlib.nullcontext()
-    return cfg.patch(cache_key_tag=cfg.cache_key_tag + '|fastopts.lowp_tiling.2')
+    return cfg.patch(cache_key_tag=cfg.cache_key_tag + '|fastopts.lowp_tiling.3')
 
 @contextlib.contextmanager
 def lowp_tiling():
