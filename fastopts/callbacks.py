@@ -8,12 +8,13 @@ from __future__ import annotations
 import inspect, math, reprlib
 from functools import partial
 import torch
+import torch.distributed as dist
 from torch import Tensor
 try: from torch.distributed.tensor import DTensor, Shard   # FSDP2's sharded parameters
 except ImportError: DTensor, Shard = (), None
 
 # %% auto #0
-__all__ = ['STATE_KINDS', 'CAPABILITIES', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain',
+__all__ = ['TILE', 'STATE_KINDS', 'CAPABILITIES', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain',
            'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step',
            'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'update_transform',
            'cautious', 'negate_grad']
@@ -109,6 +110,33 @@ def _sliced_state(local:Tensor, p, slice_p:int):
 def _view(state, n:int) -> Tensor:
     "The first `n` local entries of a state made by `_sliced_state` (its shard's, without the padding)."
     return state.to_local().reshape(-1)[:n] if isinstance(state, DTensor) else state
+
+def _p0(p, slice_p, memory_format=None):
+    "The params where Prodigy starts (sliced), or a 0 where they are all zero (as the reference: then `x0 = 0`); a shard asks every rank."
+    nz = p.any() if not isinstance(p, DTensor) else p.to_local().any().double()
+    if isinstance(p, DTensor): dist.all_reduce(nz, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
+    if not nz: return torch.tensor(0, device=p.device, dtype=p.dtype)
+    return _sliced_state(_sliced(p, slice_p).detach().clone(), p, slice_p)
+
+def _made_sliced(s:list, gs:list, slice_p:int):
+    "Refuse a `slice_p` other than the one Prodigy's state (`s`, `x0`) was made with: its sums would mix two slicings."
+    if any(x.numel() != g.numel() for x, g in zip(s, gs) if not isinstance(x, DTensor)):
+        raise ValueError(f"`slice_p`={slice_p}, but Prodigy's state was made with another `slice_p`: it is fixed once the first step "
+                         "made the state (build a new optimizer to change it)")
+
+# %% ../nbs/00b_callbacks.ipynb #c903
+TILE = 1 << 18   # entries of one param worked on at a time by Prodigy's eager passes (1 MB of float32 per tensor read)
+
+def _tiles(ts:list, n:int) -> list[list]:
+    "One param's tensors `ts` (each of `n` entries) as matching pieces of `TILE` entries, worked through while in cache; `[ts]` compiled or where they differ."
+    if n <= TILE or torch.compiler.is_compiling() or any(t is None or t.numel() != n or not t.is_contiguous() for t in ts): return [ts]
+    flat = [t.view(-1) for t in ts]
+    return [[f[i:i + TILE] for f in flat] for i in range(0, n, TILE)]
+
+def _axpy_(x, y, a, z=None):
+    "`x += a·y` (`a·y·z` with `z`): `a` a float (eager: no temporary), or a 0-d tensor (compiled: fused into one loop)."
+    if isinstance(a, Tensor): return x.add_(y * a if z is None else y * z * a)
+    return x.add_(y, alpha=a) if z is None else x.addcmul_(y, z, value=a)
 
 # %% ../nbs/00b_callbacks.ipynb #c007
 _PRODUCERS = {}   # state name -> the shipped callback that writes it (for the error message)
@@ -217,9 +245,13 @@ def _addcdiv_(xs, ys, zs, v):
     if _is_t(v): torch._foreach_add_(xs, torch._foreach_mul(torch._foreach_div(ys, zs), v))
     else: torch._foreach_addcdiv_(xs, ys, zs, v)
 
-def _per_tensor(xs:list) -> list:
-    "One scalar per tensor (bias corrections, step sizes), worked out once: floats as they are; 0-d tensors through a scan."
-    if not _is_t(xs): return xs
+def _per_tensor(xs:list, device=None) -> list:
+    """One scalar per tensor (bias corrections, step sizes, clipping bounds), worked out once: floats as they are; 0-d
+    tensors, and numbers while compiling (symbols of the step counts: `t**0.25`) as tensors on `device`, through a scan."""
+    if not _is_t(xs) and not torch.compiler.is_compiling(): return xs
+    if not _is_t(xs):   # dynamo shows a symbolic float as a float: while compiling, every number is taken for one
+        dt = torch.float64 if torch.device(device).type in ('cpu', 'cuda') else torch.float32
+        xs = [torch.scalar_tensor(x, dtype=dt, device=device) for x in xs]
     # The compiler inlines small scalar expressions into the loops that use them, so `1 - mom**t` would be
     # recomputed (a `pow`) for every 16 elements of every tensor: Adam ran 2.5x slower than torch's fused kernel.
     # A scan is a kernel of its own: the loops then load each tensor's scalar. `cumsum([0, x])[1]` is `x` exactly.

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from .callbacks import ParamGroupView, check_chain, cb_name, cb_hypers, cb_role, _unwrap, _pick
 from .rules import fast_path
+from .hypers import STRUCTURAL_HYPERS
 
 # %% auto #0
 __all__ = ['stage', 'stage_of', 'Updated', 'Chain']
@@ -160,10 +161,10 @@ def _fresh_copy(f):
     return types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
 
 def _hyper_tensors(hyper:dict, device) -> dict:
-    "The numeric hypers as 0-d tensors on `device` (float64 where the device has it), the rest as they are."
+    "The numeric hypers as 0-d tensors on `device` (float64 where the device has it), the rest (bools, `STRUCTURAL_HYPERS`) as they are."
     dt = torch.float64 if device.type in ('cpu', 'cuda') else torch.float32
-    return {k: torch.tensor(float(v), dtype=dt, device=device) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
-            for k, v in hyper.items()}
+    return {k: torch.tensor(float(v), dtype=dt, device=device) if isinstance(v, numbers.Real) and not isinstance(v, bool)
+            and k not in STRUCTURAL_HYPERS else v for k, v in hyper.items()}
 
 # %% ../nbs/00f_chain.ipynb #h013
 def _check_fused(fused):

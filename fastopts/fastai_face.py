@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 from torch import Tensor
 from .core import per_group
-from .hypers import HYPER_RANGES, HyperView, check_hyper
+from .hypers import HYPER_RANGES, STRUCTURAL_HYPERS, HyperView, check_hyper
 
 # %% auto #0
 __all__ = ['FastaiFace']
@@ -36,6 +36,9 @@ class FastaiFace:
 
     def set_hyper(self, k:str, v):
         "Set hyper `k` to `v`: a scalar, one value per layer group or per param group (list/array), or a `slice` spread over the layer groups."
+        if k in STRUCTURAL_HYPERS:   # fastai's schedules (`ParamScheduler`, `fit_one_cycle`) and fastopts' set hypers here
+            raise ValueError(f"`{k}` is a structural hyper: its value picks the code a step runs (compiled: one graph per value), so "
+                             f"a schedule cannot move it. Set it by hand between steps: `opt.param_groups[i]['{k}'] = v`")
         layers, n = self._layers()
         if n != len(layers) and not isinstance(v, (str, slice)) and hasattr(v, '__len__') and len(v) == len(layers):
             n = len(layers); layers = list(range(n))   # one value per param group: fastai's schedules read `hypers` and set it back

@@ -13,14 +13,29 @@ from torch import Tensor
 from .core import as_float, check_range
 
 # %% auto #0
-__all__ = ['HYPER_RANGES', 'TORCH_ALIASES', 'TORCH_FLAGS', 'check_hyper', 'check_flag', 'alias_values', 'HyperDict', 'HyperView']
+__all__ = ['HYPER_RANGES', 'STRUCTURAL_HYPERS', 'TORCH_ALIASES', 'TORCH_FLAGS', 'check_hyper', 'check_flag', 'alias_values',
+           'HyperDict', 'HyperView']
 
 # %% ../nbs/00a_hypers.ipynb #c009
 HYPER_RANGES = dict(lr=dict(lo=0), mom=dict(lo=0, hi=1, hi_open=True), sqr_mom=dict(lo=0, hi=1, hi_open=True),
                     eps=dict(lo=0, lo_open=True), wd=dict(lo=0))
 
+# Structural hypers: their value picks the code a step runs (a branch, a shape), not a number in it. They stay Python
+# values in a compiled step (the compiler specializes on them: a new value compiles again) and no schedule moves them.
+STRUCTURAL_HYPERS = dict(slice_p='int', safeguard_warmup='bool', use_bias_correction='bool')
+
+def _structural(name:str, v):
+    "`v` as structural hyper `name` wants it: a bool, or a whole number >= 1 (a float from an old checkpoint too)."
+    if STRUCTURAL_HYPERS[name] == 'bool':
+        if isinstance(v, (bool, np.bool_)) or (isinstance(v, numbers.Integral) and v in (0, 1)): return bool(v)
+        raise ValueError(f"`{name}` must be True or False, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (numbers.Real, np.generic)) or v != int(v) or v < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
+    return int(v)
+
 def check_hyper(name:str, v):
-    "`v` checked for hyper `name` (range for the known ones, finiteness for any number) as a plain float."
+    "`v` checked for hyper `name` (range for the known ones, finiteness for any number) as a plain float; a structural one as its kind."
+    if name in STRUCTURAL_HYPERS: return _structural(name, v)
     if name in HYPER_RANGES: return check_range(name, v, **HYPER_RANGES[name])
     if isinstance(v, bool) or v is None or isinstance(v, str): return v
     if isinstance(v, (numbers.Real, np.generic)) or (isinstance(v, Tensor) and v.numel() == 1): return as_float(name, v)

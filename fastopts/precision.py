@@ -13,8 +13,8 @@ from .inductor_tiling import lowp_tiling
 
 # %% auto #0
 __all__ = ['QUANT_BLOCK', 'QUANT4_BLOCK', 'QUANT_MIN_NUMEL', 'ABSMAX', 'STATE_DTYPES', 'FUSED_BATCH', 'FUSED_BATCH_NUMEL',
-           'dynamic_map', 'quant_map', 'quantize_blockwise', 'dequantize_blockwise', 'random_bits', 'stream_key',
-           'stochastic_round', 'Precision']
+           'dynamic_map', 'quant_map', 'quantize_blockwise', 'dequantize_blockwise', 'quantize_rank1',
+           'dequantize_rank1', 'random_bits', 'stream_key', 'stochastic_round', 'Precision']
 
 # %% ../nbs/00i_precision.ipynb #p006
 QUANT_BLOCK = 256      # elements per quantisation block of 8-bit state (one float32 absmax each)
@@ -97,7 +97,9 @@ def _unpack4(packed:Tensor, n:int) -> Tensor:
 
 def _encode(x:Tensor, bits:int, signed:bool|Tensor) -> tuple[Tensor, Tensor]:
     """Flat codes (int8 for the signed map, uint8 unsigned; 4 bits: packed two a byte) and the float32 absmax per block
-    of `x`. `signed` a 0-d bool tensor: the map it names, the codes' bytes as uint8 (the caller names the dtype)."""
+    of `x`. `signed` a 0-d bool tensor: the map it names, the codes' bytes as uint8 (the caller names the dtype).
+    4 bits and 2 dims or more: rank-1 scales instead of blocks (`_encode_rank1`)."""
+    if bits == 4 and x.dim() >= 2: return _encode_rank1(x, signed)
     block = QUANT_BLOCK if bits == 8 else QUANT4_BLOCK
     blocks = _blocks(x.reshape(-1).float(), block)
     absmax = blocks.abs().amax(dim=1)
@@ -115,6 +117,7 @@ def _decode_codes(codes:Tensor, absmax:Tensor, shape, dtype=torch.float32) -> Te
     "The tensor of `shape` that `_encode` made `codes` and `absmax` from (4 bits when `codes` has fewer elements than `shape`)."
     n, signed = math.prod(shape), codes.dtype == torch.int8
     bits = 8 if codes.numel() == n else 4
+    if bits == 4 and len(shape) >= 2: return _decode_rank1(codes, absmax, shape, dtype)
     if bits == 4: idx = _unpack4(codes, n)
     else:
         idx = codes.reshape(-1).to(torch.int32)
@@ -129,12 +132,57 @@ def quantize_blockwise(x:Tensor, block:int=QUANT_BLOCK, bits:int=8, signed:bool|
     if block != (QUANT_BLOCK if bits == 8 else QUANT4_BLOCK): raise ValueError(f"`block` of {bits}-bit codes is {QUANT_BLOCK if bits == 8 else QUANT4_BLOCK}, got {block!r}")
     x = x.detach()
     if signed is None: signed = bool((x < 0).any())
-    codes, absmax = _encode(x, bits, signed)
+    codes, absmax = _encode(x.reshape(-1), bits, signed)   # flat: blocks whatever the shape
     return (codes.view(x.shape) if bits == 8 else codes), absmax
 
 def dequantize_blockwise(codes:Tensor, absmax:Tensor, dtype=torch.float32, block:int=QUANT_BLOCK, shape=None) -> Tensor:
     "The tensor that `quantize_blockwise` encoded as `codes` and `absmax`, in `dtype` (4-bit codes need the `shape`)."
-    return _decode_codes(codes, absmax, codes.shape if shape is None else shape, dtype)
+    shape = codes.shape if shape is None else shape
+    return _decode_codes(codes, absmax, (math.prod(shape),), dtype).view(shape)   # flat: blocks whatever the shape
+
+# %% ../nbs/00i_precision.ipynb #p008e
+def _rank1_scales(x:Tensor) -> Tensor:
+    "Each dim's maxima of |x| (over all the other dims), end to end: float32, `sum(x.shape)` of them."
+    a = x.float().abs()
+    return torch.cat([a.amax(dim=[j for j in range(a.dim()) if j != d]) for d in range(a.dim())])
+
+def _rank1_expand(scales:Tensor, shape) -> Tensor:
+    "Each element's scale (broadcast to `shape`): the least over the dims of the maxima of the slices through it."
+    out = None
+    for d, part in enumerate(scales.split(list(shape))):
+        v = part.view([-1 if j == d else 1 for j in range(len(shape))])
+        out = v if out is None else torch.minimum(out, v)
+    return out.expand(shape)
+
+def _encode_rank1(x:Tensor, signed:bool|Tensor) -> tuple[Tensor, Tensor]:
+    "4-bit codes of `x` (2 dims or more) over rank-1 scales, packed two a byte, and the scales (`_encode`'s conventions)."
+    scales = _rank1_scales(x)
+    s = _rank1_expand(scales, x.shape)
+    packed = _pack4(_nearest_code(x.float() / torch.where(s > 0, s, 1.), 4, signed).reshape(-1))
+    return (packed.view(torch.int8) if signed is True else packed), scales
+
+def _decode_rank1(codes:Tensor, scales:Tensor, shape, dtype=torch.float32) -> Tensor:
+    "The tensor of `shape` that `_encode_rank1` made `codes` and `scales` from."
+    if scales.numel() != sum(shape):
+        raise ValueError(f"4-bit state of shape {tuple(shape)} needs {sum(shape)} rank-1 scales, got {scales.numel()} "
+                         "(blockwise scales of a checkpoint from before rank-1 normalisation?)")
+    vals = _qmap(4, codes.dtype == torch.int8, codes.device)[0][_unpack4(codes, math.prod(shape))].view(shape)
+    return (vals * _rank1_expand(scales, shape)).to(dtype)
+
+def quantize_rank1(x:Tensor, signed:bool|None=None) -> tuple[Tensor, Tensor]:
+    "`x` (2 dims or more) as 4-bit codes two a byte over rank-1 scales (`int8`: the signed map, `uint8`: unsigned; None: from the data)."
+    if x.dim() < 2: raise ValueError(f"rank-1 scales need a tensor of 2 dims or more, got shape {tuple(x.shape)}")
+    x = x.detach()
+    return _encode_rank1(x, bool((x < 0).any()) if signed is None else signed)
+
+def dequantize_rank1(codes:Tensor, scales:Tensor, shape, dtype=torch.float32) -> Tensor:
+    "The tensor of `shape` that `quantize_rank1` encoded as `codes` and `scales`, in `dtype`."
+    return _decode_rank1(codes, scales, tuple(shape), dtype)
+
+def _quantize_state(v:Tensor, bits:int, signed:bool) -> tuple[Tensor, Tensor]:
+    "A moment's codes and scales as the state keeps them: 4 bits over rank-1 scales from 2 dims up, else blockwise."
+    if bits == 4 and v.dim() >= 2: return quantize_rank1(v, signed)   # as `_encode` and `_decode_codes` choose
+    return quantize_blockwise(v, QUANT_BLOCK if bits == 8 else QUANT4_BLOCK, bits, signed)
 
 # %% ../nbs/00i_precision.ipynb #p012
 _M32 = 0xFFFFFFFF
@@ -357,7 +405,7 @@ def _store(s:dict, k:str, v:Tensor, target):
     old, ak = s.get(k), f"{k}{ABSMAX}"
     if target in _QUANT:
         bits, v = _QUANT[target], _local(v)
-        codes, absmax = quantize_blockwise(v, QUANT_BLOCK if bits == 8 else QUANT4_BLOCK, bits, _quant_signed(old, v))
+        codes, absmax = _quantize_state(v, bits, _quant_signed(old, v))
         if isinstance(old, Tensor) and old.dtype == codes.dtype and old.shape == codes.shape and isinstance(s.get(ak), Tensor) and s[ak].shape == absmax.shape:
             old.copy_(codes); s[ak].copy_(absmax)
         else: s[k], s[ak] = codes, absmax

@@ -67,6 +67,18 @@ def test_lr_free_traced_equals_callbacks(spec):
     assert_same(traced, eager, torch.float64)
     assert opt._compiled_fns, 'nothing was compiled'
 
+def breaks() -> int: return sum(counters['graph_break'].values())
+
+@pytest.mark.parametrize('spec', LR_FREE, ids=ids)
+def test_lr_free_compiles_to_one_graph_per_group(spec):
+    """Schedule-Free, Prodigy, ADOPT and AdEMAMix under a schedule that moves `lr` and `mom` at every step: one graph per
+    group and segment (Prodigy's reduce stage cuts its chain in two), no graph break (a break per tensor, on `mom` as a
+    0-d tensor, made compiled Schedule-Free 4x slower; `int(slice_p)` and `if mom > 0` broke Prodigy's), no recompile."""
+    before, broken = graphs(), breaks()
+    drive(lambda gs: _modal(spec.make(gs, compiled=dict(backend='aot_eager'))), dtype=torch.float64)
+    want = 2 * (2 if spec.name == 'prodigy' else 1)   # two groups, times the segments
+    assert (graphs() - before, breaks() - broken) == (want, 0), f"{graphs() - before} graphs, {breaks() - broken} graph breaks"
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['sf_adamw', 'prodigy', 'adopt', 'ademamix'])
 def test_lr_free_compiled_equals_callbacks(name):

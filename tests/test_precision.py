@@ -182,6 +182,64 @@ def test_int4_round_trip_bounded_per_block():
         assert (err <= absmax * max(m.diff().max() / 2, m[0].clamp(min=0)) * (1 + 1e-5)).all()
     assert (dequantize_blockwise(*quantize_blockwise(x ** 2 + 1e-30, 128, bits=4), shape=x.shape) > 0).all()   # no positive value becomes 0
 
+def test_int4_rank1_round_trip_per_element():
+    """lpmm's rank-1 normalisation, written out: each element of a matrix (a 4-d kernel: its 4 dims) is scaled by the
+    least of the maxima of |x| over the slices through it, and decodes to the map value nearest x / scale (brute force)."""
+    from fastopts.precision import quantize_rank1, dequantize_rank1
+    g = torch.Generator().manual_seed(1)
+    mat = torch.randn(40, 130, generator=g) * torch.logspace(-5, 0, 40)[:, None] * torch.logspace(-3, 0, 130)
+    ker = torch.randn(16, 8, 3, 5, generator=g) * torch.logspace(-4, 0, 16)[:, None, None, None]
+    for x in (mat, ker):
+        for t, m in ((x, MAP4_SIGNED), (x ** 2, MAP4_UNSIGNED)):
+            codes, scales = quantize_rank1(t)
+            assert codes.dtype == (torch.int8 if m is MAP4_SIGNED else torch.uint8) and codes.numel() == t.numel() // 2
+            maxima = []   # each dim's maxima, one loop per index (not the implementation's amax over the other dims)
+            for d in range(t.dim()):
+                maxima.append(torch.stack([t.abs().select(d, i).max() for i in range(t.shape[d])]))
+            torch.testing.assert_close(scales, torch.cat(maxima), rtol=0, atol=0)
+            scale = torch.empty_like(t)
+            for i in range(t.numel()):
+                ix = torch.unravel_index(torch.tensor(i), t.shape)
+                scale[ix] = min(mx[j] for mx, j in zip(maxima, ix))
+            normed = (t / torch.where(scale > 0, scale, 1.)).reshape(-1)
+            want = m[(normed[:, None] - m).abs().argmin(1)].view(t.shape) * scale
+            y = dequantize_rank1(codes, scales, t.shape)
+            torch.testing.assert_close(y, want, rtol=1e-6, atol=0)
+            assert ((y - t).abs() <= scale * max(m.diff().max() / 2, m[0].clamp(min=0)) * (1 + 1e-5)).all()
+            if m is MAP4_UNSIGNED: assert (y[t > 0] > 0).all()   # no positive value becomes 0
+    with pytest.raises(ValueError, match='2 dims'): quantize_rank1(torch.ones(300))
+
+def test_int4_state_of_matrices_is_rank1_and_checkpoints_bit_for_bit(tmp_path):
+    "4-bit moments of a matrix keep rank-1 scales (rows + columns floats), a 1-d one its blocks; saved and loaded bit for bit; a blockwise-scaled matrix state is refused by name."
+    g = torch.Generator().manual_seed(0)
+    prec = Precision(state_dtype='int4')
+    ps = [torch.randn(64, 96, generator=g), torch.randn(QUANT_MIN_NUMEL + 100, generator=g)]
+    states = [{'do_wd': True} for _ in ps]
+    for _ in range(3):
+        for p in ps: p.grad = torch.randn(p.shape, generator=g)
+        run_chain(ps, states, prec, lr=1e-3)
+    mat, vec = states
+    assert mat['sqr_avg'].dtype == torch.uint8 and mat['grad_avg'].dtype == torch.int8
+    assert mat['sqr_avg.absmax'].shape == (64 + 96,) and vec['sqr_avg.absmax'].shape == (-(-(QUANT_MIN_NUMEL + 100) // 128),)
+    nbytes = sum(v.numel() * v.element_size() for v in mat.values() if isinstance(v, torch.Tensor))
+    assert nbytes == 2 * (64 * 96 // 2 + 4 * (64 + 96))   # per moment: half a byte an element, a float32 per row and column
+    o = TinyOpt(ps, prec)
+    for p, s in zip(ps, states): o.state[p] = s
+    torch.save(o.state_dict(), tmp_path / 'o.pt')
+    fresh = [p.clone() for p in ps]
+    o2 = TinyOpt(fresh, prec)
+    o2.load_state_dict(torch.load(tmp_path / 'o.pt', weights_only=True))
+    for p, p2 in zip(ps, fresh):
+        assert o.state[p].keys() == o2.state[p2].keys()
+        assert all(torch.equal(v, o2.state[p2][k]) and v.dtype == o2.state[p2][k].dtype for k, v in o.state[p].items() if isinstance(v, torch.Tensor))
+    grads = [torch.randn(p.shape, generator=g) for p in ps]
+    for pp, st in ((ps, [o.state[p] for p in ps]), (fresh, [o2.state[p] for p in fresh])):
+        for p, gr in zip(pp, grads): p.grad = gr
+        run_chain(pp, st, prec, lr=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(ps, fresh))
+    old = dict(mat, **{'sqr_avg.absmax': torch.ones(64 * 96 // 128)})   # blockwise scales, as 4-bit state was kept before
+    with pytest.raises(ValueError, match='160 rank-1 scales, got 48'): run_chain([ps[0]], [old], prec)
+
 def _adam_states(prec, dtype=torch.float32, n=QUANT_MIN_NUMEL * 2, steps=3):
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(n, generator=g).to(dtype), torch.randn(10, generator=g).to(dtype)]

@@ -5,7 +5,8 @@ on GPT-2-sized parameters and on real fits."""
 
 # %% ../../nbs/06d_memory_bench.ipynb #m003
 from __future__ import annotations
-import argparse, math, statistics, sys, time
+import argparse, functools, math, statistics, sys, time
+import numpy as np
 from functools import partial
 import torch
 from torch import nn, Tensor
@@ -17,10 +18,11 @@ from .step import make_params, check_device, _device_name
 from ..core import check_int
 
 # %% auto #0
-__all__ = ['BF16', 'SETTINGS', 'FUSED_SETTINGS', 'LION', 'LR', 'BETAS', 'EPS', 'WD', 'PARITY_SETTINGS', 'contenders',
-           'tensor_bytes', 'state_bytes', 'state_benchmark', 'format_state_rows', 'TinyGPT', 'MemoryMeter', 'peak_step',
-           'peak_benchmark', 'format_peak_rows', 'SeqTransformer', 'fit_loss', 'paired_interval', 'parity_benchmark',
-           'format_parity_rows', 'add_memory_bench_args', 'memory_bench_main']
+__all__ = ['BF16', 'SETTINGS', 'FUSED_SETTINGS', 'LION', 'LR', 'BETAS', 'EPS', 'WD', 'TASKS', 'PARITY_SETTINGS', 'PARITY_OTHERS',
+           'contenders', 'tensor_bytes', 'state_bytes', 'state_benchmark', 'format_state_rows', 'TinyGPT',
+           'MemoryMeter', 'peak_step', 'peak_benchmark', 'format_peak_rows', 'SeqTransformer', 'markov_text',
+           'char_dls', 'char_gpt', 'fit_loss', 'paired_interval', 'parity_benchmark', 'format_parity_rows',
+           'add_memory_bench_args', 'memory_bench_main']
 
 # %% ../../nbs/06d_memory_bench.ipynb #m006
 BF16 = torch.bfloat16
@@ -225,6 +227,35 @@ class SeqTransformer(nn.Module):
         self.head = nn.Linear(d, n_out)
     def forward(self, x): return self.head(self.enc(self.inp(x) + self.pos).mean(1))
 
+def markov_text(n:int, vocab:int=8, order:int=2, alpha:float=0.3, seed:int=1234) -> tuple[Tensor, float]:
+    """`n` tokens of a random order-`order` Markov chain (each context's next-token distribution drawn from Dirichlet(`alpha`)),
+    and its entropy rate in nats (the contexts weighted as they occur): the least loss any model can reach on it."""
+    rng = np.random.default_rng(seed)
+    P = rng.dirichlet(np.full(vocab, alpha), size=vocab ** order)
+    cdf, u = P.cumsum(1), rng.random(n)
+    out, ctx, seen = np.empty(n, dtype=np.int64), 0, np.zeros(vocab ** order)
+    for i in range(n):
+        t = min(int(np.searchsorted(cdf[ctx], u[i], side='right')), vocab - 1)
+        seen[ctx] += 1; out[i], ctx = t, (ctx * vocab + t) % vocab ** order
+    H = -(P * np.log(np.where(P > 0, P, 1.))).sum(1)
+    return torch.from_numpy(out), float(seen @ H / n)
+
+_markov_cached = functools.lru_cache(4)(markov_text)   # the same fixed text for every fit
+
+def char_dls(bs:int=32, seq:int=32, n_train:int=1024, n_valid:int=256):
+    "Next-token prediction on `markov_text` (fixed data) cut into sequences of `seq`, and the source's entropy rate."
+    from fastai.data.core import DataLoaders
+    toks, H = _markov_cached((n_train + n_valid) * (seq + 1))
+    x = toks.view(-1, seq + 1)
+    ds = lambda a: list(zip(a[:, :-1], a[:, 1:]))
+    return DataLoaders.from_dsets(ds(x[:n_train]), ds(x[n_train:]), bs=bs, device='cpu', num_workers=0), H
+
+def char_gpt(vocab:int=8, d:int=64, n_layers:int=2, seq:int=32) -> nn.Module:
+    "`TinyGPT` at d_model 64 with GPT-2's embedding init (std 0.02; the head is tied to it)."
+    m = TinyGPT(vocab=vocab, d=d, n_layers=n_layers, n_heads=4, max_len=seq)
+    nn.init.normal_(m.emb.weight, std=0.02)
+    return m
+
 def _to_dtype_cb(dt):
     from fastai.callback.core import Callback
     class ToDtype(Callback):
@@ -233,26 +264,50 @@ def _to_dtype_cb(dt):
         def after_pred(self): self.learn.pred = self.pred.float()
     return ToDtype()
 
+TASKS = ('digits_cnn', 'char_transformer', 'seq_transformer')
 def _task(task:str, seed:int):
+    "dls, model, epochs, lr and the loss floor (the source's entropy; 0 where unknown) of `task`."
     from fastopts.bench.lr_find import digits_images, sequence_dls, small_cnn
-    if task == 'digits_cnn': return digits_images(seed=seed, bs=64), small_cnn(), 6, 1e-2
+    if task == 'digits_cnn': return digits_images(seed=seed, bs=64), small_cnn(), 6, 1e-2, 0.
+    if task == 'char_transformer':
+        dls, H = char_dls()
+        return dls, char_gpt(), 6, 1e-2, H
     if task == 'seq_transformer':
         torch.manual_seed(seed)
-        return sequence_dls(seed=seed, bs=64, length=20, k=10), SeqTransformer(), 8, 3e-3
-    raise ValueError(f"`task` must be 'digits_cnn' or 'seq_transformer', got {task!r}")
+        return sequence_dls(seed=seed, bs=64, length=20, k=10), SeqTransformer(), 8, 3e-3, 0.
+    raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
+
+def _eager_torchao(cls):
+    "torchao's optimizer `cls` under fastai: a tensor lr (fastai sets floats), the step eager (float betas that move each batch would recompile)."
+    class Eager(cls):
+        def step(self, closure=None):
+            for g in self.param_groups: g['lr'] = torch.tensor(float(g['lr']))
+            with torch.compiler.set_stance('force_eager'): return super().step(closure)
+    return Eager
+
+def _parity_opt(setting:str):
+    "(params dtype, fastai opt_func) of a parity column: a fastopts setting, or another library's AdamW through fastai's `OptimWrapper`."
+    if setting in SETTINGS:
+        dt, kw = SETTINGS[setting]
+        return dt, lambda ps, lr: fo.AdamW(ps, lr=lr, wd=WD, **kw)
+    from fastai.optimizer import OptimWrapper
+    if setting == 'torch AdamW (fp32)': cls = torch.optim.AdamW
+    elif setting == 'torchao AdamW4bit (fp32)':
+        from torchao.optim import AdamW4bit
+        cls = _eager_torchao(AdamW4bit)
+    else: raise ValueError(f"`setting` must be one of {tuple(SETTINGS) + PARITY_OTHERS}, got {setting!r}")
+    return torch.float32, lambda ps, lr: OptimWrapper(ps, cls, lr=lr, weight_decay=WD, eps=EPS)
 
 def fit_loss(task:str, setting:str, seed:int=0) -> float:
-    "Final validation loss of `task` trained with fastopts' AdamW in `setting` (one-cycle)."
+    "Final validation loss of `task` trained with AdamW in `setting` (fastai's one-cycle)."
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.torch_core import set_seed
     import fastai.callback.schedule  # noqa: F401 (fit_one_cycle)
     set_seed(seed, reproducible=True)
-    dls, model, epochs, lr = _task(task, seed)
-    dt, kw = SETTINGS[setting]
-    model = model.to(dt)
-    opt_func = lambda ps, lr: fo.AdamW(ps, lr=lr, wd=WD, **kw)
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, cbs=[_to_dtype_cb(dt)] if dt != torch.float32 else [])
+    dls, model, epochs, lr, _ = _task(task, seed)
+    dt, opt_func = _parity_opt(setting)
+    learn = Learner(dls, model.to(dt), loss_func=CrossEntropyLossFlat(), opt_func=opt_func, cbs=[_to_dtype_cb(dt)] if dt != torch.float32 else [])
     if hasattr(learn, 'progress'): learn.remove_cb(learn.progress)
     with learn.no_logging():
         learn.fit_one_cycle(epochs, lr)
@@ -260,6 +315,8 @@ def fit_loss(task:str, setting:str, seed:int=0) -> float:
 
 PARITY_SETTINGS = ('fp32', 'bf16 + Kahan', 'bf16 plain', 'bf16 + stochastic rounding', 'fp32, bf16 state', 'fp32, int8 state',
                    'bf16 + Kahan, int8 state', 'fp32, int4 state')
+# torch's AdamW: fp32 again, other float rounding (the noise floor of a paired difference); torchao's 4-bit AdamW
+PARITY_OTHERS = ('torch AdamW (fp32)', 'torchao AdamW4bit (fp32)')
 
 def paired_interval(diffs, level:float=0.95) -> tuple[float, float, float]:
     "Mean of paired differences and its `level` t-interval (Student's t with n-1 degrees of freedom)."
@@ -269,29 +326,34 @@ def paired_interval(diffs, level:float=0.95) -> tuple[float, float, float]:
     half = student.ppf((1 + level) / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
     return m, m - half, m + half
 
-def parity_benchmark(tasks=('digits_cnn', 'seq_transformer'), settings=PARITY_SETTINGS, seeds=tuple(range(8)), progress=None) -> list[dict]:
-    """Rows `{task, setting, val_loss (mean over seeds), vs_fp32, diff, lo, hi}`: seeds are paired (each seed gives every
-    setting the same init and data), so `diff` is the mean over seeds of `loss/loss_fp32 - 1` of that seed, with its 95%
-    interval `lo`..`hi`; the spread between seeds cancels out of it."""
+def parity_benchmark(tasks=('digits_cnn', 'char_transformer'), settings=PARITY_SETTINGS + PARITY_OTHERS, seeds=tuple(range(8)), progress=None) -> list[dict]:
+    """Rows `{task, setting, val_loss (mean over seeds), sd (seeds' spread / mean), diff, lo, hi, xdiff, xlo, xhi, s_per_fit}`:
+    seeds are paired (each seed gives every setting the same init and data), so `diff` is the mean over seeds of
+    `loss/loss_fp32 - 1` of that seed, with its 95% interval `lo`..`hi`; the spread between seeds cancels out of it.
+    `xdiff` (`xlo`..`xhi`): the same of the excess over the task's loss floor, where it has one (the char transformer's entropy)."""
     rows = []
     for task in tasks:
-        ref = None
+        ref, floor = None, _task(task, 0)[4]
         for s in ('fp32',) + tuple(x for x in settings if x != 'fp32'):
+            t0 = time.perf_counter()
             losses = [fit_loss(task, s, seed) for seed in seeds]
             if progress: progress(f"{task}: {s}: final valid loss {', '.join(f'{l:.4f}' for l in losses)}")
             if s == 'fp32': ref = losses
             d, lo, hi = paired_interval([l / r - 1 for l, r in zip(losses, ref)])
-            rows.append(dict(task=task, setting=s, val_loss=statistics.mean(losses), losses=losses,
-                             vs_fp32=statistics.mean(losses) / statistics.mean(ref) - 1, diff=d, lo=lo, hi=hi))
+            xd, xlo, xhi = paired_interval([(l - floor) / (r - floor) - 1 for l, r in zip(losses, ref)]) if floor else (math.nan,) * 3
+            rows.append(dict(task=task, setting=s, val_loss=statistics.mean(losses), losses=losses, floor=floor,
+                             sd=statistics.stdev(losses) / statistics.mean(losses) if len(losses) > 1 else math.nan,
+                             diff=d, lo=lo, hi=hi, xdiff=xd, xlo=xlo, xhi=xhi, s_per_fit=(time.perf_counter() - t0) / len(seeds)))
     return rows
 
 def format_parity_rows(rows) -> str:
-    out = ['| task | setting | final valid loss (mean of seeds) | paired difference to fp32 | 95% interval | within +-2% |', '|---|---|---:|---:|---|---|']
+    out = ['| task | setting | final valid loss (mean of seeds) | seeds\' sd / mean | paired difference to fp32 | 95% interval | within +-2% | '
+           'excess over the floor: paired difference [95% interval] | s per fit |', '|---|---|---:|---:|---:|---|---|---|---:|']
     for r in rows:
         ok = '' if r['setting'] == 'fp32' else ('yes' if -0.02 <= r['lo'] and r['hi'] <= 0.02 else 'no')
-        out.append(f"| {r['task']} | {r['setting']} | {r['val_loss']:.4f} | {r['diff']:+.2%} | {r['lo']:+.2%} .. {r['hi']:+.2%} | {ok} |")
+        x = '' if math.isnan(r['xdiff']) or r['setting'] == 'fp32' else f"{r['xdiff']:+.1%} [{r['xlo']:+.1%} .. {r['xhi']:+.1%}]"
+        out.append(f"| {r['task']} | {r['setting']} | {r['val_loss']:.4f} | {r['sd']:.2%} | {r['diff']:+.2%} | {r['lo']:+.2%} .. {r['hi']:+.2%} | {ok} | {x} | {r['s_per_fit']:.1f} |")
     return '\n'.join(out)
-
 
 # %% ../../nbs/06d_memory_bench.ipynb #m020
 def add_memory_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -299,10 +361,10 @@ def add_memory_bench_args(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--n', type=int, default=3, help='timed steps per contender (median; default 3)')
     p.add_argument('--layers', type=int, default=4, help='GPT-2 blocks of the peak-memory model (default 4)')
     p.add_argument('--seeds', type=int, default=8, help='paired seeds of the loss-parity fits (default 8)')
-    p.add_argument('--tasks', nargs='+', default=['digits_cnn', 'seq_transformer'], choices=['digits_cnn', 'seq_transformer'], help='loss-parity tasks')
+    p.add_argument('--tasks', nargs='+', default=['digits_cnn', 'char_transformer'], choices=list(TASKS), help='loss-parity tasks')
     p.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
-    p.add_argument('--only', nargs='+', default=None, help='state table: only the contenders whose name contains one of these')
+    p.add_argument('--only', nargs='+', default=None, help='only the contenders (state table) and settings (parity; fp32 always) whose name contains one of these')
     return p
 
 def memory_bench_main(args) -> dict:
@@ -322,7 +384,10 @@ def memory_bench_main(args) -> dict:
         print(f"## Peak memory of a training step besides activations: TinyGPT, {layers} blocks of d_model 768 ({rows[0]['params'] / 1e6:.1f}M params)\n")
         print(format_peak_rows(rows) + '\n')
     if 'parity' in args.parts:
-        out['parity'] = rows = parity_benchmark(tasks=tuple(args.tasks), seeds=tuple(range(seeds)), progress=say)
+        settings = PARITY_SETTINGS + PARITY_OTHERS
+        if getattr(args, 'only', None):   # a setting's exact name picks it alone; other words, the settings containing them
+            settings = tuple(s for s in settings if s == 'fp32' or any(o == s or (o not in settings and o in s) for o in args.only))
+        out['parity'] = rows = parity_benchmark(tasks=tuple(args.tasks), settings=settings, seeds=tuple(range(seeds)), progress=say)
         print(f"## Loss parity: final validation loss over {seeds} paired seeds, and each setting's paired difference to fp32\n")
         print(format_parity_rows(rows) + '\n')
     return out
