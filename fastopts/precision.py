@@ -12,9 +12,9 @@ from .callbacks import ParamGroupView
 from .inductor_tiling import lowp_tiling
 
 # %% auto #0
-__all__ = ['QUANT_BLOCK', 'QUANT4_BLOCK', 'QUANT_MIN_NUMEL', 'ABSMAX', 'STATE_DTYPES', 'dynamic_map', 'quant_map',
-           'quantize_blockwise', 'dequantize_blockwise', 'quantize_rank1', 'dequantize_rank1', 'random_bits',
-           'stream_key', 'stochastic_round', 'Precision']
+__all__ = ['QUANT_BLOCK', 'QUANT4_BLOCK', 'QUANT_MIN_NUMEL', 'ABSMAX', 'STATE_DTYPES', 'FUSED_BATCH', 'FUSED_BATCH_NUMEL',
+           'dynamic_map', 'quant_map', 'quantize_blockwise', 'dequantize_blockwise', 'quantize_rank1',
+           'dequantize_rank1', 'random_bits', 'stream_key', 'stochastic_round', 'Precision']
 
 # %% ../nbs/00i_precision.ipynb #p006
 QUANT_BLOCK = 256      # elements per quantisation block of 8-bit state (one float32 absmax each)
@@ -370,11 +370,17 @@ class Precision:
     def fused_step(self, cbs, ps:list[Tensor], grads:list[Tensor], states:list[dict], hyper:dict, compile_kw:dict|None=None,
                    kinds:dict|None=None) -> bool:
         """Step `ps` (one device and dtype, each state already made by an eager step) with the chain `cbs` and this layer
-        in one compiled function per tensor: decode, update, Kahan or stochastic write-back, encode. `hyper`: 0-d tensors.
+        in one compiled function per same-shape batch: decode, update, Kahan or stochastic write-back, encode. `hyper`: 0-d tensors.
         False (nothing done) where it does not apply: a state not made yet, complex or sharded params."""
         plans = [_plan(self, p, s, kinds) for p, s in zip(ps, states)]
         if any(pl is None for pl in plans): return False
-        for p, g, s, plan in zip(ps, grads, states, plans): _fused_tensor_step(self, tuple(cbs), plan, p, g, s, hyper, compile_kw or {}, kinds)
+        keys = [self.key(p.device) if pl[0] == 'stochastic' else None for p, pl in zip(ps, plans)]   # the stream in the tensors' order
+        batches = {}   # same plan, shape, dtypes and device: one call of one graph (the chain's foreach ops over them)
+        for i, (p, g, pl) in enumerate(zip(ps, grads, plans)): batches.setdefault((pl, tuple(p.shape), p.dtype, g.dtype, str(p.device)), []).append(i)
+        for idx in batches.values():
+            nb = -(-len(idx) // FUSED_BATCH) if ps[idx[0]].numel() <= FUSED_BATCH_NUMEL else len(idx)   # calls of near-equal size: one graph (two at most) per shape
+            for at in (idx[len(idx) * b // nb:len(idx) * (b + 1) // nb] for b in range(nb)):
+                _fused_batch_step(self, tuple(cbs), plans[at[0]], *([xs[i] for i in at] for xs in (ps, grads, states, keys)), hyper, compile_kw or {}, kinds)
         return True
 
 # %% ../nbs/00i_precision.ipynb #p017
@@ -450,18 +456,12 @@ def _plan(prec, p:Tensor, s:dict, kinds):
         if fmt: moments.append((k, fmt))
     return (mode if copy else None, _work_dtype(p.dtype) if copy else p.dtype, copy, tuple(moments), tuple(ints))
 
-def _fused_body(cbs, plan, p, g, st, hyper, key, kinds):
-    "One tensor's step: decode, the chain, write-back, encode; the compiled function. Returns the changed other state and sign flags."
-    mode, wdt, copy, moments, _ = plan
-    fmts = dict(moments)
-    w, gw = (p.to(wdt), g.to(wdt)) if copy else (p, g)
-    ws = {}
-    for k, v in st.items():
-        if k == 'kahan_comp' or _is_scale(k): continue
-        f = fmts.get(k)
-        ws[k] = v if f is None else _decode_codes(v, st[f"{k}{ABSMAX}"], p.shape, wdt) if f[0] == 'q' else v.to(wdt)
-    grp = ParamGroupView([w], [gw], [ws])
-    for cb in cbs: grp.update(cb(grp, **hyper), cb)
+FUSED_BATCH = 16   # same-shape tensors per call of the fused pass at most: a call costs ~0.3 ms of Python (dynamo's guards, the wrapper); a graph's compile time grows with it
+FUSED_BATCH_NUMEL = 2**16   # larger tensors take a call each: the call costs little next to their loop, and inductor fuses same-size loops of a batch into one, at 8 lanes
+
+def _write_back(plan, p, w, st, ws, key):
+    "One tensor's write-back inside the fused pass: the param (Kahan, stochastic or nearest) and its moments (cast or encoded)."
+    mode, _, copy, moments, _ = plan
     if copy:
         if mode == 'kahan': _kahan(p, w, st['kahan_comp'])
         elif mode == 'stochastic': p.copy_(stochastic_round(w, p.dtype, key=key))
@@ -475,10 +475,25 @@ def _fused_body(cbs, plan, p, g, st, hyper, key, kinds):
         if not f[2]: flags[k] = (v < 0).any()   # the unsigned map, unless v went below 0: then the signed one from now on (as `_store`)
         codes, absmax = _encode(v, f[1], flags[k] if not f[2] else True)
         st[k].copy_(codes.view(st[k].shape)); st[f"{k}{ABSMAX}"].copy_(absmax)
-    return {k: v for k, v in ws.items() if k not in fmts and (k not in st or st[k] is not v)}, flags
+    return {k: v for k, v in ws.items() if k not in dict(moments) and (k not in st or st[k] is not v)}, flags
+
+def _decoded(st:dict, k, f, shape, wdt):
+    "State `k` of `st` in the working dtype: decoded (`f`: its format) or as it is."
+    v = st[k]
+    return v if f is None else _decode_codes(v, st[f"{k}{ABSMAX}"], shape, wdt) if f[0] == 'q' else v.to(wdt)
+
+def _fused_body(cbs, plan, ps, gs, sts, hyper, keys, kinds):
+    "Same-shape tensors' step: decode, the chain (its foreach ops over them all), write-back, encode; the compiled function. Per tensor: the changed other state and sign flags."
+    mode, wdt, copy, moments, _ = plan
+    fmts = dict(moments)
+    ws = [{k: _decoded(st, k, fmts.get(k), p.shape, wdt) for k in st if k != 'kahan_comp' and not _is_scale(k)} for p, st in zip(ps, sts)]
+    w = [p.to(wdt) for p in ps] if copy else list(ps)
+    grp = ParamGroupView(w, [g.to(wdt) for g in gs] if copy else list(gs), ws)
+    for cb in cbs: grp.update(cb(grp, **hyper), cb)
+    return [_write_back(plan, *a) for a in zip(ps, w, sts, ws, keys)]
 
 def _compiled_body(prec, key:tuple, compile_kw:dict):
-    "The compiled `_fused_body` for `key` (chain, plan, shape, dtypes, device): one graph each, made once."
+    "The compiled `_fused_body` for `key` (chain, plan, shape, dtypes, device, batch size): one graph each, made once."
     fn = prec._fused.get(key)
     if fn is None:
         kw = {'fullgraph': True, **compile_kw, 'dynamic': False}   # one graph per shape: sizes known, loops unrolled to them
@@ -489,21 +504,22 @@ def _compiled_body(prec, key:tuple, compile_kw:dict):
         fn = prec._fused[key] = torch.compile(types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__), **kw)
     return fn
 
-def _fused_tensor_step(prec, cbs:tuple, plan, p:Tensor, g:Tensor, s:dict, hyper:dict, compile_kw:dict, kinds):
-    "`_fused_body` on one tensor, compiled: Python ints of the state go in as 0-d tensors (no recompile per step) and come back as ints."
-    ints = plan[4]
+def _fused_batch_step(prec, cbs:tuple, plan, ps:list, gs:list, ss:list, keys:list, hyper:dict, compile_kw:dict, kinds):
+    "`_fused_body` on same-shape tensors, compiled: Python ints of the state go in as 0-d tensors (no recompile per step) and come back as ints."
+    ints, p = plan[4], ps[0]
     for _, f in plan[3]:   # the maps are made outside the graph (a constant in it)
         if f[0] == 'q': _qmap(f[1], True, p.device), _qmap(f[1], False, p.device), _qmap_either(p.device)
-    st = {k: (torch.tensor(v) if k in ints else v) for k, v in s.items()}
-    key = prec.key(p.device) if plan[0] == 'stochastic' else None
-    body = (cbs, plan, tuple(p.shape), p.dtype, g.dtype, str(p.device))
-    first = body not in prec._fused   # the call that compiles: only it needs the tiling (43 us a call, per tensor per step)
+    sts = [{k: (torch.tensor(v) if k in ints else v) for k, v in s.items()} for s in ss]
+    body = (cbs, plan, tuple(p.shape), p.dtype, gs[0].dtype, str(p.device), len(ps))
+    first = body not in prec._fused   # the call that compiles: only it needs the tiling (43 us a call)
     fn = _compiled_body(prec, body, compile_kw)
     try:
-        with lowp_tiling() if first else contextlib.nullcontext(): others, flags = fn(cbs, plan, p, g, st, hyper, key, kinds)
+        with lowp_tiling() if first else contextlib.nullcontext(): outs = fn(cbs, plan, ps, gs, sts, hyper, keys, kinds)
     except torch._dynamo.exc.TorchDynamoException as e:
         raise RuntimeError(f"`compiled`: torch.compile failed on the chain with the precision layer inside: {type(e).__name__}: "
                            f"{str(e).splitlines()[0]}. Pass compiled=False to run it eagerly") from e
-    for k, v in others.items(): s[k] = int(v) if k in ints and isinstance(v, Tensor) else v
-    for k, neg in flags.items():
-        if neg: s[k] = s[k].view(torch.int8)   # the codes are the signed map's: say so
+    for s, (others, flags) in zip(ss, outs):
+        for k, v in others.items(): s[k] = int(v) if k in ints and isinstance(v, Tensor) else v
+        for k, neg in flags.items():
+            if neg: s[k] = s[k].view(torch.int8)   # the codes are the signed map's: say so
+
