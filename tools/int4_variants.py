@@ -11,6 +11,7 @@ moments or one of them, other block sizes, lpmm's rank-1 normalisation for the s
 import math, statistics, sys, time, warnings
 import torch
 import fastopts.precision as fp
+import fastopts.quant as fq
 from fastopts.bench import memory as mb
 
 def _nearest(normed, qm): return qm[torch.bucketize(normed, (qm[1:] + qm[:-1]) / 2)]
@@ -18,8 +19,8 @@ def _nearest(normed, qm): return qm[torch.bucketize(normed, (qm[1:] + qm[:-1]) /
 def blockwise(signed:bool, block:int=128):
     "Round-trip through the 4-bit map with one absmax per `block` elements (the flat tensor, zero-padded)."
     def f(v):
-        qm, flat = fp.quant_map(4, signed), v.reshape(-1).float()
-        b = fp._blocks(flat, block); a = b.abs().amax(1, keepdim=True)
+        qm, flat = fq.quant_map(4, signed), v.reshape(-1).float()
+        b = fq._blocks(flat, block); a = b.abs().amax(1, keepdim=True)
         return (_nearest(b / torch.where(a > 0, a, 1.), qm) * a).reshape(-1)[:flat.numel()].view(v.shape)
     return f
 
@@ -31,7 +32,7 @@ def rank1(signed:bool):
         for d in range(x.dim()):
             m = x.abs().amax(dim=[j for j in range(x.dim()) if j != d], keepdim=True)
             s = m if s is None else torch.minimum(s, m)
-        return _nearest(x / torch.where(s > 0, s, 1.), fp.quant_map(4, signed)) * s
+        return _nearest(x / torch.where(s > 0, s, 1.), fq.quant_map(4, signed)) * s
     return f
 
 VARIANTS = {   # (first moment, second moment): None keeps it in float32
