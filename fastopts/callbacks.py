@@ -250,8 +250,9 @@ def _per_tensor(xs:list, device=None) -> list:
     tensors, and numbers while compiling (symbols of the step counts: `t**0.25`) as tensors on `device`, through a scan."""
     if not _is_t(xs) and not torch.compiler.is_compiling(): return xs
     if not _is_t(xs):   # dynamo shows a symbolic float as a float: while compiling, every number is taken for one
-        dt = torch.float64 if torch.device(device).type in ('cpu', 'cuda') else torch.float32
-        xs = [torch.scalar_tensor(x, dtype=dt, device=device) for x in xs]
+        dev = torch.device('cpu' if device is None else device)   # no device named: 0-d CPU tensors, which ops on any device take
+        dt = torch.float64 if dev.type in ('cpu', 'cuda') else torch.float32
+        xs = [torch.scalar_tensor(x, dtype=dt, device=dev) for x in xs]
     # The compiler inlines small scalar expressions into the loops that use them, so `1 - mom**t` would be
     # recomputed (a `pow`) for every 16 elements of every tensor: Adam ran 2.5x slower than torch's fused kernel.
     # A scan is a kernel of its own: the loops then load each tensor's scalar. `cumsum([0, x])[1]` is `x` exactly.
