@@ -227,7 +227,7 @@ def prodigy_stats(grp, mom, sqr_mom, d, d0, dlr, beta3, avg_w, sqr_w, s_w, slice
     if late:
         for g, x0, x, p in zip(gs, p0, s, grp.params):
             dots.append((g * (x0 - _sliced(p, slice_p))).sum(dtype=torch.float64))   # float64: inductor cascades float32 sums
-            dens.append(_axpy_(x * beta3, g, s_w).abs_().sum(dtype=torch.float64))   # (a store per add); the new `s`, not kept
+            dens.append(_axpy_(x * beta3, g, s_w).abs_().sum(dtype=torch.float64))   # (partial sums in memory); the new `s`, not kept
     else:
         sq, grads = _local(grp.state('sqr_avg')), _local(grp.grads)
         avgs = _local(grp.state('grad_avg')) if has_mom else [None] * len(gs)
