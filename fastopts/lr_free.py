@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import check_range, check_int
-from .callbacks import _sliced, _sliced_state, _view, _p0, _made_sliced, _tiles, _axpy_
+from .callbacks import _sliced, _sliced_state, _view, _p0, _made_sliced, _tiles, _axpy_, _not_row_shard
 from .optimizer import (Optimizer, DTensor, contract, stage, torch_names, average_sqr_grad, step_stat, l2_reg, _pick,
                                 _local, _is_t, _add_, _maybe_nonzero, _per_tensor)
 from .adam_variants import adopt_step, ADOPT, average_slow_grad, ademamix_step, AdEMAMix
@@ -210,7 +210,8 @@ def _prodigy_emas(g, gl, v, q, x, mom, sqr_mom, beta3, avg_w, sqr_w, s_w):
     _axpy_(q.mul_(sqr_mom), gl, sqr_w, gl)
     _axpy_(x.mul_(beta3), g, s_w)
 
-@contract(writes={'grad_avg': 'moment', 'sqr_avg': 'moment', 's': 'sum', 'p0': 'iterate'}, hypers='lr mom sqr_mom slice_p safeguard_warmup')
+@contract(writes={'grad_avg': 'moment', 'sqr_avg': 'moment', 's': 'sum', 'p0': 'iterate'}, hypers='lr mom sqr_mom slice_p safeguard_warmup',
+          accepts=_not_row_shard)
 def prodigy_stats(grp, mom, sqr_mom, d, d0, dlr, beta3, avg_w, sqr_w, s_w, slice_p=1, late=False, has_lr=True, has_mom=True, **_):
     """Prodigy's first pass on a group: the EMAs, the sum `s` and this group's part of d's numerator and denominator, one
     param (one tile of it) at a time. `late` (compiled): only the two sums, `s`'s new value made and summed but kept by
@@ -309,6 +310,7 @@ class ProdigyOptimizer(Optimizer):
     "Prodigy's two passes over all groups around one global `d` (kept in every group, as the reference: `d`, `d_max`, ...)."
     needs_mode_callback = True   # a Learner adds `ScheduleFreeCallback` (its lr check)
     _keys = ('d', 'd_max', 'd_numerator', 'k')
+    _rule = 'Prodigy'   # what refusals call it
     def __init__(self, params, decouple=True, fsdp_in_use=False, **defaults):
         self.decouple, self.fsdp_in_use = bool(decouple), bool(fsdp_in_use)
         cbs = [prodigy_sizes, *([] if self.decouple else [l2_reg]), prodigy_stats, partial(prodigy_d, fsdp_in_use=self.fsdp_in_use),
