@@ -774,6 +774,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'fastopts.lr_free._moved_mom': ('lr_free.html#_moved_mom', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._needs_callback': ('lr_free.html#_needs_callback', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._plus_wd': ('lr_free.html#_plus_wd', 'fastopts/lr_free.py'),
+                                  'fastopts.lr_free._prodigy_emas': ('lr_free.html#_prodigy_emas', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._reform': ('lr_free.html#_reform', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._set_keys': ('lr_free.html#_set_keys', 'fastopts/lr_free.py'),
                                   'fastopts.lr_free._sf_update': ('lr_free.html#_sf_update', 'fastopts/lr_free.py'),

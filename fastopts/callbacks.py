@@ -132,10 +132,11 @@ def _made_sliced(s:list, gs:list, slice_p:int):
 TILE = 1 << 18   # entries of one param worked on at a time by Prodigy's eager passes (1 MB of float32 per tensor read)
 
 def _tiles(ts:list, n:int) -> list[list]:
-    "One param's tensors `ts` (each of `n` entries) as matching pieces of `TILE` entries, worked through while in cache; `[ts]` compiled or where they differ."
-    if n <= TILE or torch.compiler.is_compiling() or any(t is None or t.numel() != n or not t.is_contiguous() for t in ts): return [ts]
-    flat = [t.view(-1) for t in ts]
-    return [[f[i:i + TILE] for f in flat] for i in range(0, n, TILE)]
+    """One param's tensors `ts` (each of `n` entries, or None: a state the rule does not keep) as matching pieces of `TILE`
+    entries, worked through while in cache; `[ts]` compiled or where they differ in size or are not contiguous."""
+    if n <= TILE or torch.compiler.is_compiling() or any(t is not None and (t.numel() != n or not t.is_contiguous()) for t in ts): return [ts]
+    flat = [None if t is None else t.view(-1) for t in ts]
+    return [[None if f is None else f[i:i + TILE] for f in flat] for i in range(0, n, TILE)]
 
 def _axpy_(x, y, a, z=None):
     "`x += a·y` (`a·y·z` with `z`): `a` a float (eager: no temporary), or a 0-d tensor (compiled: fused into one loop)."
