@@ -735,6 +735,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'fastopts/lr_free.py'),
                                   'fastopts.lr_free.ProdigyOptimizer._init_keys': ( 'lr_free.html#prodigyoptimizer._init_keys',
                                                                                     'fastopts/lr_free.py'),
+                                  'fastopts.lr_free.ProdigyOptimizer._refuse_group': ( 'lr_free.html#prodigyoptimizer._refuse_group',
+                                                                                       'fastopts/lr_free.py'),
                                   'fastopts.lr_free.ProdigyOptimizer.add_param_group': ( 'lr_free.html#prodigyoptimizer.add_param_group',
                                                                                          'fastopts/lr_free.py'),
                                   'fastopts.lr_free.ProdigyOptimizer.d': ('lr_free.html#prodigyoptimizer.d', 'fastopts/lr_free.py'),

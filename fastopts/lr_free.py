@@ -15,6 +15,7 @@ from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import check_range, check_int
+from .caps import _param_label
 from .callbacks import _sliced, _sliced_state, _view, _p0, _made_sliced, _tiles, _axpy_, _not_row_shard
 from .optimizer import (Optimizer, DTensor, contract, stage, torch_names, average_sqr_grad, step_stat, l2_reg, _pick,
                                 _local, _is_t, _add_, _maybe_nonzero, _per_tensor)
@@ -325,6 +326,18 @@ class ProdigyOptimizer(Optimizer):
     def add_param_group(self, param_group:dict):
         super().add_param_group(param_group)
         self._init_keys(self.param_groups[-1])
+
+    def _refuse_group(self, i:int):
+        "Also refuse FSDP2 shards (DTensors) beside whole tensors: `d`'s sums would be all-reduced over both, or over neither."
+        super()._refuse_group(i)
+        ps = [p for g in self.param_groups for p in g['params']]
+        odd = next((j for j, p in enumerate(self.param_groups[i]['params']) if isinstance(p, DTensor) != isinstance(ps[0], DTensor)), None)
+        if odd is None: return
+        p, kind = self.param_groups[i]['params'][odd], ('a whole tensor', 'an FSDP2 shard (DTensor)')
+        raise ValueError(f"{_param_label(self.param_groups[i], odd, p, i)} is {kind[isinstance(p, DTensor)]} but param 0 of group 0 is "
+                         f"{kind[isinstance(ps[0], DTensor)]}: Prodigy's one `d` sums over every param, all-reduced over the ranks for "
+                         "shards, where a whole tensor (the same on every rank) would count once per rank: shard every param with the "
+                         "model (fully_shard) or none")
 
     @property
     def d(self) -> float: return self.param_groups[0]['d']

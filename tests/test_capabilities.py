@@ -157,3 +157,26 @@ def test_a_routed_share_names_its_own_param():
     from fastopts.matrix import Muon
     with pytest.raises(ValueError, match=r"^param `c.weight` \(4, 4\) is complex: Muon cannot take complex"):
         Muon([('a.weight', w), ('a.bias', b), ('c.weight', c)], lr=0.01)
+
+def test_prodigy_refuses_shards_beside_whole_tensors():
+    """Prodigy's one `d` sums over every param of every group, all-reduced over the ranks when the params are FSDP2 shards.
+    A whole tensor beside shards (in any group) would be summed on one rank only, or once per rank: before issue 27's
+    change, 2 gloo ranks with a plain bias in group 0 and a sharded weight in group 1 ended 5 steps with d = 1.93e-6 on
+    one rank and 1.01e-6 on the other (no all-reduce) and the bias different on each. Now refused at construction and by
+    `add_param_group` (the group not kept), either way round."""
+    out = _in_one_rank('''
+        from fastopts.lr_free import Prodigy
+        rows = lambda: torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        whole = lambda: torch.nn.Parameter(torch.randn(3))
+        def refused(f):
+            try: f()
+            except ValueError as e: print(e)
+            else: print('not refused')
+        refused(lambda: Prodigy([dict(params=[whole()]), dict(params=[rows()])]))
+        refused(lambda: Prodigy([rows(), whole()]))
+        opt = Prodigy([rows()])
+        refused(lambda: opt.add_param_group({'params': [whole()]}))
+        print(len(opt.param_groups), 'group kept')''')
+    assert "param 0 of group 1 (8, 4) is an FSDP2 shard (DTensor) but param 0 of group 0 is a whole tensor: Prodigy's one `d`" in out, out
+    assert "param 1 of group 0 (3,) is a whole tensor but param 0 of group 0 is an FSDP2 shard (DTensor): Prodigy's" in out, out
+    assert "param 0 of group 1 (3,) is a whole tensor" in out and '1 group kept' in out and 'not refused' not in out, out
