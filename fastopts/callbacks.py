@@ -69,9 +69,13 @@ def _local(xs:list) -> list:
     return [x.to_local() for x in xs] if xs and isinstance(xs[0], DTensor) else xs
 
 def _device_dtype_groups(ps:list[Tensor]) -> list[list[int]]|None:
-    "Indices of `ps` by device and dtype, or None when all share one (torch's own grouping, in C++)."
-    groups = torch._C._group_tensors_by_device_and_dtype([ps], True)
-    return None if len(groups) <= 1 else [idx for _, idx in groups.values()]
+    """Indices of `ps` by device and dtype (torch's own grouping, in C++), FSDP2's shards (DTensors) apart from whole tensors
+    (an elementwise kernel takes one kind or the other), or None when all share one."""
+    groups = [idx for _, idx in torch._C._group_tensors_by_device_and_dtype([ps], True).values()]
+    sharded = [isinstance(p, DTensor) for p in ps]
+    if any(sharded) and not all(sharded):   # a group mixing the two: torch's optimizers take it, so do we
+        groups = [part for idx in groups for part in ([i for i in idx if sharded[i]], [i for i in idx if not sharded[i]]) if part]
+    return None if len(groups) <= 1 else groups
 
 def _group_view(ps:list[Tensor], states:list[dict], grads:list[Tensor]|None=None) -> ParamGroupView:
     "The `ParamGroupView` of params `ps` (one device and dtype) with their grads (read here unless given); complex ones as real views."

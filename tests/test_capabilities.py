@@ -180,3 +180,35 @@ def test_prodigy_refuses_shards_beside_whole_tensors():
     assert "param 0 of group 1 (8, 4) is an FSDP2 shard (DTensor) but param 0 of group 0 is a whole tensor: Prodigy's one `d`" in out, out
     assert "param 1 of group 0 (3,) is a whole tensor but param 0 of group 0 is an FSDP2 shard (DTensor): Prodigy's" in out, out
     assert "param 0 of group 1 (3,) is a whole tensor" in out and '1 group kept' in out and 'not refused' not in out, out
+
+def test_a_group_mixing_shards_and_whole_tensors_steps_as_torch():
+    """A param group holding FSDP2 shards (DTensors) and whole tensors (a bias left out of `fully_shard`, say): torch's
+    optimizers step it; before issue 27's change fastopts failed in `step()` (the fused kernel got "mixed torch.Tensor and
+    DTensor", or `to_local` of a whole tensor). The driver now hands each kind to the kernels apart: torch's numbers,
+    either order, for AdamW (fused), AdamW through its callbacks and Adafactor (a 1-rank world: the shard is the whole)."""
+    out = _in_one_rank('''
+        from fastopts.optimizer import AdamW
+        from fastopts.adafactor import Adafactor
+        makes = {'AdamW': (lambda ps: AdamW(ps, lr=0.1, wd=0.01), lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01)),
+                 'AdamW callbacks': (lambda ps: AdamW(ps, lr=0.1, wd=0.01, fused=False), lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01)),
+                 'Adafactor': (lambda ps: Adafactor(ps, lr=0.1), lambda ps: torch.optim.Adafactor(ps, lr=0.1))}
+        def params(order):
+            torch.manual_seed(0)
+            w, b = torch.randn(8, 4), torch.randn(4)
+            ps = [torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)])), torch.nn.Parameter(b)]
+            return (ps if order else ps[::-1]), [torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())][::1 if order else -1]
+        for name, (ours, ref) in makes.items():
+            for order in (0, 1):
+                ps, qs = params(order)
+                o, r = ours(ps), ref(qs)
+                for t in range(3):
+                    for p, q in zip(ps, qs):
+                        g = torch.randn(q.shape, generator=torch.Generator().manual_seed(t + q.numel()))
+                        q.grad = g.clone()
+                        p.grad = distribute_tensor(g, mesh, [Shard(0)]) if hasattr(p, 'to_local') else g.clone()
+                    o.step(); r.step()
+                diff = max((p.full_tensor() if hasattr(p, 'full_tensor') else p).sub(q).abs().max().item() for p, q in zip(ps, qs))
+                print(name, order, 'max diff', diff)''')
+    lines = [l for l in out.splitlines() if 'max diff' in l]
+    assert len(lines) == 6, out
+    for l in lines: assert float(l.split()[-1]) < 1e-6, out
