@@ -8,10 +8,11 @@ import math
 from functools import partial
 import torch
 from torch import Tensor
-try: from torch.distributed.tensor import DTensor, Shard   # FSDP2's sharded parameters
-except ImportError: DTensor, Shard = (), None
+try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
+except ImportError: DTensor = ()
 from .core import check_range
 from .optimizer import contract, weight_decay, _local
+from .callbacks import _not_row_shard
 from .keywords import with_run_options
 from .rules import Rule, RULES, register
 from .matrix_core import (MatrixOptimizer, _build, _named_groups, _pop_flag, _per_tensor_list, _summed,
@@ -22,17 +23,13 @@ __all__ = ['adafactor_step', 'Adafactor', 'adafactor_from_torch']
 
 # %% ../nbs/02a_adafactor.ipynb #c005
 def _row_shards(ps:list) -> object:
-    """The process group over which FSDP2 splits `ps` into shards of rows (DTensors `Shard(0)` on a 1-D mesh), None for
-    whole tensors; any other layout is refused by name (Adafactor's reductions assume whole rows on each rank)."""
-    if not ps or not isinstance(ps[0], DTensor): return None
-    for p in ps:
-        if p.device_mesh.ndim != 1 or list(p.placements) != [Shard(0)]:
-            raise ValueError(f"Adafactor takes FSDP2 shards of rows (placements (Shard(0),) on a 1-D mesh), got a parameter of shape "
-                             f"{tuple(p.shape)} with placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
-    return ps[0].device_mesh.get_group()
+    """The process group over which FSDP2 splits `ps` into shards of rows, None for whole tensors. Adafactor's reductions
+    assume whole rows on each rank: any other layout is refused when its group is added (`contract(accepts=...)`)."""
+    return ps[0].device_mesh.get_group() if ps and isinstance(ps[0], DTensor) else None
 
 @contract(writes={'step': 'count', 'row_var': 'factor', 'col_var': 'factor', 'sqr_avg': 'moment'}, hypers='lr beta2_decay eps1 eps2 d wd',
-          role=lambda maximize=False: 'adafactor', lacks={'complex': 'keeps real second moments of real gradients'})
+          role=lambda maximize=False: 'adafactor', lacks={'complex': 'keeps real second moments of real gradients'},
+          accepts=_not_row_shard)
 def adafactor_step(grp, lr, beta2_decay, eps1, eps2, d, wd, maximize=False, **_):
     "torch.optim.Adafactor's step: factored second moments (row and column means of g²) for 2+ dims, a full one for vectors."
     check_range('beta2_decay', beta2_decay, hi=0); check_range('eps2', eps2, 0); check_range('d', d, 1)

@@ -69,9 +69,13 @@ def _local(xs:list) -> list:
     return [x.to_local() for x in xs] if xs and isinstance(xs[0], DTensor) else xs
 
 def _device_dtype_groups(ps:list[Tensor]) -> list[list[int]]|None:
-    "Indices of `ps` by device and dtype, or None when all share one (torch's own grouping, in C++)."
-    groups = torch._C._group_tensors_by_device_and_dtype([ps], True)
-    return None if len(groups) <= 1 else [idx for _, idx in groups.values()]
+    """Indices of `ps` by device and dtype (torch's own grouping, in C++), FSDP2's shards (DTensors) apart from whole tensors
+    (an elementwise kernel takes one kind or the other), or None when all share one."""
+    groups = [idx for _, idx in torch._C._group_tensors_by_device_and_dtype([ps], True).values()]
+    sharded = [isinstance(p, DTensor) for p in ps]
+    if any(sharded) and not all(sharded):   # a group mixing the two: torch's optimizers take it, so do we
+        groups = [part for idx in groups for part in ([i for i in idx if sharded[i]], [i for i in idx if not sharded[i]]) if part]
+    return None if len(groups) <= 1 else groups
 
 def _group_view(ps:list[Tensor], states:list[dict], grads:list[Tensor]|None=None) -> ParamGroupView:
     "The `ParamGroupView` of params `ps` (one device and dtype) with their grads (read here unless given); complex ones as real views."
@@ -81,11 +85,15 @@ def _group_view(ps:list[Tensor], states:list[dict], grads:list[Tensor]|None=None
     return ParamGroupView([real(p) for p in ps], [real(g) for g in grads], states, orig=ps)
 
 # %% ../nbs/00b_callbacks.ipynb #c901
+def _not_row_shard(p, **_) -> str|None:
+    """Why `p` is not what the FSDP2 paths of Adafactor, Prodigy and SOAP's owners take, or None: whole tensors, and DTensors
+    split into shards of rows (`Shard(0)` on a 1-D mesh) pass. Their `contract(accepts=...)`: refused when a group is added."""
+    if not isinstance(p, DTensor) or (p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)): return None
+    return (f"takes FSDP2 shards of rows (placements (Shard(0),) on a 1-D mesh), got placements {tuple(p.placements)} "
+            f"on a {p.device_mesh.ndim}-D mesh")
+
 def _flat_ends(p) -> list[int]:
-    "Where each rank's FSDP2 shard of rows of `p` starts in the flattened whole, and the end (rows cut as torch.chunk cuts them)."
-    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-        raise ValueError(f"Prodigy takes FSDP2 shards of rows (placements (Shard(0),) on a 1-D mesh), got a parameter of shape "
-                         f"{tuple(p.shape)} with placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh")
+    "Where each rank's FSDP2 shard of rows of `p` (`_not_row_shard` passed it) starts in the flattened whole, and the end (rows cut as torch.chunk cuts them)."
     rows, world = p.shape[0], p.device_mesh.size()
     cols, c = p.numel() // max(1, rows), -(-rows // world)
     return [min(r*c, rows)*cols for r in range(world + 1)]
@@ -128,10 +136,11 @@ def _made_sliced(s:list, gs:list, slice_p:int):
 TILE = 1 << 18   # entries of one param worked on at a time by Prodigy's eager passes (1 MB of float32 per tensor read)
 
 def _tiles(ts:list, n:int) -> list[list]:
-    "One param's tensors `ts` (each of `n` entries) as matching pieces of `TILE` entries, worked through while in cache; `[ts]` compiled or where they differ."
-    if n <= TILE or torch.compiler.is_compiling() or any(t is None or t.numel() != n or not t.is_contiguous() for t in ts): return [ts]
-    flat = [t.view(-1) for t in ts]
-    return [[f[i:i + TILE] for f in flat] for i in range(0, n, TILE)]
+    """One param's tensors `ts` (each of `n` entries, or None: a state the rule does not keep) as matching pieces of `TILE`
+    entries, worked through while in cache; `[ts]` compiled or where they differ in size or are not contiguous."""
+    if n <= TILE or torch.compiler.is_compiling() or any(t is not None and (t.numel() != n or not t.is_contiguous()) for t in ts): return [ts]
+    flat = [None if t is None else t.view(-1) for t in ts]
+    return [[None if f is None else f[i:i + TILE] for f in flat] for i in range(0, n, TILE)]
 
 def _axpy_(x, y, a, z=None):
     "`x += a·y` (`a·y·z` with `z`): `a` a float (eager: no temporary), or a 0-d tensor (compiled: fused into one loop)."
@@ -144,23 +153,25 @@ _PRODUCERS = {}   # state name -> the shipped callback that writes it (for the e
 STATE_KINDS = ('moment', 'count', 'scalar', 'iterate', 'sum', 'factor', 'basis')   # what a written state is (see `contract`)
 CAPABILITIES = ('compilable', 'complex', 'sharded', 'release', 'low_precision_state')   # what a callback may lack (`contract(lacks=...)`, fastopts.caps)
 
-def contract(reads:str='', writes:str|dict='', hypers='', role=None, lacks:dict|None=None):
+def contract(reads:str='', writes:str|dict='', hypers='', role=None, lacks:dict|None=None, accepts=None):
     """Declare the state a callback `reads` and `writes`, the `hypers` it uses and its fast-path `role` (`hypers` and `role`
     may be functions of a partial's keywords). `writes` as a dict also says what each state is, one of `STATE_KINDS`:
     `moment` (an average of gradients, the param's shape: the precision layer may store it in low precision), `count`
     (a step counter), `scalar` (a number), `iterate` (a copy of the params, as Schedule-Free's z), `sum` (an accumulated
     sum of another shape), `factor` (a factored statistic), `basis` (a preconditioner's eigenbasis). `lacks` names the
     `CAPABILITIES` the callback does not have, each with why (`{'compilable': 'runs eigendecompositions eagerly'}`): the
-    optimizer's refusals are derived from them (fastopts.caps)."""
+    optimizer's refusals are derived from them (fastopts.caps). `accepts(p, **keywords)` (the keywords a `partial` fixes)
+    says why the callback cannot take param `p`, or None: the optimizer asks it of every param when a group is added."""
     ws = dict(writes) if isinstance(writes, dict) else dict.fromkeys(writes.split())
     bad = {k: v for k, v in ws.items() if v is not None and v not in STATE_KINDS}
     if bad: raise ValueError(f"`writes` gives kinds {bad}: each must be one of {STATE_KINDS}")
     bad = [k for k in (lacks or {}) if k not in CAPABILITIES]
     if bad: raise ValueError(f"`lacks` names {bad}: each must be one of {CAPABILITIES}")
+    if accepts is not None and not callable(accepts): raise ValueError(f"`accepts` must be a function f(p, **keywords) -> str|None, got {accepts!r}")
     def _declare(f):
         f.reads, f.writes, f.role = tuple(reads.split()), tuple(ws), role
         f.kinds = {k: v for k, v in ws.items() if v is not None}
-        f.lacks = dict(lacks or {})
+        f.lacks, f.accepts = dict(lacks or {}), accepts
         f.hypers = hypers if callable(hypers) else tuple(hypers.split())
         for w in f.writes: _PRODUCERS.setdefault(w, f.__name__)
         return f

@@ -12,7 +12,7 @@ from .chain import Chain, stage_of, _needs_all_grads, _kinds
 from .rules import fast_path
 
 # %% auto #0
-__all__ = ['LOW_PRECISION_STATE', 'cb_lacks', 'capabilities', 'refusal', 'refused', 'release_refused', 'refuse']
+__all__ = ['LOW_PRECISION_STATE', 'cb_lacks', 'capabilities', 'refusal', 'refused', 'param_refusal', 'release_refused', 'refuse']
 
 # %% ../nbs/00g_caps.ipynb #q005
 LOW_PRECISION_STATE = ('int8', 'int4', torch.bfloat16, torch.float16)   # `state_dtype`s that encode moments
@@ -38,13 +38,21 @@ def refusal(chain:Chain, cap:str) -> tuple[object, str]|None:
     if cap not in CAPABILITIES: raise ValueError(f"`cap` must be one of {CAPABILITIES}, got {cap!r}")
     return next(((cb, why) for cb in chain.cbs for k, why in cb_lacks(cb).items() if k == cap), None)
 
+def _who(cb, who:str) -> str: return getattr(_unwrap(cb)[0], 'rule', None) or who   # a stage names its rule
+
 def refused(chain:Chain, cap:str, who:str, action:str) -> str|None:
     "The message of `who` (the optimizer, or the stage's rule) refusing `action` because `chain` lacks `cap`, or None."
     r = refusal(chain, cap)
     if r is None: return None
     cb, why = r
-    who = getattr(_unwrap(cb)[0], 'rule', None) or who
-    return f"{who} cannot {action}: its chain's {'stage' if stage_of(cb) else 'callback'} `{cb_name(cb)}` {why}"
+    return f"{_who(cb, who)} cannot {action}: its chain's {'stage' if stage_of(cb) else 'callback'} `{cb_name(cb)}` {why}"
+
+def param_refusal(cb, p) -> str|None:
+    "Why callback `cb` cannot take param `p` (its `contract(accepts=...)`, given the keywords its `partial`s fix), or None."
+    f, kw = _unwrap(cb)
+    if hasattr(f, 'cb'): f, kw = _unwrap(f.cb)   # `Renamed` keeps its callback as `.cb`
+    accepts = getattr(f, 'accepts', None)
+    return accepts(p, **kw) if accepts is not None else None
 
 def release_refused(chain:Chain, who:str) -> str|None:
     "`refused` for gradient release, worked out once per chain (it is asked for every released param)."
@@ -68,15 +76,20 @@ def refuse(who:str, chain:Chain, g:dict, i:int, params=None, compiled=None, stat
     if compiled: fail('compilable', '`compiled=True`', 'run compiled')
     if any(state_dtype is d or (isinstance(state_dtype, str) and state_dtype == d) for d in LOW_PRECISION_STATE):
         fail('low_precision_state', f"`state_dtype={state_dtype!r}`", 'keep its state in low precision')
-    for j, p in enumerate(g['params'] if params is None else params):
+    pos = {id(q): j for j, q in enumerate(g['params'])}   # a router's share: its params named by their place in the group
+    for p in (g['params'] if params is None else params):
+        label = _param_label(g, pos[id(p)], p, i)
         if p.is_complex():
-            fail('complex', f"{_param_label(g, j, p, i)} is complex", 'take complex parameters')
+            fail('complex', f"{label} is complex", 'take complex parameters')
             if state_dtype is not None and state_dtype != p.real.dtype:   # the precision layer works on real views it cannot encode
-                raise ValueError(f"`state_dtype={state_dtype!r}`: {_param_label(g, j, p, i)} is complex, and low-precision or "
+                raise ValueError(f"`state_dtype={state_dtype!r}`: {label} is complex, and low-precision or "
                                  f"converted state does not take complex parameters (pass state_dtype=None)")
         if isinstance(p, DTensor):
-            fail('sharded', f"{_param_label(g, j, p, i)} is an FSDP2 shard (DTensor)", 'take FSDP2 shards: use DDP or ZeroRedundancyOptimizer')
+            fail('sharded', f"{label} is an FSDP2 shard (DTensor)", 'take FSDP2 shards: use DDP or ZeroRedundancyOptimizer')
             if compiled: raise ValueError("`compiled=True` does not take sharded (DTensor, FSDP2) parameters: compile the model, or pass compiled=False")
             if state_dtype == 'int4' and p.dim() >= 2:
-                raise ValueError(f"`state_dtype='int4'`: {_param_label(g, j, p, i)} is an FSDP2 shard (DTensor), and a matrix's 4-bit "
+                raise ValueError(f"`state_dtype='int4'`: {label} is an FSDP2 shard (DTensor), and a matrix's 4-bit "
                                  "state has rank-1 scales over whole rows and columns, which a shard does not hold: pass state_dtype='int8'")
+        for cb in chain.cbs:   # what a callback declares it cannot take (`contract(accepts=...)`): a layout, say
+            why = param_refusal(cb, p)
+            if why: raise ValueError(f"{label}: {_who(cb, who)} cannot take it: its chain's callback `{cb_name(cb)}` {why}")

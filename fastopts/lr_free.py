@@ -15,7 +15,8 @@ from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import check_range, check_int
-from .callbacks import _sliced, _sliced_state, _view, _p0, _made_sliced, _tiles, _axpy_
+from .caps import _param_label
+from .callbacks import _sliced, _sliced_state, _view, _p0, _made_sliced, _tiles, _axpy_, _not_row_shard
 from .optimizer import (Optimizer, DTensor, contract, stage, torch_names, average_sqr_grad, step_stat, l2_reg, _pick,
                                 _local, _is_t, _add_, _maybe_nonzero, _per_tensor)
 from .adam_variants import adopt_step, ADOPT, average_slow_grad, ademamix_step, AdEMAMix
@@ -204,10 +205,18 @@ def ScheduleFreeSGD(params, lr=1.0, mom=0.9, wd=0., warmup_steps=0, r=0., weight
 ScheduleFreeAdamW.__doc__ += '\n' + _SF_DOC; ScheduleFreeSGD.__doc__ += '\n' + _SF_DOC
 
 # %% ../nbs/02e_lr_free.ipynb #c016
-@contract(writes={'grad_avg': 'moment', 'sqr_avg': 'moment', 's': 'sum', 'p0': 'iterate'}, hypers='lr mom sqr_mom slice_p safeguard_warmup')
-def prodigy_stats(grp, lr, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard_warmup=False, has_lr=True, has_mom=True, **_):
-    """Prodigy's first pass on a group: the EMAs (scaled by `d`), the sum `s` and this group's part of d's numerator and denominator,
-    one param (one tile of it) at a time; `has_lr`, `has_mom` (`lr > 0`, `mom > 0`) from the hyper stage, Python bools when compiled."""
+def _prodigy_emas(g, gl, v, q, x, mom, sqr_mom, beta3, avg_w, sqr_w, s_w):
+    "Prodigy's EMAs on one param (or tile): `v`, `q` of the gradient `gl` and its square, the sum `x` (`s`) of its sliced `g`."
+    if v is not None: _axpy_(v.mul_(mom), gl, avg_w)
+    _axpy_(q.mul_(sqr_mom), gl, sqr_w, gl)
+    _axpy_(x.mul_(beta3), g, s_w)
+
+@contract(writes={'grad_avg': 'moment', 'sqr_avg': 'moment', 's': 'sum', 'p0': 'iterate'}, hypers='lr mom sqr_mom slice_p safeguard_warmup',
+          accepts=_not_row_shard)
+def prodigy_stats(grp, mom, sqr_mom, d, d0, dlr, beta3, avg_w, sqr_w, s_w, slice_p=1, late=False, has_lr=True, has_mom=True, **_):
+    """Prodigy's first pass on a group: the EMAs, the sum `s` and this group's part of d's numerator and denominator, one
+    param (one tile of it) at a time. `late` (compiled): only the two sums, `s`'s new value made and summed but kept by
+    `prodigy_step`, which updates the EMAs and `s` in its own pass. `has_lr`, `has_mom`: from the hyper stage."""
     if not has_lr: return   # a group at lr 0 adds nothing to d, as in the reference
     slice_p = int(slice_p)   # structural: a Python int (a float from an old checkpoint)
     zeros = lambda p, memory_format=None: _sliced_state(torch.zeros_like(_sliced(p, slice_p)), p, slice_p)
@@ -216,30 +225,35 @@ def prodigy_stats(grp, lr, mom, sqr_mom, d, d0, dlr, beta3, slice_p=1, safeguard
     _made_sliced(s, gs, slice_p)
     s = [_view(x, g.numel()) for x, g in zip(s, gs)]
     p0 = [_view(x, g.numel()) for x, g in zip(grp.state('p0', partial(_p0, slice_p=slice_p)), gs)]
-    sq, grads = _local(grp.state('sqr_avg')), _local(grp.grads)
-    avgs = _local(grp.state('grad_avg')) if has_mom else [None] * len(gs)
-    a1, a2, a3 = d*(1 - mom), d*d*(1 - sqr_mom), (d/d0) * (d if safeguard_warmup else dlr)
     dots, dens = [], []
-    for i, p in enumerate(grp.params):
-        sp, n = _sliced(p, slice_p), grads[i].numel()
-        for g, gl, x0, x, sl, v, q in _tiles([gs[i], grads[i], p0[i], s[i], sp, avgs[i], sq[i]], n) if slice_p == 1 else \
-                                      [(gs[i], grads[i], p0[i], s[i], sp, avgs[i], sq[i])]:
-            dots.append(torch.dot(g, x0 - sl))
-            if v is not None: _axpy_(v.mul_(mom), gl, a1)
-            _axpy_(q.mul_(sqr_mom), gl, a2, gl)
-            _axpy_(x.mul_(beta3), g, a3)
-            dens.append(x.abs().sum())
+    if late:
+        for g, x0, x, p in zip(gs, p0, s, grp.params):
+            dots.append((g * (x0 - _sliced(p, slice_p))).sum(dtype=torch.float64))   # float64: inductor cascades float32 sums
+            dens.append(_axpy_(x * beta3, g, s_w).abs_().sum(dtype=torch.float64))   # (partial sums in memory); the new `s`, not kept
+    else:
+        sq, grads = _local(grp.state('sqr_avg')), _local(grp.grads)
+        avgs = _local(grp.state('grad_avg')) if has_mom else [None] * len(gs)
+        for i, p in enumerate(grp.params):
+            sp, n = _sliced(p, slice_p), grads[i].numel()
+            for g, gl, x0, x, sl, v, q in _tiles([gs[i], grads[i], p0[i], s[i], sp, avgs[i], sq[i]], n) if slice_p == 1 else \
+                                          [(gs[i], grads[i], p0[i], s[i], sp, avgs[i], sq[i])]:
+                dots.append(torch.dot(g, x0 - sl))
+                _prodigy_emas(g, gl, v, q, x, mom, sqr_mom, beta3, avg_w, sqr_w, s_w)
+                dens.append(x.abs().sum())
     return (d/d0) * dlr * torch.stack(dots).double().sum(), torch.stack(dens).double().sum()
 
 @stage('hyper', rule='Prodigy')
 def prodigy_sizes(opt, g:dict, hyper:dict) -> dict:
-    "Prodigy's hyper stage: the step sizes from the one `d` (kept in every group; group 0's read), the largest lr, and which terms are on."
+    """Prodigy's hyper stage: the step sizes from the one `d` (kept in every group; group 0's read), the largest lr, the EMAs'
+    weights of the gradient (from the `d` before this step's update), which terms are on, and `late` (compiled: see `prodigy_stats`)."""
     g0 = opt.param_groups[0]
     mom, sqr_mom, k, d = g0['mom'], g0['sqr_mom'], g0['k'], g0['d']
     bc = ((1 - sqr_mom**(k+1))**0.5) / (1 - mom**(k+1)) if g0['use_bias_correction'] else 1
     beta3 = g0['beta3'] if g0.get('beta3') is not None else math.sqrt(sqr_mom)
-    return dict(d=d, d0=g['d0'], dlr=d*max(x['lr'] for x in opt.param_groups)*bc, beta3=beta3, bc=bc,
-                has_lr=hyper['lr'] > 0, has_mom=hyper['mom'] > 0, has_wd=hyper['wd'] != 0)   # bools: compiled, they pick the graph
+    dlr, d0 = d*max(x['lr'] for x in opt.param_groups)*bc, g['d0']
+    return dict(d=d, d0=d0, dlr=dlr, beta3=beta3, bc=bc, late=bool(opt.compiled),   # bools: compiled, they pick the graph
+                avg_w=d*(1 - hyper['mom']), sqr_w=d*d*(1 - hyper['sqr_mom']), s_w=(d/d0) * (d if g['safeguard_warmup'] else dlr),
+                has_lr=hyper['lr'] > 0, has_mom=hyper['mom'] > 0, has_wd=hyper['wd'] != 0)
 
 @stage('reduce', rule='Prodigy')
 def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list[dict]|None:
@@ -252,7 +266,8 @@ def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list
         t = torch.tensor([num, den], dtype=torch.float64, device=p.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=p.device_mesh.get_group() if isinstance(p, DTensor) else None)
         num, den = t.tolist()
-    elif den == 0: return None   # no gradient yet: nothing learnt about d (as the reference)
+    if den == 0:   # no gradient yet: nothing learnt about d, no step (as the reference); `late`: the EMAs still move
+        return [dict(apply=False) for _ in hypers] if hypers[0]['late'] else None
     g0, lr = opt.param_groups[0], max(g['lr'] for g in opt.param_groups)
     d = d_hat = d_old = g0['d']
     d_max, d_numerator = g0['d_max'], g0['d_numerator'] * hypers[0]['beta3'] + num
@@ -264,25 +279,39 @@ def prodigy_d(opt, hypers:list[dict], outs:list, fsdp_in_use:bool=False) -> list
     for g in opt.param_groups: _set_keys(g, d_numerator=d_numerator, d=d, d_max=d_max, k=g['k'] + 1)
     return [dict(d=d, dlr=d_old*h['lr']*h['bc']) for h in hypers]   # the step size is the one d had before this update
 
-@contract(reads='sqr_avg', writes={'step': 'count'}, hypers='mom eps wd')
-def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, has_mom=True, has_wd=True, **_):
-    "Prodigy's step: `p -= dlr·V/(sqrt(S) + d·eps)` (V the gradient times `d` when `mom`=0), decoupled decay `p -= wd·dlr·p`; a tile at a time."
-    for s in grp.states: s['step'] = s.get('step', 0) + 1
-    params = _local(grp.params)   # FSDP2: the local shards (all elementwise)
-    decayed = set(range(len(params)) if grp.decayed() is None else grp.decayed()) if has_wd and decouple else ()
-    vs, c = (_local(grp.state('grad_avg')), -dlr) if has_mom else (_local(grp.grads), -dlr*d)
-    for i, (p, q, v) in enumerate(zip(params, _local(grp.state('sqr_avg')), vs)):
-        for p, q, v in _tiles([p, q, v], p.numel()):
+@contract(reads='sqr_avg grad_avg s', writes={'step': 'count'}, hypers='mom sqr_mom eps wd slice_p')
+def prodigy_step(grp, mom, eps, wd, d, dlr, decouple=True, late=False, apply=True, has_lr=True, has_mom=True, has_wd=True, **h):
+    """Prodigy's step: `p -= dlr·V/(sqrt(S) + d·eps)` (V the gradient times `d` when `mom`=0), decoupled decay `p -= wd·dlr·p`;
+    `late` (compiled), first the EMAs and `s` (`prodigy_stats` only summed): one pass over a param's tensors. A tile at a time."""
+    if apply:
+        for s in grp.states: s['step'] = s.get('step', 0) + 1
+    params, grads = _local(grp.params), _local(grp.grads)   # FSDP2: the local shards (all elementwise)
+    decayed = set(range(len(params)) if grp.decayed() is None else grp.decayed()) if has_wd and decouple and apply else ()
+    avgs, sqs = _local(grp.state('grad_avg')) if has_mom else [None] * len(params), _local(grp.state('sqr_avg'))
+    emas = late and has_lr
+    if emas:
+        slice_p = int(h['slice_p'])
+        gs = [_sliced(g, slice_p) for g in grp.grads]
+        ss = [_view(x, g.numel()) for x, g in zip(grp.state('s'), gs)]
+    c = -dlr if has_mom else -dlr*d
+    for i, (p, q, v, gl) in enumerate(zip(params, sqs, avgs, grads)):
+        g, x = (gs[i], ss[i]) if emas else (None, None)
+        for p, q, v, gl, g, x in _tiles([p, q, v, gl, g, x], p.numel()) if not emas or slice_p == 1 else [(p, q, v, gl, g, x)]:
+            if emas: _prodigy_emas(g, gl, v, q, x, mom, h['sqr_mom'], h['beta3'], h['avg_w'], h['sqr_w'], h['s_w'])
+            if not apply: continue
             if i in decayed: _axpy_(p, p, -wd*dlr)
             denom = q.sqrt().add_(d*eps)
-            if isinstance(c, Tensor): p.add_(v / denom * c)
-            else: p.addcdiv_(v, denom, value=c)
+            u = v if has_mom else gl
+            if isinstance(c, Tensor): p.add_(u / denom * c)
+            else: p.addcdiv_(u, denom, value=c)
+
 
 # %% ../nbs/02e_lr_free.ipynb #c017
 class ProdigyOptimizer(Optimizer):
     "Prodigy's two passes over all groups around one global `d` (kept in every group, as the reference: `d`, `d_max`, ...)."
     needs_mode_callback = True   # a Learner adds `ScheduleFreeCallback` (its lr check)
     _keys = ('d', 'd_max', 'd_numerator', 'k')
+    _rule = 'Prodigy'   # what refusals call it
     def __init__(self, params, decouple=True, fsdp_in_use=False, **defaults):
         self.decouple, self.fsdp_in_use = bool(decouple), bool(fsdp_in_use)
         cbs = [prodigy_sizes, *([] if self.decouple else [l2_reg]), prodigy_stats, partial(prodigy_d, fsdp_in_use=self.fsdp_in_use),
@@ -297,6 +326,18 @@ class ProdigyOptimizer(Optimizer):
     def add_param_group(self, param_group:dict):
         super().add_param_group(param_group)
         self._init_keys(self.param_groups[-1])
+
+    def _refuse_group(self, i:int):
+        "Also refuse FSDP2 shards (DTensors) beside whole tensors: `d`'s sums would be all-reduced over both, or over neither."
+        super()._refuse_group(i)
+        ps = [p for g in self.param_groups for p in g['params']]
+        odd = next((j for j, p in enumerate(self.param_groups[i]['params']) if isinstance(p, DTensor) != isinstance(ps[0], DTensor)), None)
+        if odd is None: return
+        p, kind = self.param_groups[i]['params'][odd], ('a whole tensor', 'an FSDP2 shard (DTensor)')
+        raise ValueError(f"{_param_label(self.param_groups[i], odd, p, i)} is {kind[isinstance(p, DTensor)]} but param 0 of group 0 is "
+                         f"{kind[isinstance(ps[0], DTensor)]}: Prodigy's one `d` sums over every param, all-reduced over the ranks for "
+                         "shards, where a whole tensor (the same on every rank) would count once per rank: shard every param with the "
+                         "model (fully_shard) or none")
 
     @property
     def d(self) -> float: return self.param_groups[0]['d']

@@ -133,9 +133,15 @@ class Optimizer(FastaiFace, torch.optim.Optimizer):
         return HyperDict(d, frozenset().union(*(c.live for c in chains)))
 
     def add_param_group(self, param_group:dict):
-        "torch's `add_param_group`, with torch's names mapped, the group's own hypers checked first and what its chain cannot do refused."
-        self._add_group(param_group)
-        self._refuse_group(len(self.param_groups) - 1)
+        """torch's `add_param_group`, with torch's names mapped, the group's own hypers checked first and what its chain cannot
+        do refused; a refused group is not kept (the optimizer's groups stay as they were)."""
+        n = len(self.param_groups)
+        try:
+            self._add_group(param_group)
+            self._refuse_group(n)
+        except Exception:
+            del self.param_groups[n:]
+            raise
 
     def _refuse_group(self, i:int):
         "Refuse by name what group `i`'s chains cannot do with its params and this optimizer's run options (`fastopts.caps.refuse`)."

@@ -63,15 +63,14 @@ class RoutedOptimizer(Optimizer):
         self.routes[p] = label
         return label
 
-    def add_param_group(self, param_group:dict):
-        "torch's `add_param_group`; a group without a `'chain'` is routed param by param, as at construction."
-        if self.route is None or 'chain' in param_group: return super().add_param_group(param_group)
-        self._add_group({**param_group, 'chain': self._first})   # torch's names, checks, every chain's defaults
+    def _add_group(self, param_group:dict):
+        "A group as `Optimizer` adds it; one without a `'chain'` is routed param by param, as at construction (then refused per chain)."
+        if self.route is None or 'chain' in param_group: return super()._add_group(param_group)
+        super()._add_group({**param_group, 'chain': self._first})   # torch's names, checks, every chain's defaults
         g = self.param_groups[-1]
         dict.__delitem__(g, 'chain')
         g.live = self._live
         for j, p in enumerate(g['params']): self._label(g, j, p)
-        self._refuse_group(len(self.param_groups) - 1)   # each param against the chain it is routed to
 
     def routed(self, i:int, g:dict, params:list[Tensor]) -> list:
         "Group `i`'s `params` in shares, one per chain they are routed to."

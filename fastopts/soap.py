@@ -12,6 +12,7 @@ try: from torch.distributed.tensor import DTensor   # FSDP2's sharded parameters
 except ImportError: DTensor = ()
 from .core import check_range, check_choice, check_int
 from .optimizer import contract, torch_names
+from .callbacks import _not_row_shard
 from .matrix_core import MatrixOptimizer, _build, _int_hyper, _bool_hyper, _named_groups, _tensor, _full, _own_shard, _loc
 
 # %% auto #0
@@ -54,9 +55,14 @@ def _eigenbasis(m:Tensor) -> Tensor:
     except Exception: _, q = torch.linalg.eigh(m.double() + 1e-30*eye.double()); q = q.to(m.dtype)
     return torch.flip(q, [1])
 
+def _owners_take(p, owners=None, **_) -> str|None:
+    "Why SOAP with `owners` (each FSDP2 shard's rows sent to the weight's owner rank) cannot take param `p`, or None."
+    why = None if owners is None else _not_row_shard(p)
+    return why and f"with owners {why}: build SOAP with owners=False (every rank gathers every gradient)"
+
 @contract(writes='step grad_avg sqr_avg', hypers='lr mom sqr_mom shampoo_beta eps wd precondition_frequency max_precond_dim '
           'merge_dims precondition_1d normalize_grads correct_bias', role=lambda data_format='channels_first', owners=None: 'soap',
-          lacks={'compilable': 'runs eigendecompositions and QR eagerly', 'complex': 'builds real eigenbases'})
+          lacks={'compilable': 'runs eigendecompositions and QR eagerly', 'complex': 'builds real eigenbases'}, accepts=_owners_take)
 def soap_step(grp, lr, mom, sqr_mom, shampoo_beta, eps, wd, precondition_frequency, max_precond_dim, merge_dims,
               precondition_1d, normalize_grads, correct_bias, data_format='channels_first', owners=None, **_):
     """SOAP: Adam in the eigenbasis of Shampoo's factors, the bases refreshed every `precondition_frequency` steps. FSDP2
@@ -124,9 +130,7 @@ def _soap_directions(grp, direction, owners) -> list:
     if owners is None:   # every rank gathers every gradient, keeps every weight's state whole and takes its rows of the result
         us = [direction(i, _full(g)) for i, g in enumerate(gs)]
         return [u if u is None or not isinstance(p, DTensor) else _own_shard(u, p) for u, p in zip(us, ps)]
-    dtypes = {g.dtype for g in gs}
-    if len(dtypes) > 1: raise ValueError(f"SOAP's owners send a group's gradients in one dtype, got {sorted(map(str, dtypes))}: put each dtype in a group of its own")
-    mine = set()
+    mine = set()   # the owners send `gs` in one dtype: the optimizer hands a callback one device and dtype at a time
     def on_owner(whole:dict) -> dict:
         mine.update(whole)
         out = {i: direction(i, g.view(ps[i].shape)) for i, g in whole.items()}

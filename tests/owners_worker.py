@@ -195,6 +195,26 @@ def soap_fsdp2(rank, world, ckpt_dir):
     return {'fsdp2_soap': (ps, owned, gathers, counter.read()['gathers'] - gathers), 'fsdp2_soap_off': off,
             'fsdp2_soap_resume': resume(rank, world, _soap(), torch.float64, net=af_model, to_disk=ckpt_dir)}
 
+def _two_dtypes(k:int) -> list:
+    "The params (`k` -1) or step `k`'s gradients of `soap_two_dtypes`: a 5x4 float32 and a 3x6 float64 matrix (uneven shards)."
+    torch.manual_seed(10 + k)
+    return [torch.randn(5, 4), torch.randn(3, 6, dtype=torch.float64)]
+
+def soap_two_dtypes(rank=None, world=2, steps=SOAP_STEPS):
+    """SOAP with owners on one group of FSDP2 shards of rows in two dtypes, the same gradients on every rank (`rank` None:
+    one process on whole tensors, the reference): the whole params. The optimizer hands the callback one dtype at a time."""
+    from torch.distributed.tensor import distribute_tensor, Shard
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = None if rank is None else init_device_mesh('cpu', (world,))
+    as_p = (lambda t: t) if mesh is None else (lambda t: distribute_tensor(t, mesh, [Shard(0)]))
+    ps = [torch.nn.Parameter(as_p(t)) for t in _two_dtypes(-1)]
+    opt = _soap()(ps)
+    assert (getattr(opt.chains['default'].cbs[0], 'keywords', {}).get('owners') is not None) == (mesh is not None)   # owners under FSDP2
+    for k in range(steps):
+        for p, g in zip(ps, _two_dtypes(k)): p.grad = as_p(g)
+        opt.step()
+    return [_full(p).detach() for p in ps]
+
 @exits_cleanly
 def adafactor_job(rank, world, init_file, out_file):
     "Adafactor under FSDP2 alone (the module's `job` runs it too)."
@@ -215,7 +235,8 @@ def job(rank, world, init_file, out_file):
            'ddp_bf16_off': train('ddp', rank, world, owners=False, ns_dtype=torch.bfloat16),
            'fsdp2': train('fsdp2', rank, world), 'fsdp2_off': train('fsdp2', rank, world, owners=False),
            'fsdp2_resume': resume(rank, world), 'fsdp2_adafactor': adafactor_fsdp2(rank, world),
-           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64), **prodigy_fsdp2(rank, world), **soap_fsdp2(rank, world, f'{out_file}.soap_ckpt')}
+           'fsdp2_adafactor_resume': resume(rank, world, _adafactor, torch.float64), **prodigy_fsdp2(rank, world), **soap_fsdp2(rank, world, f'{out_file}.soap_ckpt'),
+           'fsdp2_soap_two_dtypes': soap_two_dtypes(rank, world)}
     torch.save(res, f'{out_file}.{rank}')
     dist.destroy_process_group()   # not in a `finally`: after an exception it could wait on the other rank
 

@@ -122,6 +122,16 @@ def test_fsdp2_soap_checkpoint_resumes_bit_for_bit(ranks):
         straight, resumed = res['fsdp2_soap_resume']
         for a, b in zip(straight, resumed): assert torch.equal(a, b)
 
+def test_fsdp2_soap_owners_take_a_group_of_two_dtypes(ranks):
+    """One group of FSDP2 shards in float32 and float64 with owners (5 steps, fixed gradients) equals one process on whole
+    tensors, each weight in its own dtype: the optimizer hands a callback one dtype at a time, so the owners' former
+    "one dtype per group" refusal at step time guarded nothing and is gone (issue 27)."""
+    ref = w.soap_two_dtypes()
+    assert [p.dtype for p in ref] == [torch.float32, torch.float64]
+    assert all(not torch.allclose(a, b, rtol=1e-2) for a, b in zip(ref, w._two_dtypes(-1)))
+    for res in ranks:
+        for a, b in zip(res['fsdp2_soap_two_dtypes'], ref): assert_close(a, b)   # dtype-aware tolerances, the dtypes checked
+
 @pytest.mark.slow   # about 60 s on the shared 2-core machine (a spawn and two fastai fits): run with --slow
 def test_learner_under_ddp_with_owner_muon(tmp_path):
     "A fastai Learner with Muon, model in DDP: both ranks end with one process's weights, each orthogonalising about half."

@@ -94,3 +94,27 @@ def test_prodigy_in_tiles_equals_reference(kw):
     for t in range(4): _step(ours, ps, t); _step(ref, qs, t)
     assert ours.d == pytest.approx(ref.param_groups[0]['d'], rel=1e-9) and ours.d > 1e-6
     _same(ps, qs)
+
+@pytest.mark.parametrize('compiled', [False, True, dict(backend='aot_eager')], ids=['eager', 'compiled', 'aot_eager'])
+def test_a_step_with_no_sliced_gradient_moves_the_emas_as_reference(compiled):
+    """A first step whose sliced gradient is all 0 (`slice_p`=2, the gradient only on odd entries): `s` stays 0, so there
+    is nothing to learn `d` from and prodigyopt takes no step, but its first pass has moved the EMAs (and not `k`, the
+    bias correction's count). Compiled, those EMAs move in the step's pass: it must still move them, and only them."""
+    ps, qs = _params(), _params()
+    kw = dict(slice_p=2, use_bias_correction=True)
+    ours, ref = Prodigy(ps, compiled=compiled, **kw), prodigyopt.Prodigy(qs, **kw)
+    for t in range(6):
+        for opt, xs in ((ours, ps), (ref, qs)):
+            with torch.no_grad(): gs = _grads(t, xs)
+            if t == 0:
+                for g in gs: g.view(-1)[::2] = 0   # the entries slice_p=2 keeps
+            for p, g in zip(xs, gs): p.grad = g.clone()
+            opt.step()
+        if t == 0:
+            assert ref.param_groups[0]['d'] == 1e-6 and ref.param_groups[0]['k'] == 0   # the reference did skip its step
+            _same(ps, qs)
+            assert all(ref.state[q]['exp_avg'].abs().sum() > 0 for q in qs)
+            for p, q in zip(ps, qs): assert_close(ours.state[p]['grad_avg'], ref.state[q]['exp_avg'], **TOL)
+        assert ours.d == pytest.approx(ref.param_groups[0]['d'], rel=1e-9)
+    assert ours.param_groups[0]['k'] == ref.param_groups[0]['k'] == 5
+    _same(ps, qs)
