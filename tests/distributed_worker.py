@@ -247,6 +247,17 @@ def fail_alone_job(rank, world, init_file):
     dist.all_reduce(torch.ones(1))
     dist.destroy_process_group()
 
+def run_code(code:str, out_file:str):
+    "A process's entry point for tests/test_capabilities.py: run the Python source `code`, its stdout (or, if it raises, its traceback) into `out_file`."
+    import contextlib, traceback
+    with open(out_file, 'w') as f:
+        try:
+            with contextlib.redirect_stdout(f): exec(compile(code, '<one rank>', 'exec'), {'__name__': '__main__'})
+        except BaseException:
+            f.write(traceback.format_exc()); f.flush(); os._exit(1)
+        f.flush()
+    os._exit(0)   # as `exits_cleanly`: no interpreter finalisation beside gloo's threads
+
 def abort_job(rank, world, init_file, marker, times):
     "For the harness's own test: rank 1 aborts (SIGABRT, as gloo's threads once did) on its first `times` runs."
     import pathlib

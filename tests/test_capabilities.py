@@ -86,10 +86,14 @@ def test_int4_state_of_a_sharded_matrix_is_refused_by_name():
         except ValueError as e: print(e)''')
     assert "`state_dtype='int4'`: param 0 of group 0 (8, 8) is an FSDP2 shard (DTensor)" in out, out
 
-def _in_one_rank(body:str) -> str:
-    """Run `body` in a 1-rank gloo world in a subprocess (bounded by timeouts), with `mesh` (1-D) and `mesh2` (2-D, HSDP's
-    replicate x shard) and torch.distributed.tensor's `distribute_tensor`, `Shard`, `Replicate` at hand; its stdout."""
-    import subprocess, sys, textwrap
+def _in_one_rank(body:str, timeout=120) -> str:
+    """Run `body` in a 1-rank gloo world in a process of its own (bounded by timeouts), with `mesh` (1-D) and `mesh2` (2-D,
+    HSDP's replicate x shard) and torch.distributed.tensor's `distribute_tensor`, `Shard`, `Replicate` at hand; its stdout.
+    The process is forked from the distributed tests' fork server (torch, fastai, fastopts imported there once), not a
+    fresh interpreter importing them (~8 s of CPU each time)."""
+    import multiprocessing, tempfile, textwrap
+    import test_distributed  # noqa: F401 (the fork server's preloaded modules)
+    from distributed_worker import run_code
     code = textwrap.dedent('''
         import torch, torch.distributed as dist
         from datetime import timedelta
@@ -98,9 +102,14 @@ def _in_one_rank(body:str) -> str:
         dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=60))
         mesh, mesh2 = init_device_mesh('cpu', (1,)), init_device_mesh('cpu', (1, 1), mesh_dim_names=('replicate', 'shard'))
         ''') + textwrap.dedent(body) + '\ndist.destroy_process_group()\n'
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+    with tempfile.TemporaryDirectory() as d:
+        out = f'{d}/out.txt'
+        p = multiprocessing.get_context('forkserver').Process(target=run_code, args=(code, out))
+        p.start(); p.join(timeout)
+        if p.exitcode is None: p.kill(); p.join(); pytest.fail(f'the 1-rank world did not finish in {timeout} s')
+        with open(out) as f: text = f.read()
+    assert p.exitcode == 0, text
+    return text
 
 ROWS = "takes FSDP2 shards of rows (placements (Shard(0),) on a 1-D mesh), got placements (Replicate(), Shard(dim=0)) on a 2-D mesh"
 

@@ -5,7 +5,7 @@ and to closed-form updates. Graphs are counted with dynamo's own counter: a sche
 step must not compile again. The default backend (inductor, generated C++) is used where the numbers matter; the
 whole registry also runs on `aot_eager`, which traces exactly what inductor would compile, at a fraction of the time.
 """
-import pickle, random, shutil
+import functools, pickle, random, shutil
 from functools import partial
 import pytest, torch
 from torch._dynamo.utils import counters
@@ -59,25 +59,33 @@ def test_traced_chain_equals_callbacks(spec):
 
 def _modal(opt): return opt.train() if hasattr(opt, 'train_mode') else opt   # Schedule-Free starts in eval mode
 
+def breaks() -> int: return sum(counters['graph_break'].values())
+
+@functools.cache
+def lr_free_traced(name:str):
+    """The scheduled float64 run of LR_FREE's `name` traced on `aot_eager`: (params, optimizer, graphs made, graph breaks)
+    during it. Run once per process: the two tests below check its numbers and its graphs (each tracing costs seconds)."""
+    spec = {s.name: s for s in LR_FREE}[name]
+    before, broken = graphs(), breaks()
+    traced, opt = drive(lambda gs: _modal(spec.make(gs, compiled=dict(backend='aot_eager'))), dtype=torch.float64)
+    return traced, opt, graphs() - before, breaks() - broken
+
 @pytest.mark.parametrize('spec', LR_FREE, ids=ids)
 def test_lr_free_traced_equals_callbacks(spec):
     "Schedule-Free, Prodigy (a hyper and a reduce stage), ADOPT and AdEMAMix compiled: the callbacks' numbers under a schedule."
     eager, _ = drive(lambda gs: _modal(spec.make(gs, fused=False)), dtype=torch.float64)
-    traced, opt = drive(lambda gs: _modal(spec.make(gs, compiled=dict(backend='aot_eager'))), dtype=torch.float64)
+    traced, opt, _, _ = lr_free_traced(spec.name)
     assert_same(traced, eager, torch.float64)
     assert opt._compiled_fns, 'nothing was compiled'
-
-def breaks() -> int: return sum(counters['graph_break'].values())
 
 @pytest.mark.parametrize('spec', LR_FREE, ids=ids)
 def test_lr_free_compiles_to_one_graph_per_group(spec):
     """Schedule-Free, Prodigy, ADOPT and AdEMAMix under a schedule that moves `lr` and `mom` at every step: one graph per
     group and segment (Prodigy's reduce stage cuts its chain in two), no graph break (a break per tensor, on `mom` as a
     0-d tensor, made compiled Schedule-Free 4x slower; `int(slice_p)` and `if mom > 0` broke Prodigy's), no recompile."""
-    before, broken = graphs(), breaks()
-    drive(lambda gs: _modal(spec.make(gs, compiled=dict(backend='aot_eager'))), dtype=torch.float64)
+    _, _, made, broken = lr_free_traced(spec.name)
     want = 2 * (2 if spec.name == 'prodigy' else 1)   # two groups, times the segments
-    assert (graphs() - before, breaks() - broken) == (want, 0), f"{graphs() - before} graphs, {breaks() - broken} graph breaks"
+    assert (made, broken) == (want, 0), f"{made} graphs, {broken} graph breaks"
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name', ['sf_adamw', 'prodigy', 'adopt', 'ademamix'])

@@ -1,7 +1,7 @@
 """Every optimizer under data parallelism, with 2 real `gloo` ranks on CPU: `DistributedDataParallel`,
 `ZeroRedundancyOptimizer` and FSDP2 (`fully_shard`). Each rank trains on its half of a 32-row batch; the result must
 equal one process on the whole batch. Every multi-process run is bounded by a timeout."""
-import sys, time
+import multiprocessing, sys, time
 import pytest, torch
 import torch.multiprocessing as mp
 from torch.testing import assert_close
@@ -9,8 +9,14 @@ import distributed_worker as w
 
 TIMEOUT = 240
 
+# The ranks start from a fork server that imported torch, fastai and fastopts once (per pytest process) and forks each
+# rank from there: a freshly spawned rank paid those imports itself, 6-8 s of CPU each, twice per run, in every test.
+# The ranks are still separate processes, each its own `gloo` rank; what they compute does not depend on how they started.
+PRELOAD = ['torch', 'torch.distributed', 'torch.distributed.fsdp', 'torch.distributed.optim', 'fastai.learner', 'fastopts.all']
+multiprocessing.get_context('forkserver').set_forkserver_preload(PRELOAD)
+
 def _spawn(fn, args, init_file, world, timeout):
-    ctx = mp.start_processes(fn, args=(world, init_file, *args), nprocs=world, join=False, start_method='spawn')
+    ctx = mp.start_processes(fn, args=(world, init_file, *args), nprocs=world, join=False, start_method='forkserver')
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
         if time.monotonic() > deadline:

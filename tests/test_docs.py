@@ -1,20 +1,21 @@
 "`fastopts docs`: the site is built from the repository (no notebook executed), checked page by page, and shown in Chromium."
-import re, shutil, subprocess, sys, time
+import contextlib, io, re, shutil, time
 from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
-    "The site of this repository, built once by the installed `fastopts docs` command (with `--check`: no broken link)."
-    out = tmp_path_factory.mktemp('docs')/'site'
+    """The site of this repository, built once by `fastopts docs` run from the repository's root (with `--check`: no
+    broken link), through the console script's `main` in this process (the script itself: tests/test_project.py)."""
+    from fastopts.cli import main
+    out, said = tmp_path_factory.mktemp('docs')/'site', io.StringIO()
     t0 = time.time()
-    r = subprocess.run([str(BIN/'fastopts'), 'docs', '--out', str(out), '--check'], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    print(f'docs built in {time.time() - t0:.1f} s: {r.stdout.strip()}')
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        code = main(['docs', '--out', str(out), '--check'])
+    assert code == 0, said.getvalue()[-3000:]
+    print(f'docs built in {time.time() - t0:.1f} s: {said.getvalue().strip()}')
     return out
 
 def test_a_page_per_notebook(site):

@@ -1,6 +1,6 @@
 """`fastopts viz` end to end (quick mode): the files it writes, read back with Pillow and an HTML parser; the GIFs'
 legend colours; and the figure modules' independence from argument parsing and matplotlib's global backend."""
-import ast, subprocess, sys
+import ast, contextlib, io
 from html.parser import HTMLParser
 from pathlib import Path
 import numpy as np, pytest
@@ -8,7 +8,6 @@ from matplotlib.colors import to_rgb
 from PIL import Image, ImageSequence
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TOPICS = ('ema', 'batch', 'noisy', 'landscape', 'paths', 'saddle', 'decay', 'local', 'one_cycle', 'lr_find', 'schedule')
 
 @pytest.fixture(scope='module')
@@ -62,13 +61,20 @@ def test_figure_modules_parse_no_arguments_and_keep_the_backend(mod):
     uses = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ('use', 'switch_backend')]
     assert not uses, f'{mod}.py changes matplotlib backend at line {uses[0].lineno}'
 
+# `fastopts viz` through the console script's `main`, in this process (the script itself, a fresh interpreter that
+# exits 0 on --help and 2 with one line on a bad setting: tests/test_project.py)
 def test_console_script_help():
-    r = subprocess.run([str(BIN/'fastopts'), 'viz', '--help'], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and '--quick' in r.stdout and '--out' in r.stdout, r.stderr
+    from fastopts.cli import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e: main(['viz', '--help'])
+    assert e.value.code == 0 and '--quick' in out.getvalue() and '--out' in out.getvalue(), out.getvalue()
 
 def test_bad_option_is_one_clear_line(tmp_path):
-    r = subprocess.run([str(BIN/'fastopts'), 'viz', '--out', str(tmp_path), '--surfaces', 'moon'], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and '`surfaces`' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    from fastopts.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err): code = main(['viz', '--out', str(tmp_path), '--surfaces', 'moon'])
+    lines = [l for l in err.getvalue().splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and '`surfaces`' in lines[0] and 'Traceback' not in err.getvalue(), err.getvalue()
 
 def test_shown_notebooks_store_small_figures():
     "The notebooks GitHub should show keep their figures (nbdev-clean must not strip them), each a small PNG."

@@ -150,11 +150,13 @@ def test_lr_seeds_on_a_log_range(tmp_path):
     col = next(c for c in st.columns[1:] if np.isclose(float(c), 0.04))
     assert np.isclose(st.loc[3, col], float(learn.validate()[0]), rtol=1e-4), (st.loc[3, col], learn.validate())
     assert 'regret (%) on blocks of 2 seeds' in r.stdout
+    # the refusals through `main` in this process (the console script's own error path: test_cli_error_is_one_line)
+    from fastopts.cli import main
     for argv, named in ((['--lr-range', '1', '10', '2.5'], ('`n`', '2.5')), (['--seeds', '2', '3', '4'], ('`seeds`', '[2, 3, 4]')),
                         (['--reps', '0'], ('`reps`', '0'))):
-        none = tmp_path/'refused.csv'
-        bad = subprocess.run([str(BIN/'fastopts'), 'bench', 'lr-seeds', *argv, '--out', str(none)], capture_output=True, text=True, timeout=600)
-        assert bad.returncode == 2 and all(s in bad.stderr for s in named), bad.stderr
+        none, err = tmp_path/'refused.csv', io.StringIO()
+        with contextlib.redirect_stderr(err): code = main(['bench', 'lr-seeds', *argv, '--out', str(none)])
+        assert code == 2 and all(s in err.getvalue() for s in named), err.getvalue()
         assert not none.exists(), 'refused after the study ran, not before'
 
 def test_cli_bad_usage_is_argparse_error():
