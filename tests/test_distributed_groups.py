@@ -25,6 +25,5 @@ def _check(name, res):
 @pytest.fixture(scope='module')
 def all_eight(tmp_path_factory): return _zero(NAMES, tmp_path_factory.mktemp('zero'))
 
-@pytest.mark.slow   # one spawn of 2 ranks for all eight: ~80 s on 2 busy cores
 @pytest.mark.parametrize('name', NAMES)
 def test_zero_with_model_parameters_equals_one_process(name, all_eight): _check(name, all_eight[name])

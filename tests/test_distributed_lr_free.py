@@ -15,7 +15,6 @@ def test_schedule_free_and_prodigy_under_ddp_and_zero(tmp_path):
     "The default run's case: Schedule-Free AdamW (modes swapped under ZeRO) and Prodigy (its sums all-reduced), one spawn."
     _check(['ddp', 'zero'], ['sf_adamw', 'prodigy'], tmp_path)
 
-@pytest.mark.slow   # about 45 s on the shared 2-core machine (starting the ranks is most of it): run with --slow
 def test_lr_free_optimizers_match_one_process(tmp_path):
     "Both modes in one spawn of the ranks (starting them is most of the time)."
     _check(MODES, NAMES, tmp_path)

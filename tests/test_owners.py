@@ -132,7 +132,6 @@ def test_fsdp2_soap_owners_take_a_group_of_two_dtypes(ranks):
     for res in ranks:
         for a, b in zip(res['fsdp2_soap_two_dtypes'], ref): assert_close(a, b)   # dtype-aware tolerances, the dtypes checked
 
-@pytest.mark.slow   # about 60 s on the shared 2-core machine (a spawn and two fastai fits): run with --slow
 def test_learner_under_ddp_with_owner_muon(tmp_path):
     "A fastai Learner with Muon, model in DDP: both ranks end with one process's weights, each orthogonalising about half."
     out = tmp_path / 'out'
@@ -147,7 +146,6 @@ def test_learner_under_ddp_with_owner_muon(tmp_path):
     assert r0['counts']['matrices'] + r1['counts']['matrices'] == w.n_matrices() * steps
     assert max(r0['counts']['matrices'], r1['counts']['matrices']) <= (w.n_matrices() // 2 + 1) * steps
 
-@pytest.mark.slow   # a spawn of its own, about 60 s under the shared machine's load: run with --slow
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
     "Rank 1 raises before the owners' all-gather that rank 0 waits in: the job fails at once, with rank 1's message."
     with pytest.raises(mp.ProcessRaisedException, match='ns_steps'):
