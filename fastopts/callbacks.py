@@ -8,13 +8,12 @@ from __future__ import annotations
 import inspect, math, reprlib
 from functools import partial
 import torch
-import torch.distributed as dist
 from torch import Tensor
 try: from torch.distributed.tensor import DTensor, Shard   # FSDP2's sharded parameters
 except ImportError: DTensor, Shard = (), None
 
 # %% auto #0
-__all__ = ['TILE', 'STATE_KINDS', 'CAPABILITIES', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain',
+__all__ = ['STATE_KINDS', 'CAPABILITIES', 'ParamGroupView', 'contract', 'cb_name', 'cb_hypers', 'cb_role', 'check_chain',
            'average_grad', 'average_sqr_grad', 'step_stat', 'weight_decay', 'l2_reg', 'sgd_step', 'momentum_step',
            'nesterov_step', 'rms_prop_step', 'adam_step', 'radam_step', 'lamb_step', 'lion_step', 'update_transform',
            'cautious', 'negate_grad']
@@ -92,60 +91,6 @@ def _not_row_shard(p, **_) -> str|None:
     return (f"takes FSDP2 shards of rows (placements (Shard(0),) on a 1-D mesh), got placements {tuple(p.placements)} "
             f"on a {p.device_mesh.ndim}-D mesh")
 
-def _flat_ends(p) -> list[int]:
-    "Where each rank's FSDP2 shard of rows of `p` (`_not_row_shard` passed it) starts in the flattened whole, and the end (rows cut as torch.chunk cuts them)."
-    rows, world = p.shape[0], p.device_mesh.size()
-    cols, c = p.numel() // max(1, rows), -(-rows // world)
-    return [min(r*c, rows)*cols for r in range(world + 1)]
-
-def _sliced(x, slice_p:int) -> Tensor:
-    "This rank's entries of `x.flatten()[::slice_p]`: a shard's (an FSDP2 DTensor) picked from its offset in the flattened whole."
-    if not isinstance(x, DTensor): return x.flatten()[::slice_p]
-    off = _flat_ends(x)[x.device_mesh.get_local_rank()]
-    return x.to_local().reshape(-1)[(-off) % slice_p::slice_p]
-
-def _sliced_state(local:Tensor, p, slice_p:int):
-    """`local` (this rank's entries of `p.flatten()[::slice_p]`) as state of `p`; for an FSDP2 shard a DTensor that torch's
-    distributed checkpoints save and load: laid out as `p` when `slice_p` is 1, else one row per rank padded to the longest."""
-    if not isinstance(p, DTensor): return local
-    mesh = p.device_mesh
-    if slice_p == 1: return DTensor.from_local(local.view(p.to_local().shape), mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-    ends = _flat_ends(p)
-    n = max(-(-b // slice_p) - -(-a // slice_p) for a, b in zip(ends, ends[1:]))
-    row = torch.cat([local, local.new_zeros(n - local.numel())])[None]
-    return DTensor.from_local(row, mesh, [Shard(0)], run_check=False, shape=torch.Size((mesh.size(), n)), stride=(n, 1))
-
-def _view(state, n:int) -> Tensor:
-    "The first `n` local entries of a state made by `_sliced_state` (its shard's, without the padding)."
-    return state.to_local().reshape(-1)[:n] if isinstance(state, DTensor) else state
-
-def _p0(p, slice_p, memory_format=None):
-    "The params where Prodigy starts (sliced), or a 0 where they are all zero (as the reference: then `x0 = 0`); a shard asks every rank."
-    nz = p.any() if not isinstance(p, DTensor) else p.to_local().any().double()
-    if isinstance(p, DTensor): dist.all_reduce(nz, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group())
-    if not nz: return torch.tensor(0, device=p.device, dtype=p.dtype)
-    return _sliced_state(_sliced(p, slice_p).detach().clone(), p, slice_p)
-
-def _made_sliced(s:list, gs:list, slice_p:int):
-    "Refuse a `slice_p` other than the one Prodigy's state (`s`, `x0`) was made with: its sums would mix two slicings."
-    if any(x.numel() != g.numel() for x, g in zip(s, gs) if not isinstance(x, DTensor)):
-        raise ValueError(f"`slice_p`={slice_p}, but Prodigy's state was made with another `slice_p`: it is fixed once the first step "
-                         "made the state (build a new optimizer to change it)")
-
-# %% ../nbs/00b_callbacks.ipynb #c903
-TILE = 1 << 18   # entries of one param worked on at a time by Prodigy's eager passes (1 MB of float32 per tensor read)
-
-def _tiles(ts:list, n:int) -> list[list]:
-    """One param's tensors `ts` (each of `n` entries, or None: a state the rule does not keep) as matching pieces of `TILE`
-    entries, worked through while in cache; `[ts]` compiled or where they differ in size or are not contiguous."""
-    if n <= TILE or torch.compiler.is_compiling() or any(t is not None and (t.numel() != n or not t.is_contiguous()) for t in ts): return [ts]
-    flat = [None if t is None else t.view(-1) for t in ts]
-    return [[None if f is None else f[i:i + TILE] for f in flat] for i in range(0, n, TILE)]
-
-def _axpy_(x, y, a, z=None):
-    "`x += a·y` (`a·y·z` with `z`): `a` a float (eager: no temporary), or a 0-d tensor (compiled: fused into one loop)."
-    if isinstance(a, Tensor): return x.add_(y * a if z is None else y * z * a)
-    return x.add_(y, alpha=a) if z is None else x.addcmul_(y, z, value=a)
 
 # %% ../nbs/00b_callbacks.ipynb #c007
 _PRODUCERS = {}   # state name -> the shipped callback that writes it (for the error message)

@@ -7,7 +7,7 @@ import pytest, torch
 from torch.testing import assert_close
 from fastai.callback.schedule import ParamScheduler, SchedLin
 from fastopts.hypers import STRUCTURAL_HYPERS, check_hyper
-from fastopts.callbacks import TILE
+from fastopts.prodigy import TILE
 from fastopts.lr_free import Prodigy
 
 prodigyopt = pytest.importorskip('prodigyopt')
