@@ -71,8 +71,9 @@ def _device_dtype_groups(ps:list[Tensor]) -> list[list[int]]|None:
     """Indices of `ps` by device and dtype (torch's own grouping, in C++), FSDP2's shards (DTensors) apart from whole tensors
     (an elementwise kernel takes one kind or the other), or None when all share one."""
     groups = [idx for _, idx in torch._C._group_tensors_by_device_and_dtype([ps], True).values()]
-    sharded = [isinstance(p, DTensor) for p in ps]
-    if any(sharded) and not all(sharded):   # a group mixing the two: torch's optimizers take it, so do we
+    kinds = set(map(type, ps))   # the hottest path: one C-level pass; a param's own isinstance only where shards are mixed in
+    if len(kinds) > 1 and any(issubclass(k, DTensor) for k in kinds) and not all(issubclass(k, DTensor) for k in kinds):
+        sharded = [isinstance(p, DTensor) for p in ps]   # a group mixing the two: torch's optimizers take it, so do we
         groups = [part for idx in groups for part in ([i for i in idx if sharded[i]], [i for i in idx if not sharded[i]]) if part]
     return None if len(groups) <= 1 else groups
 
