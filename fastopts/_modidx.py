@@ -729,6 +729,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'fastopts/lr_free.py'),
                                   'fastopts.lr_free.ScheduleFreeCallback.after_fit': ( 'lr_free.html#schedulefreecallback.after_fit',
                                                                                        'fastopts/lr_free.py'),
+                                  'fastopts.lr_free.ScheduleFreeCallback.after_step': ( 'lr_free.html#schedulefreecallback.after_step',
+                                                                                        'fastopts/lr_free.py'),
                                   'fastopts.lr_free.ScheduleFreeCallback.before_fit': ( 'lr_free.html#schedulefreecallback.before_fit',
                                                                                         'fastopts/lr_free.py'),
                                   'fastopts.lr_free.ScheduleFreeCallback.before_train': ( 'lr_free.html#schedulefreecallback.before_train',

@@ -225,12 +225,15 @@ class ScheduleFreeCallback(Callback):
     def __init__(self, bn_batches:int=0):   # BatchNorm statistics recomputed at x on this many training batches before validation
         self.bn_batches = check_int('bn_batches', bn_batches, 0)
     def _modal(self): return hasattr(self.learn.opt, 'train_mode')
-    def before_fit(self):
-        if isinstance(self.learn.opt, ProdigyOptimizer) and not hasattr(self.learn, 'lr_finder'):   # a finder sweeps the lr itself
-            from fastai.basics import defaults
-            if max(g['lr'] for g in self.learn.opt.param_groups) == getattr(defaults, 'lr', None):
-                warnings.warn(f"Prodigy runs at lr={defaults.lr} (fastai's default): its lr multiplies the estimated step d "
-                              "(prodigyopt's default is 1.0): pass it to fit, e.g. `learn.fit(n, 1.0)`")
+    def before_fit(self):   # a finder sweeps the lr itself
+        self._check_lr = isinstance(self.learn.opt, ProdigyOptimizer) and not hasattr(self.learn, 'lr_finder')
+    def after_step(self):   # the lr the first step ran at (a schedule, e.g. `fit_one_cycle`'s, sets it before each batch)
+        if not getattr(self, '_check_lr', False): return
+        self._check_lr = False
+        from fastai.basics import defaults
+        if max(g['lr'] for g in self.learn.opt.param_groups) == getattr(defaults, 'lr', None):
+            warnings.warn(f"Prodigy runs at lr={defaults.lr} (fastai's default): its lr multiplies the estimated step d "
+                          "(prodigyopt's default is 1.0): pass it to fit, e.g. `learn.fit(n, 1.0)`")
     def before_train(self):
         if self._modal(): self.learn.opt.train()
     def before_validate(self):

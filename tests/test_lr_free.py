@@ -392,6 +392,9 @@ def test_learner_prodigy(make_learner):
     _fit(learn, 'fit', 1, slice(0.1, 1.0))
     assert len({g['d'] for g in learn.opt.param_groups}) == 1 and learn.opt.d > 1e-4
     with pytest.warns(UserWarning, match='lr=0.001'): make_learner(opt_func=Prodigy).fit(1)
+    with warnings.catch_warnings():   # one-cycle sets lr before each batch: before the fit the groups still hold fastai's default
+        warnings.simplefilter('error', UserWarning)
+        make_learner(opt_func=Prodigy).fit_one_cycle(1, 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter('error', UserWarning)
         make_learner(opt_func=Prodigy).lr_find(show_plot=False, num_it=20)   # the finder sweeps lr: no warning
